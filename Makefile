@@ -1,0 +1,38 @@
+# Newcomer entry points: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export FMTL_DATA_DIR ?= $(CURDIR)/.data
+
+.PHONY: setup data test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel lies on local disk; anything unpinned pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+data: $(STAMP)
+	$(PY) -m fmtl_lightning.data.fetch --all
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m fmtl_lightning.cli demo
+
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fmtl_lightning export mobile_client tests examples benchmarks
+	$(VENV)/bin/ruff format --check fmtl_lightning export mobile_client tests examples benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .data
