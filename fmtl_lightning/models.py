@@ -281,4 +281,4 @@ def load_arrays(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
             )
     with torch.no_grad():
         for k, v in arrays.items():
-            sd[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+            sd[k].copy_(torch.from_numpy(np.array(v, copy=True, order="C")))
