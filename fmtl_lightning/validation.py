@@ -1,7 +1,10 @@
 """Validation of named array states against the declared parameter roles.
 
 Every boundary where arrays arrive (a client update, a checkpoint, a file) calls
-:func:`validate_state` before the arrays touch anything. Pure numpy.
+:func:`validate_state` before the arrays touch anything. It is two checks that
+can also be run apart: :func:`check_structure` (key set, types, shapes, dtypes:
+metadata only, no pass over the data) and :func:`check_finite` (one pass).
+Pure numpy.
 """
 
 from __future__ import annotations
@@ -26,8 +29,28 @@ def validate_state(
 
     Raises :class:`StateValidationError` naming the client and the first bad key.
     """
+    expected = list(keys)
+    check_structure(state, spec, width, expected, client=client)
+    check_finite(state, spec, expected, client=client)  # type: ignore[arg-type]
+
+
+def check_structure(
+    state: Mapping[str, object],
+    spec: ModelSpec,
+    width: WidthSpec | float,
+    keys: Iterable[str],
+    *,
+    client: str | None = None,
+    layout: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+) -> None:
+    """Check key set, array type, per-key shape at ``width`` and dtype (not the values).
+
+    ``layout`` (from :func:`expected_layout`) saves recomputing shapes when many
+    states at the same width are checked.
+    """
     ws = width if isinstance(width, WidthSpec) else WidthSpec(float(width))
     expected = list(keys)
+    want = expected_layout(spec, ws, expected) if layout is None else layout
     got = set(state)
     missing = [k for k in expected if k not in got]
     if missing:
@@ -45,22 +68,48 @@ def validate_state(
             raise StateValidationError(
                 f"expected a numpy array, got {type(arr).__name__}", client=client, key=k
             )
-        p = spec[k]
-        want_shape = spec.shape_at(k, ws)
+        want_shape, want_dtype = want[k]
         if arr.shape != want_shape:
             raise StateValidationError(
                 f"shape {arr.shape} does not match {want_shape} expected at width {ws.width:g}",
                 client=client,
                 key=k,
             )
-        if arr.dtype != np.dtype(p.dtype):
+        if arr.dtype != want_dtype:
             raise StateValidationError(
-                f"dtype {arr.dtype} does not match declared {p.dtype}", client=client, key=k
+                f"dtype {arr.dtype} does not match declared {want_dtype}", client=client, key=k
             )
-        # a finite sum proves every element finite (NaN/Inf propagate); only when
-        # the sum overflows do we pay for the element-wise check
-        if p.is_float and not np.isfinite(arr.sum()) and not np.isfinite(arr).all():
+
+
+def expected_layout(
+    spec: ModelSpec, width: WidthSpec | float, keys: Iterable[str]
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Expected ``(shape, dtype)`` of every key in a state at ``width``."""
+    return {k: (spec.shape_at(k, width), np.dtype(spec[k].dtype)) for k in keys}
+
+
+def check_finite(
+    state: Mapping[str, np.ndarray],
+    spec: ModelSpec,
+    keys: Iterable[str],
+    *,
+    client: str | None = None,
+) -> None:
+    """Check that every float entry among ``keys`` holds no NaN/Inf."""
+    for k in keys:
+        arr = state[k]
+        if spec[k].is_float and not all_finite(arr):
             n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             raise StateValidationError(
                 f"{n_bad} non-finite value(s) (NaN/Inf)", client=client, key=k
             )
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """True when no element of a float array is NaN/Inf.
+
+    A finite sum proves every element finite (NaN/Inf propagate); only when the
+    sum overflows do we pay for the element-wise check.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is handled
+        return bool(np.isfinite(arr.sum()) or np.isfinite(arr).all())

@@ -1,0 +1,274 @@
+"""Run configuration: frozen dataclasses read from YAML, checked before any training.
+
+Every field has a default and a documented meaning (see README "Config fields").
+Unknown keys are errors (a typo never silently drops a setting), and every
+error names the field, e.g. ``clients[2].width``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fmtl_lightning.errors import FMTLError
+
+ALGORITHMS = ("local", "fedavg", "fedper", "fedrep", "ditto")
+
+
+class ConfigError(FMTLError, ValueError):
+    """An invalid config; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = 0.3  # dirichlet concentration
+    classes_per_client: int = 2  # shards
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    samples_per_client: int = 300  # train + test samples drawn for each client
+    test_fraction: float = 0.25  # share of each client's own samples held out
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    data_dir: str | None = None  # default: $FMTL_DATA_DIR or ~/.cache/fmtl_lightning
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: Literal["mlp", "cnn", "dwcnn"] = "cnn"
+    hidden: tuple[int, ...] = ()  # full-width channels per layer; () = family default
+    norm: Literal["group", "batch", "static_batch", "none"] = "group"
+    scaler: bool = False  # HeteroFL scaler: divide activations by width while training
+
+
+@dataclass(frozen=True)
+class ClientGroup:
+    tasks: tuple[str, ...]
+    count: int = 1
+    width: float = 1.0  # the width this client can run (max width when dynamic)
+    lam: float | None = None  # per-client Ditto lambda (overrides algorithm.lam)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "fedper"  # local | fedavg | fedper | fedrep | ditto
+    lam: float = 1.0  # Ditto: lambda/2 ||v - w_t||^2 on the shared parameters
+    rep_head_epochs: int = 1  # FedRep: head-only epochs before the body epochs
+    policy: Literal["fedper", "fedbn"] = "fedper"  # fedbn keeps norm params/stats local
+    masked_ce: bool = False  # cross-entropy over the labels the client holds
+    slicing: Literal["heterofl", "fedrolex"] = "heterofl"
+    width_assignment: Literal["fixed", "dynamic"] = "fixed"
+    dynamic_widths: tuple[float, ...] = ()  # () = the widths the clients declare
+    weighting: Literal["uniform", "examples"] = "examples"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 10
+    fraction: float = 1.0  # share of clients sampled per round
+    local_epochs: int = 1
+    local_steps: int | None = None  # if set, exactly this many SGD steps per fit
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    clients: tuple[ClientGroup, ...] = ()
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    compare_local: bool = True  # also run local-only with the same compute, for the report
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- parsing
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {sorted(fields)})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(fields[name].type, value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+_NESTED = {
+    "PartitionConfig": PartitionConfig,
+    "DataConfig": DataConfig,
+    "ModelConfig": ModelConfig,
+    "AlgorithmConfig": AlgorithmConfig,
+    "FederationConfig": FederationConfig,
+    "OptimizerConfig": OptimizerConfig,
+}
+
+
+def _convert(type_str: Any, value: Any, where: str) -> Any:
+    t = str(type_str)
+    if t in _NESTED:
+        return _build(_NESTED[t], value, where)
+    if t.startswith("tuple[ClientGroup"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of client groups")
+        return tuple(_build(ClientGroup, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if t.startswith("tuple["):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = float if "float" in t else int if "int" in t else str
+        return tuple(_scalar(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    for name, py in (("bool", bool), ("float", float), ("int", int), ("str", str)):
+        if t == name or t.startswith(f"{name} |") or t.startswith("Literal") and name == "str":
+            return _scalar(py, value, where)
+    return value
+
+
+def _scalar(py: type, value: Any, where: str) -> Any:
+    if py is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if py is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if py is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a plain mapping (e.g. parsed YAML)."""
+    cfg = _build(RunConfig, raw, "config")
+    validate_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    return parse_config(raw or {})
+
+
+def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Every semantic check that can fail before training starts."""
+    from fmtl_lightning.errors import FMTLError as _Base
+    from fmtl_lightning.tasks import get_task
+
+    if not cfg.clients:
+        raise ConfigError("clients: at least one client group is required")
+    for i, g in enumerate(cfg.clients):
+        where = f"clients[{i}]"
+        if not g.tasks:
+            raise ConfigError(f"{where}.tasks: a client needs at least one task")
+        domains = set()
+        for t in g.tasks:
+            try:
+                domains.add(get_task(t).domain)
+            except _Base as exc:
+                raise ConfigError(f"{where}.tasks: {exc}") from exc
+        if len(domains) > 1:
+            raise ConfigError(f"{where}.tasks: tasks span several datasets {sorted(domains)}")
+        if g.count < 1:
+            raise ConfigError(f"{where}.count: must be >= 1, got {g.count}")
+        if not (0.0 < g.width <= 1.0) or math.isnan(g.width):
+            raise ConfigError(f"{where}.width: must be in (0, 1], got {g.width}")
+        if g.lam is not None and not g.lam >= 0:
+            raise ConfigError(f"{where}.lam: Ditto lambda must be >= 0, got {g.lam}")
+    a, f, d, o = cfg.algorithm, cfg.federation, cfg.data, cfg.optimizer
+    _check_choice(a.name, ALGORITHMS, "algorithm.name")
+    _check_choice(a.policy, ("fedper", "fedbn"), "algorithm.policy")
+    _check_choice(a.slicing, ("heterofl", "fedrolex"), "algorithm.slicing")
+    _check_choice(a.width_assignment, ("fixed", "dynamic"), "algorithm.width_assignment")
+    _check_choice(a.weighting, ("uniform", "examples"), "algorithm.weighting")
+    _check_choice(d.partition.kind, ("iid", "dirichlet", "shards"), "data.partition.kind")
+    _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn"), "model.family")
+    _check_choice(cfg.model.norm, ("group", "batch", "static_batch", "none"), "model.norm")
+    _check_choice(o.name, ("sgd",), "optimizer.name")
+    if not a.lam >= 0:
+        raise ConfigError(f"algorithm.lam: Ditto lambda must be >= 0, got {a.lam}")
+    for w in a.dynamic_widths:
+        if not (0.0 < w <= 1.0):
+            raise ConfigError(f"algorithm.dynamic_widths: {w} is outside (0, 1]")
+    if a.rep_head_epochs < 0:
+        raise ConfigError(f"algorithm.rep_head_epochs: must be >= 0, got {a.rep_head_epochs}")
+    if d.samples_per_client < 4:
+        raise ConfigError(
+            f"data.samples_per_client: a client with {d.samples_per_client} samples has no data "
+            "to train and test on (need >= 4)"
+        )
+    if not (0.0 < d.test_fraction < 1.0):
+        raise ConfigError(f"data.test_fraction: must be in (0, 1), got {d.test_fraction}")
+    if d.partition.kind == "dirichlet" and not d.partition.alpha > 0:
+        raise ConfigError(f"data.partition.alpha: must be > 0, got {d.partition.alpha}")
+    if d.partition.classes_per_client < 1:
+        raise ConfigError("data.partition.classes_per_client: must be >= 1")
+    if f.rounds < 1:
+        raise ConfigError(f"federation.rounds: must be >= 1, got {f.rounds}")
+    if not (0.0 < f.fraction <= 1.0):
+        raise ConfigError(f"federation.fraction: must be in (0, 1], got {f.fraction}")
+    if f.local_epochs < 1 and f.local_steps is None:
+        raise ConfigError("federation.local_epochs: must be >= 1 (or set local_steps)")
+    if f.local_steps is not None and f.local_steps < 1:
+        raise ConfigError(f"federation.local_steps: must be >= 1, got {f.local_steps}")
+    if f.batch_size < 1:
+        raise ConfigError(f"federation.batch_size: must be >= 1, got {f.batch_size}")
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr: must be > 0, got {o.lr}")
+    if o.momentum < 0 or o.weight_decay < 0:
+        raise ConfigError("optimizer.momentum/weight_decay: must be >= 0")
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-data form (lists, not tuples) for run directories and YAML."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)

@@ -1,0 +1,79 @@
+"""The thin loop around Lightning that runs one client's local training.
+
+A ``Trainer`` per client per round would cost ~80 ms of setup each time, so the
+federation runs every fit through one long-lived :class:`lightning.Fabric`: the
+client's :class:`MultiTaskModule` supplies ``training_step`` and
+``configure_optimizers`` exactly as it would under a Trainer.
+
+Batch order comes from a ``torch.Generator`` seeded by (run seed, round, client,
+phase), never from global RNG state, so a resumed run replays the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+
+from fmtl_lightning.module import MultiTaskModule
+
+PHASES = {"global": 1, "personal": 2, "head": 3, "body": 4}
+
+
+def phase_seed(seed: int, round_idx: int, client_idx: int, phase: str) -> int:
+    """A 63-bit seed unique to (run seed, round, client, phase)."""
+    ss = np.random.SeedSequence([seed, round_idx, client_idx, PHASES[phase]])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How much local work one fit does: whole epochs, or exactly ``steps`` SGD steps."""
+
+    batch_size: int
+    epochs: int = 1
+    steps: int | None = None
+
+
+def batch_indices(n: int, plan: FitPlan, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled mini-batch index tensors; reshuffled every pass over the data."""
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    epoch = 0
+    while True:
+        if plan.steps is None and epoch >= plan.epochs:
+            return
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, plan.batch_size):
+            if plan.steps is not None and done >= plan.steps:
+                return
+            yield perm[start : start + plan.batch_size]
+            done += 1
+        epoch += 1
+
+
+def fit(
+    fabric: L.Fabric,
+    module: MultiTaskModule,
+    x: torch.Tensor,
+    y: dict[str, torch.Tensor],
+    plan: FitPlan,
+    seed: int,
+) -> tuple[int, float]:
+    """Run local SGD on ``module`` in place. Returns (steps taken, mean training loss)."""
+    module.train()
+    optimizer = module.configure_optimizers()
+    wrapped, optimizer = fabric.setup(module, optimizer)
+    steps, total = 0, 0.0
+    for idx in batch_indices(x.shape[0], plan, seed):
+        batch = (x[idx], {t: v[idx] for t, v in y.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss = wrapped.training_step(batch, steps)
+        fabric.backward(loss)
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    return steps, total / max(steps, 1)

@@ -1,0 +1,151 @@
+"""The LightningModule of one client's multi-task model. It knows nothing about rounds.
+
+It holds a :class:`MultiTaskModel` (backbone at the client's width + task heads),
+sums per-task losses, and measures per-task metrics with torchmetrics. Optional
+extras, each a plain attribute a federation loop may set between fits:
+
+* ``prox``: a Ditto/FedProx-style pull ``lam/2 * ||w - anchor||^2`` over named
+  parameters (the shared ones, by the model's role declaration);
+* ``label_masks``: masked cross-entropy over the classes a client holds (HeteroFL);
+* ``train_part``: ``"all" | "head" | "body"``, which parameters the optimiser steps
+  (FedRep's phases).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from fmtl_lightning.models import MultiTaskModel
+
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+@dataclass
+class ProxTerm:
+    """``lam / 2 * sum_k ||param_k - anchor_k||^2`` over the named parameters."""
+
+    lam: float
+    anchor: dict[str, torch.Tensor]
+
+    def __call__(self, named: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros(())
+        for k, a in self.anchor.items():
+            total = total + (named[k] - a).pow(2).sum()
+        return 0.5 * self.lam * total
+
+
+class MultiTaskModule(L.LightningModule):
+    """Shared backbone + private heads; ``training_step`` returns the summed task loss."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        task_kinds: Mapping[str, str],
+        *,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        union_slices: Mapping[str, tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task_kinds = dict(task_kinds)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        # FedAvg's union head: task -> (start, stop) columns of the single shared head
+        self.union_slices = dict(union_slices) if union_slices else None
+        self.prox: ProxTerm | None = None
+        self.label_masks: dict[str, torch.Tensor] = {}
+        self.train_part: Literal["all", "head", "body"] = "all"
+        self.metrics = nn.ModuleDict({_safe(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()})
+
+    def _n_out(self, task: str) -> int:
+        if self.union_slices is not None:
+            a, b = self.union_slices[task]
+            return b - a
+        return self.model.task_outputs[task]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(x)
+        if self.union_slices is None:
+            return out
+        (union,) = out.values()  # (B, sum of all tasks' outputs)
+        return {t: union[:, a:b] for t, (a, b) in self.union_slices.items() if t in self.task_kinds}
+
+    def task_losses(self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]):
+        losses = {}
+        for t, kind in self.task_kinds.items():
+            z, y = logits[t], targets[t]
+            if kind == "multiclass":
+                if t in self.label_masks:
+                    z = z.masked_fill(~self.label_masks[t], -1e9)
+                losses[t] = F.cross_entropy(z, y)
+            else:
+                losses[t] = F.binary_cross_entropy_with_logits(z, y)
+        return losses
+
+    def training_step(self, batch: Batch, batch_idx: int = 0) -> torch.Tensor:
+        x, targets = batch
+        losses = self.task_losses(self(x), targets)
+        loss = torch.stack(list(losses.values())).sum()
+        if self.prox is not None and self.prox.lam > 0:
+            loss = loss + self.prox(dict(self.model.named_parameters()))
+        self.log("train_loss", loss, prog_bar=False, logger=False)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+        """Per-task metrics on held-out data: {task: {"loss", "acc", ["f1"]}}."""
+        was_training = self.training
+        self.eval()
+        logits = self(x)
+        losses = self.task_losses(logits, targets)
+        out: dict[str, dict[str, float]] = {}
+        for t, kind in self.task_kinds.items():
+            m = self.metrics[_safe(t)]
+            z, y = logits[t], targets[t]
+            m.reset()
+            if kind == "multiclass":
+                m.update(z, y)
+                out[t] = {"loss": losses[t].item(), "acc": float(m.compute())}
+            else:
+                m.update(z, y.int())
+                # element-wise accuracy over all labels, next to torchmetrics' macro F1
+                acc = ((z > 0).float() == y).float().mean().item()
+                out[t] = {"loss": losses[t].item(), "acc": acc, "f1": float(m.compute())}
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ optim
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.train_part == "all":
+            return list(self.model.parameters())
+        if self.train_part == "head":
+            return list(self.model.heads.parameters())
+        return list(self.model.backbone.parameters())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.trainable_parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+
+def _safe(task: str) -> str:
+    return task.replace("/", "__").replace(".", "_")
+
+
+def _metric(kind: str, n: int) -> Any:
+    if kind == "multiclass":
+        return torchmetrics.classification.MulticlassAccuracy(num_classes=max(n, 2), average="micro")
+    return torchmetrics.classification.MultilabelF1Score(num_labels=n, average="macro")

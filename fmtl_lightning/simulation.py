@@ -1,0 +1,464 @@
+"""The federated round loop (in-process simulation), written once for every algorithm.
+
+One round::
+
+    select clients (seeded fraction) -> width per client (fixed or dynamic draw)
+    -> per client: slice the global shared state to its WidthSpec, load it with the
+       client's own local state, run the algorithm's procedure (Lightning/Fabric)
+    -> validate + aggregate the shared updates (pure numpy)
+    -> evaluate every client on its own test split -> checkpoint atomically.
+
+Clients keep their local state (heads, FedBN norms, Ditto's personal model) in
+full-width global coordinates, so a client whose width changes between rounds
+(dynamic assignment, FedRolex windows) writes back exactly the entries it trained.
+
+All randomness is derived from (seed, round, client), so ``resume`` replays the
+remaining rounds exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.fabric.loggers import CSVLogger
+from tqdm.auto import tqdm
+
+from fmtl_lightning.aggregation import ClientUpdate, aggregate
+from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientRound, ClientResult
+from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
+from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
+from fmtl_lightning.fed_data import ClientData, Federation, build_federation
+from fmtl_lightning.local_fit import FitPlan
+from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec, state_arrays
+from fmtl_lightning.module import MultiTaskModule
+from fmtl_lightning.roles import ModelSpec, WidthSpec
+from fmtl_lightning.slicing import embed_array, slice_state
+from fmtl_lightning.tasks import get_task
+
+UNION_HEAD = "union"
+METRIC_FIELDS = ("round", "client", "width", "task", "loss", "acc", "f1")
+
+
+@dataclass
+class RoundTimes:
+    train: float = 0.0
+    aggregate: float = 0.0
+    evaluate: float = 0.0
+    checkpoint: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class ClientStore:
+    """What a client keeps between rounds, at full width (global coordinates)."""
+
+    local: dict[str, np.ndarray] = field(default_factory=dict)
+    personal: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
+    m = cfg.model
+    return BackboneConfig(m.family, 1, image_size, tuple(m.hidden), m.norm, m.scaler)
+
+
+class Simulation:
+    """An in-process federation for one RunConfig, writing to ``run_dir``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        *,
+        progress: bool = True,
+        federation: Federation | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.fed = federation if federation is not None else build_federation(cfg)
+        self.alg = cfg.algorithm.name
+        self.bcfg = backbone_config(cfg, self.fed.image_size)
+        self.task_outputs = self.fed.task_outputs()
+        self.union_slices: dict[str, tuple[int, int]] | None = None
+        model_tasks = dict(self.task_outputs)
+        if self.alg == "fedavg":  # one global model: a head over the union of all outputs
+            self.union_slices, start = {}, 0
+            for t, n in self.task_outputs.items():
+                self.union_slices[t] = (start, start + n)
+                start += n
+            model_tasks = {UNION_HEAD: start}
+        self.model_tasks = model_tasks
+        policy = {"local": "local", "fedavg": "fedavg"}.get(self.alg, cfg.algorithm.policy)
+        self.spec: ModelSpec = model_spec(self.bcfg, model_tasks, policy)
+        self.shared_keys = self.spec.shared_keys()
+        torch.manual_seed(cfg.seed)
+        init = state_arrays(MultiTaskModel(self.bcfg, model_tasks, 1.0))
+        self.global_state = {k: init[k] for k in self.shared_keys}
+        self.stores: dict[str, ClientStore] = {}
+        for c in self.fed.clients:
+            keys = self.client_keys(c)
+            st = ClientStore(local={k: init[k].copy() for k in keys if k not in self.shared_keys})
+            if EVAL_PERSONAL[self.alg]:
+                st.personal = {k: init[k].copy() for k in keys}
+            self.stores[c.cid] = st
+        self._modules: dict[tuple, MultiTaskModule] = {}
+        # Lightning's own CSV logger gets the per-round aggregates; our metrics.csv the details
+        self.logger = CSVLogger(str(self.run_dir), name="lightning_logs")
+        self.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[self.logger])
+        self.round_idx = 0  # rounds completed
+        self.history: list[dict[str, Any]] = []  # per-round metric rows (all rounds so far)
+        self.times: list[RoundTimes] = []
+        self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
+
+    # ------------------------------------------------------------------ helpers
+    def client_keys(self, c: ClientData) -> tuple[str, ...]:
+        heads = [UNION_HEAD] if self.union_slices is not None else list(c.tasks)
+        head_keys = {f"heads.{t.replace('/', '__').replace('.', '_')}.{p}" for t in heads for p in ("weight", "bias")}
+        return tuple(k for k in self.spec.keys if k.startswith("backbone.") or k in head_keys)
+
+    def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
+        key = (c.tasks, width)
+        if key not in self._modules:
+            tasks = self.model_tasks if self.union_slices is not None else {
+                t: self.task_outputs[t] for t in c.tasks
+            }
+            o = self.cfg.optimizer
+            self._modules[key] = MultiTaskModule(
+                MultiTaskModel(self.bcfg, tasks, width),
+                {t: get_task(t).kind for t in c.tasks},
+                lr=o.lr,
+                momentum=o.momentum,
+                weight_decay=o.weight_decay,
+                union_slices=self.union_slices,
+            )
+        m = self._modules[key]
+        m.label_masks = dict(c.label_masks) if self.cfg.algorithm.masked_ce else {}
+        return m
+
+    def selected(self, round_idx: int) -> list[int]:
+        n = len(self.fed.clients)
+        m = max(1, math.ceil(self.cfg.federation.fraction * n - 1e-9))
+        rng = np.random.default_rng([self.cfg.seed, round_idx, 17])
+        return sorted(int(i) for i in rng.choice(n, size=m, replace=False))
+
+    def width_of(self, idx: int, round_idx: int) -> WidthSpec:
+        a = self.cfg.algorithm
+        c = self.fed.clients[idx]
+        width = c.width
+        if a.width_assignment == "dynamic":
+            levels = sorted(set(a.dynamic_widths or (x.width for x in self.fed.clients)))
+            allowed = [w for w in levels if w <= c.width] or [min(levels)]
+            rng = np.random.default_rng([self.cfg.seed, round_idx, idx, 29])
+            width = float(allowed[int(rng.integers(len(allowed)))])
+        return WidthSpec(width, a.slicing, round_idx)
+
+    def _plan(self) -> FitPlan:
+        f = self.cfg.federation
+        return FitPlan(f.batch_size, f.local_epochs, f.local_steps)
+
+    def _sub(self, full: dict[str, np.ndarray], ws: WidthSpec) -> dict[str, np.ndarray]:
+        return slice_state(full, self.spec, ws)
+
+    def _embed(self, full: dict[str, np.ndarray], sub: dict[str, np.ndarray], ws: WidthSpec):
+        for k, v in sub.items():
+            full[k] = embed_array(self.spec, k, full[k], v, ws)
+
+    # ------------------------------------------------------------------ one round
+    def train_client(self, idx: int, ws: WidthSpec, round_idx: int) -> ClientResult:
+        c = self.fed.clients[idx]
+        st = self.stores[c.cid]
+        cr = ClientRound(
+            fabric=self.fabric,
+            module=self.module_for(c, ws.width),
+            client=c,
+            client_idx=idx,
+            round_idx=round_idx,
+            seed=self.cfg.seed,
+            plan=self._plan(),
+            shared_keys=self.shared_keys,
+            received=self._sub(self.global_state, ws),
+            local=self._sub(st.local, ws),
+            personal=self._sub(st.personal, ws) if st.personal else None,
+            lam=self.cfg.algorithm.lam if c.lam is None else c.lam,
+            rep_head_epochs=self.cfg.algorithm.rep_head_epochs,
+            phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
+        )
+        res = PROCEDURES[self.alg](cr)
+        self._embed(st.local, res.local, ws)
+        if res.personal is not None:
+            self._embed(st.personal, res.personal, ws)
+        return res
+
+    def run_round(self) -> dict[str, Any]:
+        t = self.round_idx
+        times = RoundTimes()
+        updates = []
+        chosen = self.selected(t)
+        for idx in chosen:
+            ws = self.width_of(idx, t)
+            if self._bar is not None:
+                self._bar.set_description(f"round {t + 1}/{self.cfg.federation.rounds}")
+                self._bar.set_postfix_str(f"{self.fed.clients[idx].cid} w={ws.width:g}")
+            t0 = time.perf_counter()
+            res = self.train_client(idx, ws, t)
+            times.train += time.perf_counter() - t0
+            if res.shared is not None:
+                cid = self.fed.clients[idx].cid
+                updates.append(ClientUpdate(cid, res.shared, res.num_examples, ws))
+            if self._bar is not None:
+                self._bar.update(1)
+        t0 = time.perf_counter()
+        if updates:
+            self.global_state = aggregate(
+                self.global_state, updates, self.spec, weighting=self.cfg.algorithm.weighting
+            )
+        times.aggregate = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = self.evaluate(t + 1)
+        times.evaluate = time.perf_counter() - t0
+        self.round_idx += 1
+        t0 = time.perf_counter()
+        self._checkpoint(rows, times, chosen)
+        times.checkpoint = time.perf_counter() - t0
+        self.times.append(times)
+        self.history.extend(rows)
+        self._log_round(rows)
+        return {"round": self.round_idx, "clients": [self.fed.clients[i].cid for i in chosen]}
+
+    # ------------------------------------------------------------------ evaluation
+    def client_state(self, c: ClientData, ws: WidthSpec) -> dict[str, np.ndarray]:
+        """The arrays a client would deploy at ``ws`` (personal, or global + local)."""
+        st = self.stores[c.cid]
+        if EVAL_PERSONAL[self.alg]:
+            return self._sub(st.personal, ws)
+        return {**self._sub(self.global_state, ws), **self._sub(st.local, ws)}
+
+    def evaluate(self, round_no: int) -> list[dict[str, Any]]:
+        from fmtl_lightning.models import load_arrays
+
+        rows = []
+        for c in self.fed.clients:
+            ws = WidthSpec(c.width, self.cfg.algorithm.slicing, max(round_no - 1, 0))
+            m = self.module_for(c, c.width)
+            load_arrays(m.model, self.client_state(c, ws))
+            for task, vals in m.evaluate(c.x_test, c.y_test).items():
+                rows.append(
+                    {
+                        "round": round_no,
+                        "client": c.cid,
+                        "width": c.width,
+                        "task": task,
+                        "loss": round(vals["loss"], 6),
+                        "acc": round(vals["acc"], 6),
+                        "f1": round(vals["f1"], 6) if "f1" in vals else "",
+                    }
+                )
+        return rows
+
+    # ------------------------------------------------------------------ persistence
+    def _client_files(self) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for cid, st in self.stores.items():
+            d = {f"local/{k}": v for k, v in st.local.items()}
+            d.update({f"personal/{k}": v for k, v in st.personal.items()})
+            out[cid] = d
+        return out
+
+    def _checkpoint(self, rows: list[dict], times: RoundTimes, chosen: list[int]) -> None:
+        meta = {
+            "round": self.round_idx,
+            "algorithm": self.alg,
+            "clients_trained": [self.fed.clients[i].cid for i in chosen],
+            "times": times.as_dict(),
+        }
+        write_round(
+            self.run_dir, self.round_idx, self.global_state, self._client_files(), meta, _csv(rows)
+        )
+
+    def _restore(self, round_idx: int) -> None:
+        g, clients, _, _ = read_round(self.run_dir, round_idx)
+        from fmtl_lightning.validation import validate_state
+
+        validate_state(g, self.spec, 1.0, self.shared_keys, client="<checkpoint>")
+        self.global_state = g
+        for cid, st in self.stores.items():
+            arrays = clients.get(cid, {})
+            st.local = {k[6:]: v for k, v in arrays.items() if k.startswith("local/")}
+            st.personal = {k[9:]: v for k, v in arrays.items() if k.startswith("personal/")}
+        self.history = []
+        for r in range(1, round_idx + 1):
+            _, _, meta, text = read_round(self.run_dir, r)
+            self.history.extend(_parse_csv(text))
+            self.times.append(RoundTimes(**meta.get("times", {})))
+        self.round_idx = round_idx
+
+    def _log_round(self, rows: list[dict]) -> None:
+        per_client = client_scores(rows)
+        vals = np.array(list(per_client.values()))
+        metrics = {"mean_acc": float(vals.mean()), "worst_acc": float(vals.min())}
+        metrics.update({f"acc/{cid}": v for cid, v in per_client.items()})
+        self.fabric.log_dict(metrics, step=self.round_idx)
+
+    # ------------------------------------------------------------------ driver
+    _bar: Any = None
+
+    def run(self, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Run the remaining rounds; writes metrics.csv, summary.json and plots."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        (self.run_dir / "spec.json").write_text(self.spec.to_json())
+        (self.run_dir / "federation.txt").write_text(self.fed.summary + "\n")
+        logger = self.logger
+        rounds = self.cfg.federation.rounds
+        per_round = len(self.selected(0))
+        self._bar = tqdm(
+            total=rounds * per_round,
+            initial=self.round_idx * per_round,
+            unit="fit",
+            disable=not self.progress,
+            desc=f"{self.cfg.name} [{self.alg}]",
+            leave=True,
+            mininterval=1.0,
+        )
+        try:
+            while self.round_idx < rounds:
+                self.run_round()
+                logger.save()
+                if on_round is not None:
+                    on_round(self.round_idx)
+        finally:
+            self._bar.close()
+            self._bar = None
+        logger.finalize("success")
+        (self.run_dir / "metrics.csv").write_text(_csv(self.history))
+        summary = summarize(self.history, self.alg, self.cfg)
+        summary["times"] = [t.as_dict() for t in self.times]
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, **kw: Any) -> Simulation:
+        """Continue a run from its last complete checkpoint (the config is read from the run)."""
+        run_dir = Path(run_dir)
+        cfg = load_config(run_dir / "config.yaml")
+        sim = cls(cfg, run_dir, **kw)
+        done = completed_rounds(run_dir)
+        if done:
+            sim._restore(done[-1])
+        return sim
+
+
+# ---------------------------------------------------------------------- summaries
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _parse_csv(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        rows.append(
+            {
+                "round": int(r["round"]),
+                "client": r["client"],
+                "width": float(r["width"]),
+                "task": r["task"],
+                "loss": float(r["loss"]),
+                "acc": float(r["acc"]),
+                "f1": float(r["f1"]) if r["f1"] else "",
+            }
+        )
+    return rows
+
+
+def client_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per client: mean over its tasks of the accuracy, at the last round in ``rows``."""
+    last = max(r["round"] for r in rows)
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        if r["round"] == last:
+            acc.setdefault(r["client"], []).append(float(r["acc"]))
+    return {c: float(np.mean(v)) for c, v in acc.items()}
+
+
+def summarize(rows: list[dict[str, Any]], algorithm: str, cfg: RunConfig) -> dict[str, Any]:
+    scores = client_scores(rows)
+    last = max(r["round"] for r in rows)
+    clients: dict[str, Any] = {}
+    for r in rows:
+        if r["round"] != last:
+            continue
+        c = clients.setdefault(r["client"], {"width": r["width"], "tasks": {}})
+        c["tasks"][r["task"]] = {k: r[k] for k in ("acc", "loss", "f1") if r[k] != ""}
+    for cid, c in clients.items():
+        c["acc"] = scores[cid]
+    vals = np.sort(np.array(list(scores.values())))
+    k = max(1, math.ceil(0.1 * vals.size))
+    return {
+        "name": cfg.name,
+        "algorithm": algorithm,
+        "rounds": last,
+        "clients": clients,
+        "mean_acc": float(vals.mean()),
+        "worst_acc": float(vals[0]),
+        "worst_client": min(scores, key=scores.__getitem__),
+        "bottom10_acc": float(vals[:k].mean()),
+    }
+
+
+def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Python API of ``fmtl simulate``: the run, then (optionally) its local-only baseline."""
+    from fmtl_lightning.report import write_report
+
+    cfg = parse_config(cfg) if isinstance(cfg, dict) else cfg
+    run_dir = Path(run_dir)
+    sim = Simulation(cfg, run_dir, progress=progress)
+    summary = sim.run()
+    baseline = None
+    if cfg.compare_local and cfg.algorithm.name != "local":
+        local_cfg = cfg.replace(
+            algorithm=cfg.algorithm.__class__(**{**cfg.algorithm.__dict__, "name": "local"}),
+            compare_local=False,
+        )
+        bsim = Simulation(local_cfg, run_dir / "local_baseline", progress=progress, federation=sim.fed)
+        baseline = bsim.run()
+    return write_report(run_dir, summary, baseline)
+
+
+def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Python API of ``fmtl simulate --resume RUN_DIR``."""
+    from fmtl_lightning.report import write_report
+
+    run_dir = Path(run_dir)
+    sim = Simulation.resume(run_dir, progress=progress)
+    summary = sim.run()
+    baseline = None
+    bdir = run_dir / "local_baseline"
+    if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
+        if bdir.is_dir() and (bdir / "config.yaml").exists():
+            bsim = Simulation.resume(bdir, progress=progress, federation=sim.fed)
+        else:
+            local_cfg = sim.cfg.replace(
+                algorithm=sim.cfg.algorithm.__class__(**{**sim.cfg.algorithm.__dict__, "name": "local"}),
+                compare_local=False,
+            )
+            bsim = Simulation(local_cfg, bdir, progress=progress, federation=sim.fed)
+        baseline = bsim.run()
+    return write_report(run_dir, summary, baseline)
