@@ -1,0 +1,111 @@
+"""`fmtl simulate` as a real process: kill it between rounds, resume, compare."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fmtl_lightning.checkpoint import completed_rounds
+
+ROUNDS = 12
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fmtl_lightning.cli", "simulate", "--no-progress", *args]
+
+
+@pytest.fixture
+def cfg_file(small_cfg, tmp_path):
+    small_cfg["federation"]["rounds"] = ROUNDS
+    small_cfg["algorithm"] = {"name": "ditto", "lam": 0.5}  # global + personal state both resume
+    small_cfg["federation"]["fraction"] = 0.67  # sampling must replay too
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(small_cfg))
+    return p
+
+
+def _final_arrays(run_dir):
+    ck = run_dir / "checkpoints" / f"round_{ROUNDS:04d}"
+    out = {f"global/{k}": v for k, v in load_file(str(ck / "global.safetensors")).items()}
+    for f in sorted((ck / "clients").glob("*.safetensors")):
+        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_killed_run_resumes_to_the_identical_result(cfg_file, tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    proc = subprocess.Popen(_cmd("--config", str(cfg_file), "--run-dir", str(killed)))
+    deadline = time.time() + 120
+    while len(completed_rounds(killed)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = completed_rounds(killed)
+    assert 3 <= len(done) < ROUNDS, f"kill landed outside the run: {done}"
+    assert not (killed / "summary.json").exists()
+
+    subprocess.run(_cmd("--resume", str(killed)), check=True, capture_output=True)
+    subprocess.run(
+        _cmd("--config", str(cfg_file), "--run-dir", str(straight)), check=True, capture_output=True
+    )
+    a, b = _final_arrays(killed), _final_arrays(straight)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert (killed / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
+    assert len((killed / "metrics.csv").read_text().splitlines()) == 1 + ROUNDS * 4
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda c: c["clients"][0].update(tasks=["mnist/nope"]), "clients[0].tasks"),
+        (lambda c: c["clients"][1].update(width=1.5), "clients[1].width"),
+        (lambda c: c["clients"][1].update(width=0), "clients[1].width"),
+        (lambda c: c["data"].update(samples_per_client=2), "data.samples_per_client"),
+        (lambda c: c["algorithm"].update(name="ditto", lam=-1.0), "algorithm.lam"),
+        (lambda c: c["clients"][0].update(lam=-0.1), "clients[0].lam"),
+        (lambda c: c["federation"].update(rounnds=3), "federation.rounnds"),
+        (lambda c: c["clients"][0].update(count=100), "data.samples_per_client"),
+    ],
+)
+def test_invalid_config_fails_before_training_naming_the_field(
+    small_cfg, tmp_path, capsys, edit, field
+):
+    from fmtl_lightning.cli import main
+
+    edit(small_cfg)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(small_cfg))
+    run_dir = tmp_path / "run"
+    code = main(["simulate", "--no-progress", "--config", str(p), "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert field in err and err.startswith("fmtl: error:")
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_run_directory_contents(small_cfg, tmp_path):
+    from fmtl_lightning.simulation import run_config
+
+    small_cfg["compare_local"] = True
+    out = run_config(small_cfg, tmp_path / "r", progress=False)
+    r = tmp_path / "r"
+    for f in ("metrics.csv", "summary.json", "config.yaml", "spec.json", "federation.txt"):
+        assert (r / f).is_file(), f
+    pngs = sorted(p.name for p in (r / "plots").glob("*.png"))
+    assert pngs == ["accuracy_by_round.png", "final_vs_local.png"]
+    assert all((r / "plots" / p).stat().st_size > 5000 for p in pngs)
+    assert completed_rounds(r) == [1, 2] and completed_rounds(r / "local_baseline") == [1, 2]
+    accs = [c["acc"] for c in out["clients"].values()]
+    assert out["mean_acc"] == pytest.approx(np.mean(accs)) and out["worst_acc"] == min(accs)
+    assert set(out["local_baseline"]["clients"]) == set(out["clients"])
+    assert list((r / "lightning_logs").rglob("metrics.csv")), "Lightning's CSVLogger wrote nothing"
