@@ -1,0 +1,224 @@
+"""Training-step graphs: one plain-SGD step as a pure ONNX function, for stock onnxruntime.
+
+A step is ``(params..., buffers..., x, y_task..., lr) -> (loss, new_params...,
+new_buffers...)``. It is written with ``torch.func`` (``functional_call`` +
+``grad_and_value``), traced to aten ops by ``make_fx`` with symbolic shapes and
+the decompositions of :mod:`export.decompositions`, then exported with
+``torch.onnx.export(dynamo=True)``. Parameters and buffers are graph inputs, so a
+client feeds the global weights straight in; nothing is baked into the file.
+
+Batch norm runs in training mode: batch statistics, running stats updated with
+momentum and the unbiased batch variance, ``num_batches_tracked + 1``, exactly
+as ``torch.nn.BatchNorm2d.train()`` does.
+
+The total loss is the sum over tasks of each task's batch-mean loss:
+``multiclass`` = cross-entropy on int64 targets (B,), ``multilabel`` =
+BCE-with-logits on float32 targets (B, n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.graphs import (
+    ExportError,
+    TrainStepInfo,
+    describe,
+    export_pure_function,
+    sanitize,
+    trace_batch,
+    unique_names,
+)
+from fmtl_lightning.models import MultiTaskModel, head_name
+
+TASK_KINDS = ("multiclass", "multilabel")
+LossOf = Callable[[nn.Module, dict, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def task_loss(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Batch-mean loss of one task."""
+    if kind == "multiclass":
+        return F.cross_entropy(logits, y)  # y: (B,) int64
+    if kind == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y)  # y: (B, n) float32
+    raise ExportError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+
+
+def target_example(kind: str, n: int, batch: int) -> torch.Tensor:
+    """A target tensor of the right dtype/shape for a task (values are irrelevant for tracing)."""
+    if kind == "multiclass":
+        return torch.zeros(batch, dtype=torch.int64)
+    if kind == "multilabel":
+        return torch.zeros(batch, n, dtype=torch.float32)
+    raise ExportError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+
+
+@contextmanager
+def mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put ``module`` in train/eval mode for the block, then restore what it was."""
+    was = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+def sgd_step_fn(
+    module: nn.Module,
+    param_keys: Sequence[str],
+    buffer_keys: Sequence[str],
+    loss_of: LossOf,
+    n_targets: int,
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The flat pure function ``(*params, *buffers, x, *ys, lr) -> (loss, *new_p, *new_b)``.
+
+    ``loss_of(module, state, x, ys)`` runs ``module`` with ``state`` swapped in
+    (``torch.func.functional_call``) and returns the scalar loss.
+    """
+    from torch.func import grad_and_value
+
+    n_p, n_b = len(param_keys), len(buffer_keys)
+
+    def step(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = dict(zip(param_keys, args[:n_p], strict=True))
+        buffers = {k: b.clone() for k, b in zip(buffer_keys, args[n_p : n_p + n_b], strict=True)}
+        x = args[n_p + n_b]
+        ys = args[n_p + n_b + 1 : n_p + n_b + 1 + n_targets]
+        lr = args[-1]
+
+        def loss_fn(p: dict, b: dict) -> tuple[torch.Tensor, dict]:
+            # batch norm updates ``b`` in place, so b must be an explicit input here
+            return loss_of(module, {**p, **b}, x, ys), b
+
+        grads, (loss, new_b) = grad_and_value(loss_fn, has_aux=True)(params, buffers)
+        new_p = [params[k] - lr * grads[k] for k in param_keys]
+        return (loss, *new_p, *(new_b[k] for k in buffer_keys))
+
+    return step
+
+
+def _check_kinds(task_kinds: Mapping[str, str], task_outputs: Mapping[str, int]) -> None:
+    missing = [t for t in task_kinds if t not in task_outputs]
+    if missing:
+        raise ExportError(f"tasks {missing} have no head; the model has {list(task_outputs)}")
+    for t, kind in task_kinds.items():
+        if kind not in TASK_KINDS:
+            raise ExportError(f"task {t!r}: kind must be one of {TASK_KINDS}, got {kind!r}")
+
+
+def export_train_step(
+    model: MultiTaskModel,
+    task_kinds: Mapping[str, str],
+    path: Path | str,
+    example_x: torch.Tensor,
+    opset: int = 18,
+) -> TrainStepInfo:
+    """Export one SGD step of ``model`` on the summed losses of ``task_kinds``' tasks.
+
+    ``example_x`` fixes the per-sample input shape and dtype; its batch size does
+    not matter (the batch axis is dynamic). Targets follow each task's kind. Every
+    parameter of ``model`` is updated, heads of tasks not in ``task_kinds`` included
+    (their gradient is zero, so they come back unchanged).
+    """
+    path = Path(path)
+    tasks = list(task_kinds)
+    _check_kinds(task_kinds, model.task_outputs)
+
+    def loss_of(m: nn.Module, state: dict, x: torch.Tensor, ys: Sequence[torch.Tensor]):
+        out = torch.func.functional_call(m, state, (x,))
+        losses = [task_loss(task_kinds[t], out[t], y) for t, y in zip(tasks, ys, strict=True)]
+        return torch.stack(losses).sum()
+
+    pk = [k for k, _ in model.named_parameters()]
+    bk = [k for k, _ in model.named_buffers()]
+    state = model.state_dict()
+    b = trace_batch(state.values(), [*example_x.shape[1:], *model.task_outputs.values()])
+    x = torch.zeros(b, *example_x.shape[1:], dtype=example_x.dtype)
+    ys = [target_example(task_kinds[t], model.task_outputs[t], b) for t in tasks]
+    args = [state[k].detach().clone() for k in [*pk, *bk]] + [x, *ys, torch.tensor(0.1)]
+
+    p_in, b_in = unique_names("p_", pk), unique_names("b_", bk)
+    y_in = {t: f"y_{sanitize(head_name(t))}" for t in tasks}
+    p_out = {f"new_{n}": k for n, k in p_in.items()}
+    b_out = {f"new_{n}": k for n, k in b_in.items()}
+    in_names = [*p_in, *b_in, "x", *y_in.values(), "lr"]
+    out_names = ["loss", *p_out, *b_out]
+    n_sb = len(pk) + len(bk)
+    batch_args = set(range(n_sb, n_sb + 1 + len(tasks)))
+
+    with mode(model, training=True):
+        step = sgd_step_fn(model, pk, bk, loss_of, len(tasks))
+        proto = export_pure_function(step, args, batch_args, in_names, out_names, path, opset)
+    ins, outs = describe(proto)
+    return TrainStepInfo(
+        path=str(path),
+        opset=opset,
+        inputs=ins,
+        outputs=outs,
+        param_inputs=p_in,
+        buffer_inputs=b_in,
+        x_input="x",
+        target_inputs=y_in,
+        task_kinds=dict(task_kinds),
+        lr_input="lr",
+        loss_output="loss",
+        param_outputs=p_out,
+        buffer_outputs=b_out,
+    )
+
+
+def export_head_step(
+    head: nn.Linear, kind: str, path: Path | str, feature_dim: int, opset: int = 18
+) -> TrainStepInfo:
+    """Export one SGD step of a head alone on frozen features.
+
+    Graph: ``(p_weight, p_bias, features, y, lr) -> (loss, new_p_weight, new_p_bias)``;
+    the maps say ``weight``/``bias`` (keys of the head's own state dict).
+    """
+    path = Path(path)
+    if head.in_features != feature_dim:
+        raise ExportError(f"head takes {head.in_features} features, feature_dim is {feature_dim}")
+    _check_kinds({"task": kind}, {"task": head.out_features})
+
+    def loss_of(m: nn.Module, state: dict, f: torch.Tensor, ys: Sequence[torch.Tensor]):
+        return task_loss(kind, torch.func.functional_call(m, state, (f,)), ys[0])
+
+    pk = [k for k, _ in head.named_parameters()]
+    state = head.state_dict()
+    b = trace_batch(state.values())
+    feats = torch.zeros(b, feature_dim)
+    y = target_example(kind, head.out_features, b)
+    args = [state[k].detach().clone() for k in pk] + [feats, y, torch.tensor(0.1)]
+
+    p_in = unique_names("p_", pk)
+    p_out = {f"new_{n}": k for n, k in p_in.items()}
+    in_names = [*p_in, "features", "y", "lr"]
+    out_names = ["loss", *p_out]
+    step = sgd_step_fn(head, pk, [], loss_of, 1)
+    proto = export_pure_function(
+        step, args, {len(pk), len(pk) + 1}, in_names, out_names, path, opset
+    )
+    ins, outs = describe(proto)
+    return TrainStepInfo(
+        path=str(path),
+        opset=opset,
+        inputs=ins,
+        outputs=outs,
+        param_inputs=p_in,
+        buffer_inputs={},
+        x_input=None,
+        target_inputs={"task": "y"},
+        task_kinds={"task": kind},
+        lr_input="lr",
+        loss_output="loss",
+        param_outputs=p_out,
+        buffer_outputs={},
+        features_input="features",
+    )
