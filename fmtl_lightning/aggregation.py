@@ -36,7 +36,7 @@ from fmtl_lightning.validation import (
 
 Weighting = Literal["uniform", "examples"]
 
-BLOCK = 1 << 16  # elements per block of rows: 256 KiB of float32, in L2 with its scratch
+BLOCK = 1 << 17  # elements per block of rows: 512 KiB of float32, in L2 with its scratch
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,9 @@ class Aggregator:
             pieces += [_Piece(x, w, False, *run) for run in runs]
             part_weights[u.width] = part_weights.get(u.width, 0.0) + w
         fresh = acc.total is None
-        if fresh:  # a first client holding all of it writes instead of adding: no zero-fill
+        if acc.total is None:  # a first client holding all of it writes, not adds: no zero-fill
             acc.total = (np.empty if pieces[0].whole else np.zeros)(g.shape, dtype=g.dtype)
+        total = acc.total
         if part_weights:
             if acc.part_weight is None:
                 acc.part_weight = np.zeros(g.shape, dtype=g.dtype)
@@ -169,7 +170,7 @@ class Aggregator:
             for width, w in part_weights.items():
                 for g0, g1, _, g_rest, _ in self._runs(key, width) or ():
                     pw[(slice(g0, g1), *g_rest)] += w
-        _fold_blocks(acc.total, pieces, first_writes=fresh and pieces[0].whole)
+        _fold_blocks(total, pieces, first_writes=fresh and pieces[0].whole)
 
     def _runs(self, key: str, width: WidthSpec) -> tuple[_Run, ...] | None:
         """Where a client at ``width`` lands in ``key``: ``None`` if it holds all of it."""
@@ -205,9 +206,12 @@ class Aggregator:
         else:
             weight = acc.part_weight if consume else acc.part_weight.copy()
             weight += acc.full_weight
-            held = weight > 0
-            np.divide(acc.total, weight, out=out, where=held)
-            np.copyto(out, g, where=~held)
+            if acc.full_weight > 0:  # someone held all of it: every element is held
+                np.divide(acc.total, weight, out=out)
+            else:
+                held = weight > 0
+                np.divide(acc.total, weight, out=out, where=held)
+                np.copyto(out, g, where=~held)
         if consume:
             acc.total = acc.part_weight = None
         return out
