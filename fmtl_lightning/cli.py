@@ -39,7 +39,9 @@ def _simulate(args: argparse.Namespace) -> int:
     print()
     print(format_table(summary))
     print(f"\nrun directory: {run_dir}  ({time.perf_counter() - t0:.0f} s)")
-    print(f"  metrics.csv, summary.json, plots/, checkpoints/ (resume: fmtl simulate --resume {run_dir})")
+    print(
+        f"  metrics.csv, summary.json, plots/, checkpoints/ (resume: fmtl simulate --resume {run_dir})"
+    )
     return 0
 
 

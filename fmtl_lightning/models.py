@@ -220,7 +220,7 @@ class MultiTaskModel(nn.Module):
             {head_name(t): nn.Linear(self.backbone.feature_dim, n) for t, n in task_outputs.items()}
         )
         decl = {f"backbone.{k}": v for k, v in self.backbone.declarations.items()}
-        for t, n in task_outputs.items():
+        for t in task_outputs:
             h = head_name(t)
             decl[f"heads.{h}.weight"] = ("head", (None, cfg.feature_group))
             decl[f"heads.{h}.bias"] = ("head", (None,))

@@ -64,7 +64,9 @@ class MultiTaskModule(L.LightningModule):
         self.prox: ProxTerm | None = None
         self.label_masks: dict[str, torch.Tensor] = {}
         self.train_part: Literal["all", "head", "body"] = "all"
-        self.metrics = nn.ModuleDict({_safe(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()})
+        self.metrics = nn.ModuleDict(
+            {_safe(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()}
+        )
 
     def _n_out(self, task: str) -> int:
         if self.union_slices is not None:
@@ -147,5 +149,7 @@ def _safe(task: str) -> str:
 
 def _metric(kind: str, n: int) -> Any:
     if kind == "multiclass":
-        return torchmetrics.classification.MulticlassAccuracy(num_classes=max(n, 2), average="micro")
+        return torchmetrics.classification.MulticlassAccuracy(
+            num_classes=max(n, 2), average="micro"
+        )
     return torchmetrics.classification.MultilabelF1Score(num_labels=n, average="macro")

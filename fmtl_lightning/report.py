@@ -36,7 +36,9 @@ def _client_curves(metrics_csv: Path) -> tuple[dict[str, dict[int, list[float]]]
     widths: dict[str, float] = {}
     with open(metrics_csv) as fh:
         for r in csv.DictReader(fh):
-            curves.setdefault(r["client"], {}).setdefault(int(r["round"]), []).append(float(r["acc"]))
+            curves.setdefault(r["client"], {}).setdefault(int(r["round"]), []).append(
+                float(r["acc"])
+            )
             widths[r["client"]] = float(r["width"])
     return curves, widths
 
@@ -75,7 +77,9 @@ def plot_final(summary: dict[str, Any], out: Path) -> None:
     ax.bar([x - 0.2 for x in xs], fed, width=0.4, label=summary["algorithm"])
     if base:
         ax.bar([x + 0.2 for x in xs], [base[c]["acc"] for c in cids], width=0.4, label="local-only")
-    ax.set_xticks(list(xs), [f"{c}\nw={summary['clients'][c]['width']:g}" for c in cids], fontsize=7)
+    ax.set_xticks(
+        list(xs), [f"{c}\nw={summary['clients'][c]['width']:g}" for c in cids], fontsize=7
+    )
     ax.set_ylabel("final accuracy")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -87,7 +91,9 @@ def plot_final(summary: dict[str, Any], out: Path) -> None:
 def format_table(summary: dict[str, Any]) -> str:
     """Console table: client, width, tasks, personalised accuracy, local-only, difference."""
     base = summary.get("local_baseline", {}).get("clients", {})
-    lines = [f"{'client':<7} {'width':>5}  {'tasks':<28} {summary['algorithm']:>8} {'local':>7} {'gain':>7}"]
+    lines = [
+        f"{'client':<7} {'width':>5}  {'tasks':<28} {summary['algorithm']:>8} {'local':>7} {'gain':>7}"
+    ]
     for cid in sorted(summary["clients"]):
         c = summary["clients"][cid]
         tasks = ",".join(t.split("/")[-1] for t in c["tasks"])

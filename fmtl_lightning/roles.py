@@ -107,7 +107,9 @@ class ParamSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise SpecError(f"key {self.key!r}: unknown kind {self.kind!r}, expected one of {KINDS}")
+            raise SpecError(
+                f"key {self.key!r}: unknown kind {self.kind!r}, expected one of {KINDS}"
+            )
         if len(self.axes) != len(self.shape):
             raise SpecError(
                 f"key {self.key!r}: {len(self.axes)} axes declared for shape {self.shape}"
@@ -218,7 +220,10 @@ class ModelSpec:
             {
                 "format_version": SPEC_FORMAT_VERSION,
                 "groups": dict(self.groups),
-                "policy": {"name": self.policy.name, "shared_kinds": sorted(self.policy.shared_kinds)},
+                "policy": {
+                    "name": self.policy.name,
+                    "shared_kinds": sorted(self.policy.shared_kinds),
+                },
                 "params": [
                     {
                         "key": p.key,
@@ -240,8 +245,7 @@ class ModelSpec:
             d = json.loads(text)
             if d.get("format_version") != SPEC_FORMAT_VERSION:
                 raise SpecError(
-                    f"spec format_version {d.get('format_version')!r} is not "
-                    f"{SPEC_FORMAT_VERSION}"
+                    f"spec format_version {d.get('format_version')!r} is not {SPEC_FORMAT_VERSION}"
                 )
             pol = d["policy"]
             params = tuple(

@@ -36,7 +36,7 @@ from lightning.fabric.loggers import CSVLogger
 from tqdm.auto import tqdm
 
 from fmtl_lightning.aggregation import ClientUpdate, aggregate
-from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientRound, ClientResult
+from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
 from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
 from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
@@ -127,15 +127,21 @@ class Simulation:
     # ------------------------------------------------------------------ helpers
     def client_keys(self, c: ClientData) -> tuple[str, ...]:
         heads = [UNION_HEAD] if self.union_slices is not None else list(c.tasks)
-        head_keys = {f"heads.{t.replace('/', '__').replace('.', '_')}.{p}" for t in heads for p in ("weight", "bias")}
+        head_keys = {
+            f"heads.{t.replace('/', '__').replace('.', '_')}.{p}"
+            for t in heads
+            for p in ("weight", "bias")
+        }
         return tuple(k for k in self.spec.keys if k.startswith("backbone.") or k in head_keys)
 
     def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
         key = (c.tasks, width)
         if key not in self._modules:
-            tasks = self.model_tasks if self.union_slices is not None else {
-                t: self.task_outputs[t] for t in c.tasks
-            }
+            tasks = (
+                self.model_tasks
+                if self.union_slices is not None
+                else {t: self.task_outputs[t] for t in c.tasks}
+            )
             o = self.cfg.optimizer
             self._modules[key] = MultiTaskModule(
                 MultiTaskModel(self.bcfg, tasks, width),
@@ -319,7 +325,9 @@ class Simulation:
     def run(self, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run the remaining rounds; writes metrics.csv, summary.json and plots."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+        )
         (self.run_dir / "spec.json").write_text(self.spec.to_json())
         (self.run_dir / "federation.txt").write_text(self.fed.summary + "\n")
         logger = self.logger
@@ -437,7 +445,9 @@ def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = T
             algorithm=cfg.algorithm.__class__(**{**cfg.algorithm.__dict__, "name": "local"}),
             compare_local=False,
         )
-        bsim = Simulation(local_cfg, run_dir / "local_baseline", progress=progress, federation=sim.fed)
+        bsim = Simulation(
+            local_cfg, run_dir / "local_baseline", progress=progress, federation=sim.fed
+        )
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)
 
@@ -456,7 +466,9 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
             bsim = Simulation.resume(bdir, progress=progress, federation=sim.fed)
         else:
             local_cfg = sim.cfg.replace(
-                algorithm=sim.cfg.algorithm.__class__(**{**sim.cfg.algorithm.__dict__, "name": "local"}),
+                algorithm=sim.cfg.algorithm.__class__(
+                    **{**sim.cfg.algorithm.__dict__, "name": "local"}
+                ),
                 compare_local=False,
             )
             bsim = Simulation(local_cfg, bdir, progress=progress, federation=sim.fed)

@@ -48,7 +48,10 @@ def test_built_at_width_has_exactly_the_sliced_shapes(cfg, width, mode):
         assert spec.shape_at(k, width) == tuple(sd[k].shape), k
     load_arrays(small, sub)  # loads strictly: same keys, same shapes
     out = small.eval()(torch.zeros(2, 1, 28, 28))
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"mnist/digit": (2, 10), "mnist/attrs": (2, 3)}
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "mnist/digit": (2, 10),
+        "mnist/attrs": (2, 3),
+    }
 
 
 def test_sliced_submodel_computes_the_prefix_of_the_full_model_mlp():

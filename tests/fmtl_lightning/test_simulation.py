@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 
 import fmtl_lightning.simulation as simulation
@@ -196,5 +195,7 @@ def test_masked_cross_entropy_ignores_absent_classes(small_cfg, tmp_path):
     z = torch.randn(4, 10)
     y = c.y_train["digits/digit"][:4]
     masked = m.task_losses({"digits/digit": z}, {"digits/digit": y})["digits/digit"]
-    want = torch.nn.functional.cross_entropy(z[:, mask], torch.searchsorted(torch.where(mask)[0], y))
+    want = torch.nn.functional.cross_entropy(
+        z[:, mask], torch.searchsorted(torch.where(mask)[0], y)
+    )
     assert torch.allclose(masked, want, atol=1e-5)
