@@ -75,6 +75,7 @@ class FederationConfig:
     local_epochs: int = 1
     local_steps: int | None = None  # if set, exactly this many SGD steps per fit
     batch_size: int = 32
+    eval_every: int = 1  # evaluate every client every N rounds (and always after the last)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("federation.local_epochs: must be >= 1 (or set local_steps)")
     if f.local_steps is not None and f.local_steps < 1:
         raise ConfigError(f"federation.local_steps: must be >= 1, got {f.local_steps}")
+    if f.eval_every < 1:
+        raise ConfigError(f"federation.eval_every: must be >= 1, got {f.eval_every}")
     if f.batch_size < 1:
         raise ConfigError(f"federation.batch_size: must be >= 1, got {f.batch_size}")
     if not o.lr > 0:

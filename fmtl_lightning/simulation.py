@@ -234,7 +234,9 @@ class Simulation:
             )
         times.aggregate = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows = self.evaluate(t + 1)
+        f = self.cfg.federation
+        due = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
+        rows = self.evaluate(t + 1) if due else []
         times.evaluate = time.perf_counter() - t0
         self.round_idx += 1
         t0 = time.perf_counter()
@@ -242,7 +244,8 @@ class Simulation:
         times.checkpoint = time.perf_counter() - t0
         self.times.append(times)
         self.history.extend(rows)
-        self._log_round(rows)
+        if rows:
+            self._log_round(rows)
         return {"round": self.round_idx, "clients": [self.fed.clients[i].cid for i in chosen]}
 
     # ------------------------------------------------------------------ evaluation

@@ -199,3 +199,11 @@ def test_masked_cross_entropy_ignores_absent_classes(small_cfg, tmp_path):
         z[:, mask], torch.searchsorted(torch.where(mask)[0], y)
     )
     assert torch.allclose(masked, want, atol=1e-5)
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_round(small_cfg, tmp_path):
+    small_cfg["federation"].update(rounds=3, eval_every=2)
+    sim = _sim(small_cfg, tmp_path)
+    out = sim.run()
+    assert sorted({r["round"] for r in sim.history}) == [2, 3]
+    assert out["rounds"] == 3 and len(sim.history) == 2 * 4  # 4 (client, task) pairs
