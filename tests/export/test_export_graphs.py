@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import KINDS, Exports, random_batch
+from export_helpers import KINDS, Exports, random_batch
 
 from export import ExportError, to_ort_format
 from export.graphs import op_types, sanitize, unique_names
@@ -71,7 +71,7 @@ def test_names_are_sanitized_and_collisions_raise() -> None:
 
 
 def test_bad_task_kind_raises(tmp_path) -> None:
-    from conftest import make_model
+    from export_helpers import make_model
 
     from export import export_train_step
 

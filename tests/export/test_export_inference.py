@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, IDS, TASKS, Exports
+from export_helpers import CONFIGS, IDS, TASKS, Exports
 
 from export.parity import inference_parity
 from fmtl_lightning.models import head_name

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, IDS, KINDS, Exports, random_batch
+from export_helpers import CONFIGS, IDS, KINDS, Exports, random_batch
 
 from export import export_head_step
 from export.parity import head_step_parity, train_step_parity
