@@ -1,0 +1,13 @@
+"""Typed errors of the edge runtime (stdlib only: no numpy/torch needed to import them)."""
+
+from __future__ import annotations
+
+
+class MobileClientError(Exception):
+    """Base class of every error raised on purpose by :mod:`mobile_client`."""
+
+
+class ManifestError(MobileClientError, ValueError):
+    """A manifest.json that is missing, malformed, of an unknown format version, or
+    that names a file which is missing or whose sha256 differs. The message names
+    the field (dotted path) or the file."""

@@ -1,0 +1,431 @@
+"""The edge contract: ``manifest.json`` of an exported federation (numpy + stdlib only).
+
+``export`` writes it through :func:`write_manifest`; a device reads it through
+:func:`load_manifest` and checks the files with :func:`verify_files`. Nothing else
+is read on the device: every graph, its input/output names and shapes, the map
+from graph names to state-dict keys, normalisation and labels are here.
+
+Layout (``format_version`` 1; paths are relative to the manifest's directory)::
+
+    {
+      "format_version": 1, "opset": 18, "created": "2026-...Z",
+      "algorithm": "fedper", "source_run": "...", "round": 3,
+      "normalisation": {"domain", "mean", "std", "scale", "input_shape": [C, H, W]},
+      "widths": [{"width", "feature_dim", "backbone": FILE,
+                  "train_steps": [{"tasks": [...], "clients": [...], "file": FILE}]}],
+      "heads": [{"client", "task", "kind", "labels", "width", "file": FILE,
+                 "head_step": FILE | null, "columns": [start, end] | null}],
+      "clients": [{"client", "width", "tasks", "domain", "normalisation",
+                   "weights": FILE, "backbone": FILE | null}]
+    }
+
+A FILE entry: ``{"path", "sha256", "kind", "inputs": [TENSOR], "outputs": [TENSOR],
+"weights": {graph input name: state-dict key}, "weight_outputs": {graph output
+name: state-dict key}, "lr_input", "loss_output", "x_input", "features_input",
+"target_inputs": {task: input name}, "task_kinds": {task: kind}, "ort": {"path",
+"sha256"} | null}``; a TENSOR: ``{"name", "shape" (ints, "batch" for the dynamic
+axis), "dtype"}``.
+
+Input normalisation: ``x = (pixels * scale - mean) / std`` with shape
+``(batch, *input_shape)``. A head entry with ``columns`` (FedAvg: one union head
+per client) reads its task's logits as ``logits[:, start:end]``. A client entry's
+``backbone`` is set only when the client's backbone differs from the width's
+shared one (personal models, local norms); its ``weights`` (``.npz``, state-dict
+keys, the client's width) feed the training-step graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobile_client.errors import ManifestError
+
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SUPPORTED_VERSIONS = (1,)
+BATCH = "batch"
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+def _get(d: Any, key: str, where: str, types: type | tuple[type, ...], optional: bool = False):
+    if not isinstance(d, dict):
+        raise ManifestError(f"manifest field {where!r} must be an object, got {type(d).__name__}")
+    name = f"{where}.{key}" if where else key
+    if key not in d or (d[key] is None and not optional):
+        if optional:
+            return None
+        raise ManifestError(f"manifest field {name!r} is missing")
+    v = d[key]
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ManifestError(f"manifest field {name!r} has type bool")
+    if not isinstance(v, types):
+        want = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
+        raise ManifestError(f"manifest field {name!r} must be {want}, got {type(v).__name__}")
+    return v
+
+
+def _str_map(d: Any, key: str, where: str) -> dict[str, str]:
+    m = _get(d, key, where, dict, optional=True) or {}
+    for k, v in m.items():
+        if not isinstance(v, str):
+            raise ManifestError(f"manifest field '{where}.{key}.{k}' must be str")
+    return dict(m)
+
+
+def _list(d: Any, key: str, where: str) -> list:
+    return list(_get(d, key, where, list))
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TensorSpec:
+        shape = _list(d, "shape", where)
+        for i, s in enumerate(shape):
+            if not (isinstance(s, str) or (isinstance(s, int) and not isinstance(s, bool))):
+                raise ManifestError(f"manifest field '{where}.shape[{i}]' must be int or str")
+        return cls(_get(d, "name", where, str), tuple(shape), _get(d, "dtype", where, str))
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: str
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileRef:
+        return cls(_get(d, "path", where, str), _get(d, "sha256", where, str))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file the device loads: a graph (backbone/head/train_step/head_step) or weights."""
+
+    path: str
+    sha256: str
+    kind: str
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    weights: dict[str, str] = field(default_factory=dict)  # graph input name -> key
+    weight_outputs: dict[str, str] = field(default_factory=dict)  # graph output -> key
+    lr_input: str | None = None
+    loss_output: str | None = None
+    x_input: str | None = None
+    features_input: str | None = None
+    target_inputs: dict[str, str] = field(default_factory=dict)
+    task_kinds: dict[str, str] = field(default_factory=dict)
+    ort: FileRef | None = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileEntry:
+        ort = _get(d, "ort", where, dict, optional=True)
+        return cls(
+            path=_get(d, "path", where, str),
+            sha256=_get(d, "sha256", where, str),
+            kind=_get(d, "kind", where, str),
+            inputs=tuple(
+                TensorSpec.from_dict(t, f"{where}.inputs[{i}]")
+                for i, t in enumerate(_get(d, "inputs", where, list, optional=True) or [])
+            ),
+            outputs=tuple(
+                TensorSpec.from_dict(t, f"{where}.outputs[{i}]")
+                for i, t in enumerate(_get(d, "outputs", where, list, optional=True) or [])
+            ),
+            weights=_str_map(d, "weights", where),
+            weight_outputs=_str_map(d, "weight_outputs", where),
+            lr_input=_get(d, "lr_input", where, str, optional=True),
+            loss_output=_get(d, "loss_output", where, str, optional=True),
+            x_input=_get(d, "x_input", where, str, optional=True),
+            features_input=_get(d, "features_input", where, str, optional=True),
+            target_inputs=_str_map(d, "target_inputs", where),
+            task_kinds=_str_map(d, "task_kinds", where),
+            ort=None if ort is None else FileRef.from_dict(ort, f"{where}.ort"),
+        )
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """``x = (pixels * scale - mean) / std``, shape ``(batch, *input_shape)``."""
+
+    mean: float
+    std: float
+    input_shape: tuple[int, ...]
+    scale: float = 1.0 / 255.0
+    domain: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Normalisation:
+        shape = _list(d, "input_shape", where)
+        if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise ManifestError(f"manifest field '{where}.input_shape' must be [C, H, W]")
+        std = float(_get(d, "std", where, (int, float)))
+        if std <= 0:
+            raise ManifestError(f"manifest field '{where}.std' must be > 0, got {std}")
+        return cls(
+            mean=float(_get(d, "mean", where, (int, float))),
+            std=std,
+            input_shape=tuple(shape),
+            scale=float(_get(d, "scale", where, (int, float), optional=True) or 1.0 / 255.0),
+            domain=_get(d, "domain", where, str, optional=True) or "",
+        )
+
+
+@dataclass(frozen=True)
+class TrainStepEntry:
+    """A full training step (backbone + the heads of ``tasks``) at one width."""
+
+    tasks: tuple[str, ...]
+    clients: tuple[str, ...]
+    file: FileEntry
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TrainStepEntry:
+        return cls(
+            tuple(_list(d, "tasks", where)),
+            tuple(_list(d, "clients", where)),
+            FileEntry.from_dict(_get(d, "file", where, dict), f"{where}.file"),
+        )
+
+
+@dataclass(frozen=True)
+class WidthEntry:
+    width: float
+    feature_dim: int
+    backbone: FileEntry
+    train_steps: tuple[TrainStepEntry, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> WidthEntry:
+        return cls(
+            width=float(_get(d, "width", where, (int, float))),
+            feature_dim=_get(d, "feature_dim", where, int),
+            backbone=FileEntry.from_dict(_get(d, "backbone", where, dict), f"{where}.backbone"),
+            train_steps=tuple(
+                TrainStepEntry.from_dict(t, f"{where}.train_steps[{i}]")
+                for i, t in enumerate(_get(d, "train_steps", where, list, optional=True) or [])
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    client: str
+    task: str
+    kind: str
+    labels: tuple[str, ...]
+    width: float
+    file: FileEntry
+    head_step: FileEntry | None = None
+    columns: tuple[int, int] | None = None  # FedAvg union head: this task's logit columns
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> HeadEntry:
+        step = _get(d, "head_step", where, dict, optional=True)
+        cols = _get(d, "columns", where, list, optional=True)
+        if cols is not None and (len(cols) != 2 or not all(isinstance(c, int) for c in cols)):
+            raise ManifestError(f"manifest field '{where}.columns' must be [start, end]")
+        kind = _get(d, "kind", where, str)
+        if kind not in ("multiclass", "multilabel"):
+            raise ManifestError(f"manifest field '{where}.kind' has unknown value {kind!r}")
+        return cls(
+            client=_get(d, "client", where, str),
+            task=_get(d, "task", where, str),
+            kind=kind,
+            labels=tuple(_list(d, "labels", where)),
+            width=float(_get(d, "width", where, (int, float))),
+            file=FileEntry.from_dict(_get(d, "file", where, dict), f"{where}.file"),
+            head_step=None if step is None else FileEntry.from_dict(step, f"{where}.head_step"),
+            columns=None if cols is None else (cols[0], cols[1]),
+        )
+
+
+@dataclass(frozen=True)
+class ClientEntry:
+    client: str
+    width: float
+    tasks: tuple[str, ...]
+    weights: FileEntry  # .npz of the client's state at its width, state-dict keys
+    normalisation: Normalisation
+    domain: str = ""
+    backbone: FileEntry | None = None  # only when it differs from the width's shared one
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> ClientEntry:
+        bb = _get(d, "backbone", where, dict, optional=True)
+        return cls(
+            client=_get(d, "client", where, str),
+            width=float(_get(d, "width", where, (int, float))),
+            tasks=tuple(_list(d, "tasks", where)),
+            weights=FileEntry.from_dict(_get(d, "weights", where, dict), f"{where}.weights"),
+            normalisation=Normalisation.from_dict(
+                _get(d, "normalisation", where, dict), f"{where}.normalisation"
+            ),
+            domain=_get(d, "domain", where, str, optional=True) or "",
+            backbone=None if bb is None else FileEntry.from_dict(bb, f"{where}.backbone"),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    opset: int
+    created: str
+    normalisation: Normalisation
+    widths: tuple[WidthEntry, ...]
+    heads: tuple[HeadEntry, ...]
+    clients: tuple[ClientEntry, ...] = ()
+    algorithm: str = ""
+    source_run: str = ""
+    round: int = 0
+    format_version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format_version": d.pop("format_version"), **d}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        if not isinstance(d, dict):
+            raise ManifestError("manifest must be a JSON object")
+        if "format_version" not in d:
+            raise ManifestError(
+                f"manifest field 'format_version' is missing (supported: {SUPPORTED_VERSIONS})"
+            )
+        v = d["format_version"]
+        if v not in SUPPORTED_VERSIONS or isinstance(v, bool):
+            raise ManifestError(
+                f"manifest field 'format_version' has unsupported value {v!r} "
+                f"(supported: {SUPPORTED_VERSIONS})"
+            )
+        return cls(
+            format_version=v,
+            opset=_get(d, "opset", "", int),
+            created=_get(d, "created", "", str),
+            normalisation=Normalisation.from_dict(
+                _get(d, "normalisation", "", dict), "normalisation"
+            ),
+            widths=tuple(
+                WidthEntry.from_dict(w, f"widths[{i}]")
+                for i, w in enumerate(_list(d, "widths", ""))
+            ),
+            heads=tuple(
+                HeadEntry.from_dict(h, f"heads[{i}]") for i, h in enumerate(_list(d, "heads", ""))
+            ),
+            clients=tuple(
+                ClientEntry.from_dict(c, f"clients[{i}]")
+                for i, c in enumerate(_get(d, "clients", "", list, optional=True) or [])
+            ),
+            algorithm=_get(d, "algorithm", "", str, optional=True) or "",
+            source_run=_get(d, "source_run", "", str, optional=True) or "",
+            round=_get(d, "round", "", int, optional=True) or 0,
+        )
+
+    # ------------------------------------------------------------------ lookups
+    def width(self, width: float) -> WidthEntry:
+        for w in self.widths:
+            if abs(w.width - width) < 1e-9:
+                return w
+        raise ManifestError(f"width {width} not in the manifest; widths: {self.width_values()}")
+
+    def width_values(self) -> list[float]:
+        return [w.width for w in self.widths]
+
+    def heads_of(self, client: str) -> list[HeadEntry]:
+        return [h for h in self.heads if h.client == client]
+
+    def client(self, client: str) -> ClientEntry:
+        for c in self.clients:
+            if c.client == client:
+                return c
+        raise ManifestError(
+            f"client {client!r} not in the manifest; clients: {[c.client for c in self.clients]}"
+        )
+
+    def file_entries(self) -> list[FileEntry]:
+        out: list[FileEntry] = []
+        for w in self.widths:
+            out.append(w.backbone)
+            out.extend(t.file for t in w.train_steps)
+        for h in self.heads:
+            out.append(h.file)
+            if h.head_step is not None:
+                out.append(h.head_step)
+        for c in self.clients:
+            out.append(c.weights)
+            if c.backbone is not None:
+                out.append(c.backbone)
+        return out
+
+
+# ----------------------------------------------------------------------------- I/O
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``directory/manifest.json`` (atomically: temp file then rename)."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``directory/manifest.json`` (or a path to the file itself)."""
+    p = Path(directory)
+    path = p if p.is_file() else p / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no manifest at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
+    return Manifest.from_dict(data)
+
+
+def _refs(manifest: Manifest) -> list[FileRef]:
+    refs = []
+    for e in manifest.file_entries():
+        refs.append(FileRef(e.path, e.sha256))
+        if e.ort is not None:
+            refs.append(e.ort)
+    return refs
+
+
+def verify_files(directory: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Every file the manifest names exists under ``directory`` with its sha256."""
+    root = Path(directory)
+    if root.is_file():
+        root = root.parent
+    seen: set[str] = set()
+    for ref in _refs(manifest):
+        if ref.path in seen:
+            continue
+        seen.add(ref.path)
+        rel = Path(ref.path)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ManifestError(f"file {ref.path!r}: paths must be relative to the manifest")
+        f = root / rel
+        if not f.is_file():
+            raise ManifestError(f"file {ref.path!r} named in the manifest is missing ({f})")
+        got = sha256_file(f)
+        if got != ref.sha256:
+            raise ManifestError(
+                f"file {ref.path!r}: sha256 {got} does not match the manifest's {ref.sha256}"
+            )

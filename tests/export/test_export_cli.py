@@ -1,0 +1,329 @@
+"""``fmtl export``: a real (tiny) run -> manifest + ONNX files that match the torch client models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import run_export
+from export.run_export import RunExportError, export_model, export_run
+from export.trainstep import task_loss
+from fmtl_lightning.cli import main
+from fmtl_lightning.data import load_dataset
+from fmtl_lightning.errors import FMTLError
+from fmtl_lightning.models import load_arrays
+from fmtl_lightning.roles import WidthSpec
+from mobile_client.errors import ManifestError
+from mobile_client.manifest import MANIFEST_VERSION, load_manifest, verify_files
+
+CFG = {
+    "name": "tiny-export",
+    "seed": 0,
+    "data": {"samples_per_client": 40},
+    "model": {"family": "mlp", "hidden": [16, 8], "norm": "none"},
+    "clients": [
+        {"count": 1, "tasks": ["digits/digit"], "width": 1.0},
+        {"count": 1, "tasks": ["digits/parity", "digits/attrs"], "width": 0.5},
+    ],
+    "algorithm": {"name": "fedper"},
+    "federation": {"rounds": 1},
+    "compare_local": False,
+}
+
+
+def _run(cfg: dict, run_dir: Path) -> Path:
+    from fmtl_lightning.simulation import run_config
+
+    run_config(cfg, run_dir, progress=False)
+    return run_dir
+
+
+def _sim(run_dir: Path):
+    from fmtl_lightning.checkpoint import completed_rounds
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.simulation import Simulation
+
+    sim = Simulation(load_config(run_dir / "config.yaml"), run_dir, progress=False)
+    last = completed_rounds(run_dir)[-1]
+    sim._restore(last)
+    return sim, last
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run(CFG, tmp_path_factory.mktemp("run") / "run")
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir: Path) -> Path:
+    out = run_dir.parent / "bundle"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sim(run_dir: Path):
+    return _sim(run_dir)
+
+
+def _digits_x(n: int) -> np.ndarray:
+    ds = load_dataset("digits", "test")
+    img = np.asarray(ds.images[:n], dtype=np.float32)
+    return ((img / 255.0 - ds.mean) / ds.std).reshape(n, 1, *img.shape[-2:]).astype(np.float32)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _client_model(sim, cid: str):
+    s, last = sim
+    c = next(c for c in s.fed.clients if c.cid == cid)
+    ws = WidthSpec(c.width, s.cfg.algorithm.slicing, max(last - 1, 0))
+    model = s.module_for(c, c.width).model
+    load_arrays(model, s.client_state(c, ws))
+    return c, model.eval()
+
+
+# ----------------------------------------------------------------------------- the bundle
+def test_manifest_and_files(bundle: Path) -> None:
+    m = load_manifest(bundle)
+    assert m.format_version == MANIFEST_VERSION
+    assert m.algorithm == "fedper" and m.round == 1
+    assert m.width_values() == [1.0, 0.5]
+    assert m.normalisation.input_shape == (1, 8, 8) and m.normalisation.domain == "digits"
+    assert {(h.client, h.task) for h in m.heads} == {
+        ("c00", "digits/digit"),
+        ("c01", "digits/parity"),
+        ("c01", "digits/attrs"),
+    }
+    assert [w.feature_dim for w in m.widths] == [8, 4]
+    for w in m.widths:
+        assert (bundle / w.backbone.path).is_file()
+        assert [t.name for t in w.backbone.inputs] == ["x"]
+        assert w.backbone.inputs[0].shape == ("batch", 1, 8, 8)
+        assert len(w.train_steps) == 1 and w.train_steps[0].file.lr_input == "lr"
+    digit = next(h for h in m.heads if h.task == "digits/digit")
+    assert digit.labels == tuple(str(i) for i in range(10)) or len(digit.labels) == 10
+    assert digit.file.path == "head_c00_digits_digit.onnx"
+    assert digit.head_step is not None and set(digit.head_step.weights.values()) == {
+        "heads.digits__digit.weight",
+        "heads.digits__digit.bias",
+    }
+    verify_files(bundle, m)
+    assert not [p for p in bundle.parent.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 32])
+def test_backbone_then_head_equals_torch(bundle: Path, sim, batch: int) -> None:
+    m = load_manifest(bundle)
+    x = _digits_x(batch)
+    for c_entry in m.clients:
+        c, model = _client_model(sim, c_entry.client)
+        assert c_entry.backbone is None  # fedper: the shared backbone is the client's
+        bb = _session(bundle / m.width(c.width).backbone.path)
+        feats = bb.run(None, {"x": x})[0]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x))
+            np.testing.assert_allclose(
+                feats, model.backbone(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6
+            )
+        for h in m.heads_of(c.cid):
+            logits = _session(bundle / h.file.path).run(None, {"features": feats})[0]
+            assert logits.shape == (batch, len(h.labels))
+            np.testing.assert_allclose(logits, want[h.task].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _targets(task: str, kind: str, n: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "multiclass":
+        return rng.integers(0, n, size=batch).astype(np.int64)
+    return rng.integers(0, 2, size=(batch, n)).astype(np.float32)
+
+
+def test_train_step_equals_torch_sgd(bundle: Path, sim) -> None:
+    m = load_manifest(bundle)
+    rng = np.random.default_rng(0)
+    x = _digits_x(16)
+    lr = 0.05
+    for c_entry in m.clients:
+        c, model = _client_model(sim, c_entry.client)
+        weights = dict(np.load(bundle / c_entry.weights.path, allow_pickle=False))
+        sd = model.state_dict()
+        assert set(weights) == set(sd)
+        step = next(s for s in m.width(c.width).train_steps if c.cid in s.clients)
+        f = step.file
+        ys = {t: _targets(t, k, model.task_outputs[t], 16, rng) for t, k in f.task_kinds.items()}
+        feed = {n: weights[k] for n, k in f.weights.items()}
+        feed[f.x_input] = x
+        feed.update({f.target_inputs[t]: y for t, y in ys.items()})
+        feed[f.lr_input] = np.array(lr, dtype=np.float32)
+        names = [o.name for o in f.outputs]
+        res = dict(zip(names, _session(bundle / f.path).run(None, feed), strict=True))
+
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt.zero_grad()
+        out = model(torch.from_numpy(x))
+        loss = sum(task_loss(f.task_kinds[t], out[t], torch.from_numpy(y)) for t, y in ys.items())
+        loss.backward()
+        opt.step()
+        np.testing.assert_allclose(res[f.loss_output], loss.item(), rtol=1e-5, atol=1e-6)
+        new_sd = model.state_dict()
+        for name, key in f.weight_outputs.items():
+            np.testing.assert_allclose(res[name], new_sd[key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_head_step_equals_torch_sgd(bundle: Path, sim) -> None:
+    m = load_manifest(bundle)
+    rng = np.random.default_rng(1)
+    lr = 0.1
+    for h in m.heads:
+        c, model = _client_model(sim, h.client)
+        weights = dict(np.load(bundle / m.client(h.client).weights.path, allow_pickle=False))
+        feats = rng.standard_normal((7, m.width(h.width).feature_dim)).astype(np.float32)
+        s = h.head_step
+        assert s is not None
+        y = _targets(h.task, h.kind, len(h.labels), 7, rng)
+        feed = {n: weights[k] for n, k in s.weights.items()}
+        feed.update(
+            {
+                s.features_input: feats,
+                s.target_inputs["task"]: y,
+                s.lr_input: np.array(lr, dtype=np.float32),
+            }
+        )
+        res = dict(
+            zip([o.name for o in s.outputs], _session(bundle / s.path).run(None, feed), strict=True)
+        )
+        head = model.heads[h.task.replace("/", "__")]
+        opt = torch.optim.SGD(head.parameters(), lr=lr)
+        opt.zero_grad()
+        task_loss(h.kind, head(torch.from_numpy(feats)), torch.from_numpy(y)).backward()
+        opt.step()
+        full = model.state_dict()
+        for name, key in s.weight_outputs.items():
+            np.testing.assert_allclose(res[name], full[key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+def _cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmtl: error:") and err.count("\n") == 1
+    return err
+
+
+def test_unknown_width(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    err = _cli_error(capsys, ["export", str(run_dir), "--out", str(out), "--widths", "0.25"])
+    assert "0.25" in err and "1, 0.5" in err
+    assert not out.exists()
+
+
+def test_not_a_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notarun").mkdir()
+    err = _cli_error(capsys, ["export", str(tmp_path / "notarun"), "--out", str(tmp_path / "o")])
+    assert "notarun" in err and "config.yaml" in err and "checkpoints" in err
+
+
+def test_unknown_client(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    err = _cli_error(
+        capsys, ["export", str(run_dir), "--out", str(tmp_path / "o"), "--clients", "c00,c99"]
+    )
+    assert "'c99'" in err and "c00, c01" in err
+
+
+def test_existing_out_dir(run_dir: Path, bundle: Path, capsys: pytest.CaptureFixture) -> None:
+    err = _cli_error(capsys, ["export", str(run_dir), "--out", str(bundle)])
+    assert str(bundle) in err and "--overwrite" in err
+    load_manifest(bundle)  # untouched
+
+
+def test_errors_are_fmtl_errors() -> None:
+    assert issubclass(RunExportError, FMTLError)
+
+
+def test_model_without_heads(tmp_path: Path) -> None:
+    from fmtl_lightning.models import BackboneConfig, MultiTaskModel
+
+    model = MultiTaskModel(BackboneConfig("mlp", 1, 8, (8,), "none"), {}, 1.0)
+    with pytest.raises(RunExportError, match="no head"):
+        export_model(model, {}, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- manifest checks
+def test_corrupted_file_fails_verify(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    m = load_manifest(copy)
+    target = copy / m.heads[0].file.path
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=m.heads[0].file.path):
+        verify_files(copy, m)
+    target.unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        verify_files(copy, m)
+
+
+def test_bad_manifest_fields(bundle: Path, tmp_path: Path) -> None:
+    d = json.loads((bundle / "manifest.json").read_text())
+    for mutate, pattern in [
+        (lambda d: d.update(format_version=99), "'format_version'.*99"),
+        (lambda d: d.pop("format_version"), "'format_version' is missing"),
+        (lambda d: d.pop("widths"), "'widths' is missing"),
+        (lambda d: d["widths"][0]["backbone"].pop("sha256"), r"'widths\[0\]\.backbone\.sha256'"),
+        (lambda d: d["heads"][1].update(kind="regression"), r"'heads\[1\]\.kind'"),
+    ]:
+        bad = json.loads(json.dumps(d))
+        mutate(bad)
+        (tmp_path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ManifestError, match=pattern):
+            load_manifest(tmp_path)
+
+
+# ----------------------------------------------------------------------------- atomicity
+def test_failed_export_leaves_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = run_export.export_head
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk on fire")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(run_export, "export_head", flaky)
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_run(run_dir, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_and_filters(run_dir: Path, bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    export_run(run_dir, out, widths=[0.5], clients=["c01"], overwrite=True)
+    m = load_manifest(out)
+    assert m.width_values() == [0.5] and [c.client for c in m.clients] == ["c01"]
+    assert not (out / "stale.txt").exists()
+    verify_files(out, m)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    # same graphs as the full export (deterministic), hence same weights npz
+    full = load_manifest(bundle)
+    assert m.client("c01").weights.sha256 == full.client("c01").weights.sha256
+    with pytest.raises(RunExportError, match="width 1, which is not among"):
+        export_run(run_dir, tmp_path / "p", widths=[0.5], clients=["c00"])
