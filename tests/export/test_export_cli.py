@@ -327,3 +327,76 @@ def test_overwrite_and_filters(run_dir: Path, bundle: Path, tmp_path: Path) -> N
     assert m.client("c01").weights.sha256 == full.client("c01").weights.sha256
     with pytest.raises(RunExportError, match="width 1, which is not among"):
         export_run(run_dir, tmp_path / "p", widths=[0.5], clients=["c00"])
+
+
+# ----------------------------------------------------------------------------- other algorithms
+@pytest.mark.parametrize("algorithm", ["fedavg", "ditto"])
+def test_other_algorithms_match_torch(tmp_path: Path, algorithm: str) -> None:
+    """FedAvg: one union head per client, tasks read their columns; Ditto: the client's
+    personal backbone ships as its own file."""
+    cfg = {**CFG, "algorithm": {"name": algorithm}}
+    rd = _run(cfg, tmp_path / "run")
+    out = export_run(rd, tmp_path / "out", clients=["c01"])
+    m = load_manifest(out)
+    verify_files(out, m)
+    assert m.algorithm == algorithm and [c.client for c in m.clients] == ["c01"]
+    s = _sim(rd)
+    c, model = _client_model(s, "c01")
+    x = _digits_x(5)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x))
+    entry = m.client("c01")
+    bb = entry.backbone if entry.backbone is not None else m.width(c.width).backbone
+    assert (entry.backbone is not None) == (algorithm == "ditto")
+    feats = _session(out / bb.path).run(None, {"x": x})[0]
+    for h in m.heads_of("c01"):
+        logits = _session(out / h.file.path).run(None, {"features": feats})[0]
+        if algorithm == "fedavg":
+            assert h.columns is not None and h.file.path == "head_c01_union.onnx"
+            start, end = s[0].union_slices[h.task]
+            assert h.columns == (start, end) and end - start == len(h.labels)
+            np.testing.assert_allclose(
+                logits[:, start:end], want["union"][:, start:end].numpy(), rtol=1e-5, atol=1e-6
+            )
+        else:
+            assert h.columns is None
+            np.testing.assert_allclose(logits, want[h.task].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_model_api(tmp_path: Path) -> None:
+    from fmtl_lightning.models import BackboneConfig, MultiTaskModel
+
+    torch.manual_seed(0)
+    model = MultiTaskModel(BackboneConfig("mlp", 1, 8, (8,), "none"), {"digits/digit": 10}, 0.5)
+    out = export_model(model, {"digits/digit": "multiclass"}, tmp_path / "o", client="me")
+    m = load_manifest(out)
+    verify_files(out, m)
+    assert [h.task for h in m.heads] == ["digits/digit"] and m.widths[0].width == 0.5
+    x = _digits_x(3)
+    feats = _session(out / m.widths[0].backbone.path).run(None, {"x": x})[0]
+    logits = _session(out / m.heads[0].file.path).run(None, {"features": feats})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            logits, model(torch.from_numpy(x))["digits/digit"].numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_manifest_module_needs_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'onnx', 'fmtl_lightning', 'lightning'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import mobile_client.manifest, mobile_client.errors\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
