@@ -70,3 +70,22 @@ def test_info_lists_names_shapes_dtypes(
         assert [(i.name, i.shape) for i in h.inputs] == [("features", ("batch", f))]
         assert [(o.name, o.shape) for o in h.outputs] == [("logits", ("batch", n))]
         assert model.heads[head_name(t)].out_features == n
+
+
+@pytest.fixture(scope="module")
+def mnist_images() -> torch.Tensor:
+    from fmtl_lightning.data import load_mnist
+
+    ds = load_mnist("test")
+    x = (ds.images[:32].astype(np.float32) / 255.0 - ds.mean) / ds.std
+    return torch.from_numpy(x[:, None].copy())  # (32, 1, 28, 28), real digits
+
+
+@pytest.mark.parametrize(("family", "norm", "width"), CONFIGS, ids=IDS)
+def test_backbone_then_head_matches_torch_on_real_mnist(
+    exports: Exports, mnist_images: torch.Tensor, family: str, norm: str, width: float
+) -> None:
+    model, bb, heads = exports.inference(family, norm, width)
+    for b in BATCHES:
+        errs = inference_parity(model, bb, heads, mnist_images[:b])
+        assert max(errs.values()) <= 1e-5, (b, errs)
