@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FMTL_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: setup data test demo bench lint clean
+.PHONY: setup data test demo bench bench-accuracy lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# learning quality on real data (about 60 minutes on 2 cores; --quick for a few minutes)
+bench-accuracy: setup
+	$(PY) -m benchmarks.accuracy
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fmtl_lightning export mobile_client tests examples benchmarks
