@@ -53,6 +53,7 @@ class ClientGroup:
     count: int = 1
     width: float = 1.0  # the width this client can run (max width when dynamic)
     lam: float | None = None  # per-client Ditto lambda (overrides algorithm.lam)
+    edge: bool = False  # train through the edge runtime (ONNX Runtime step graphs, files)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,21 @@ def validate_config(cfg: RunConfig) -> None:
         if g.lam is not None and not g.lam >= 0:
             raise ConfigError(f"{where}.lam: Ditto lambda must be >= 0, got {g.lam}")
     a, f, d, o = cfg.algorithm, cfg.federation, cfg.data, cfg.optimizer
+    for i, g in enumerate(cfg.clients):
+        if not g.edge:
+            continue
+        where = f"clients[{i}].edge"
+        if a.name != "fedper":
+            raise ConfigError(f"{where}: edge clients run FedPer (algorithm.name is {a.name!r})")
+        if o.momentum or o.weight_decay:
+            raise ConfigError(
+                f"{where}: the exported step is plain SGD; set optimizer.momentum and "
+                "optimizer.weight_decay to 0"
+            )
+        if a.masked_ce or cfg.model.scaler:
+            raise ConfigError(
+                f"{where}: masked_ce and the scaler are not exported for edge clients"
+            )
     _check_choice(a.name, ALGORITHMS, "algorithm.name")
     _check_choice(a.policy, ("fedper", "fedbn"), "algorithm.policy")
     _check_choice(a.slicing, ("heterofl", "fedrolex"), "algorithm.slicing")

@@ -36,6 +36,7 @@ class ClientData:
     x_test: torch.Tensor
     y_test: dict[str, torch.Tensor]
     label_masks: dict[str, torch.Tensor]  # multiclass task -> (n,) bool: classes seen
+    edge: bool = False  # trains through the edge runtime
 
     @property
     def cid(self) -> str:
@@ -59,6 +60,7 @@ class Federation:
     clients: list[ClientData]
     image_size: int
     summary: str
+    normalisation: dict[str, tuple[float, float]]  # domain -> (mean, std) on the 0..1 scale
 
     def task_outputs(self) -> dict[str, int]:
         """Every task any client holds -> its output size, in first-seen order."""
@@ -69,12 +71,14 @@ class Federation:
         return out
 
 
-def _expand(cfg: RunConfig) -> Iterator[tuple[str, tuple[str, ...], float, float | None, str]]:
+def _expand(
+    cfg: RunConfig,
+) -> Iterator[tuple[str, tuple[str, ...], float, float | None, str, bool]]:
     i = 0
     for g in cfg.clients:
         domain = get_task(g.tasks[0]).domain
         for _ in range(g.count):
-            yield f"c{i:02d}", tuple(g.tasks), g.width, g.lam, domain
+            yield f"c{i:02d}", tuple(g.tasks), g.width, g.lam, domain, g.edge
             i += 1
 
 
@@ -105,11 +109,13 @@ def build_federation(cfg: RunConfig) -> Federation:
     clients: list[ClientData | None] = [None] * len(members)
     sizes = set()
     labels_by_domain = {}
+    norms: dict[str, tuple[float, float]] = {}
     specs: list[ClientSpec | None] = [None] * len(members)
     for d_i, (domain, idxs) in enumerate(sorted(by_domain.items())):
         ds = load_dataset(domain, "train", cfg.data.data_dir)
         sizes.add(ds.images.shape[1])
         labels_by_domain[domain] = ds.labels
+        norms[domain] = (float(ds.mean), float(ds.std))
         need = len(idxs) * cfg.data.samples_per_client
         if need > len(ds):
             raise ConfigError(
@@ -120,7 +126,7 @@ def build_federation(cfg: RunConfig) -> Federation:
         pool = subsample(ds.labels, need, seed)
         parts = _partition(ds.labels, pool, len(idxs), cfg, seed + 1)
         for j, (i, part) in enumerate(zip(idxs, parts, strict=True)):
-            cid, tasks, width, lam, _ = members[i]
+            cid, tasks, width, lam, _, edge = members[i]
             if part.size < 4:
                 raise ConfigError(f"clients: {cid} got {part.size} samples from the partition")
             tr, te = split_train_test(part, cfg.data.test_fraction, seed + 2 + j, labels=ds.labels)
@@ -140,9 +146,10 @@ def build_federation(cfg: RunConfig) -> Federation:
                 _to_x(ds.images[te], ds.mean, ds.std),
                 _targets(tasks, ds.labels[te]),
                 masks,
+                edge,
             )
     if len(sizes) > 1:
         raise ConfigError(f"clients: domains with different image sizes {sorted(sizes)}")
     done = [c for c in clients if c is not None]
     summary = federation_summary([s for s in specs if s is not None], labels_by_domain)
-    return Federation(done, sizes.pop(), summary)
+    return Federation(done, sizes.pop(), summary, norms)

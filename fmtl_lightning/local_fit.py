@@ -5,8 +5,9 @@ federation runs every fit through one long-lived :class:`lightning.Fabric`: the
 client's :class:`MultiTaskModule` supplies ``training_step`` and
 ``configure_optimizers`` exactly as it would under a Trainer.
 
-Batch order comes from a ``torch.Generator`` seeded by (run seed, round, client,
-phase), never from global RNG state, so a resumed run replays the same batches.
+Batch order comes from a numpy generator seeded by (run seed, round, client,
+phase), never from global RNG state, so a resumed run replays the same batches
+and an edge client (numpy + onnxruntime) sees the very same batches.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from fmtl_lightning.module import MultiTaskModule
+from mobile_client.batching import batch_order
 
 PHASES = {"global": 1, "personal": 2, "head": 3, "body": 4}
 
@@ -39,20 +41,13 @@ class FitPlan:
 
 
 def batch_indices(n: int, plan: FitPlan, seed: int) -> Iterator[torch.Tensor]:
-    """Shuffled mini-batch index tensors; reshuffled every pass over the data."""
-    gen = torch.Generator().manual_seed(seed)
-    done = 0
-    epoch = 0
-    while True:
-        if plan.steps is None and epoch >= plan.epochs:
-            return
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, plan.batch_size):
-            if plan.steps is not None and done >= plan.steps:
-                return
-            yield perm[start : start + plan.batch_size]
-            done += 1
-        epoch += 1
+    """Shuffled mini-batch index tensors, in exactly the order an edge client uses.
+
+    Delegates to :func:`mobile_client.batching.batch_order` (numpy), so a Lightning
+    client and an ONNX Runtime client with the same seed see the same batches.
+    """
+    for idx in batch_order(n, plan.batch_size, plan.epochs, plan.steps, seed):
+        yield torch.from_numpy(idx)
 
 
 def fit(

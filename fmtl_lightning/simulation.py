@@ -39,6 +39,7 @@ from fmtl_lightning.aggregation import ClientUpdate, aggregate
 from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
 from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
 from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
+from fmtl_lightning.edge_bridge import EdgeBridge
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
 from fmtl_lightning.local_fit import FitPlan
 from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec, state_arrays
@@ -123,6 +124,7 @@ class Simulation:
         self.history: list[dict[str, Any]] = []  # per-round metric rows (all rounds so far)
         self.times: list[RoundTimes] = []
         self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
+        self.edge = EdgeBridge(self.run_dir / "edge")
 
     # ------------------------------------------------------------------ helpers
     def client_keys(self, c: ClientData) -> tuple[str, ...]:
@@ -203,7 +205,10 @@ class Simulation:
             rep_head_epochs=self.cfg.algorithm.rep_head_epochs,
             phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
         )
-        res = PROCEDURES[self.alg](cr)
+        if c.edge:
+            res = self.edge.train(self, idx, ws, round_idx)
+        else:
+            res = PROCEDURES[self.alg](cr)
         self._embed(st.local, res.local, ws)
         if res.personal is not None:
             self._embed(st.personal, res.personal, ws)
