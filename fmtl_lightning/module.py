@@ -112,7 +112,7 @@ class MultiTaskModule(L.LightningModule):
         losses = self.task_losses(logits, targets)
         out: dict[str, dict[str, float]] = {}
         for t, kind in self.task_kinds.items():
-            m = self.metrics[_safe(t)]
+            m: Any = self.metrics[_safe(t)]  # a torchmetrics Metric
             z, y = logits[t], targets[t]
             m.reset()
             if kind == "multiclass":
