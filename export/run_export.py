@@ -241,14 +241,18 @@ def export_model(
                 HeadEntry(client, t, kind, label_of(t), width, b.graph(hi),
                           b.step(hs, "head_step", f"heads.{h}."))
             )  # fmt: skip
-        wts = b.weights(f"weights_{sanitize(client)}.npz", state_arrays(model))
+        state = state_arrays(model)
+        wts = b.weights(f"weights_{sanitize(client)}.npz", state)
+        shared = tuple(k for k in state if k.startswith("backbone."))
         m = Manifest(
             opset=opset,
             created=_created(),
             normalisation=norm,
             widths=(WidthEntry(width, feat, bb, (step,)),),
             heads=tuple(head_entries),
-            clients=(ClientEntry(client, width, tuple(task_kinds), wts, norm, norm.domain),),
+            clients=(
+                ClientEntry(client, width, tuple(task_kinds), wts, norm, norm.domain, None, shared),
+            ),
             algorithm="",
             source_run="",
             round=0,
@@ -444,8 +448,9 @@ def export_run(
                         )  # fmt: skip
                 wts = b.weights(f"weights_{cid}.npz", state)
                 n = norm_of(c)
+                shared = tuple(k for k in sim.shared_keys if k in state)
                 client_entries.append(
-                    ClientEntry(c.cid, w, tuple(c.tasks), wts, n, n.domain, own_bb)
+                    ClientEntry(c.cid, w, tuple(c.tasks), wts, n, n.domain, own_bb, shared)
                 )
         top = norm_of(sel_c[0] if sel_c else sim.fed.clients[0])
         m = Manifest(

@@ -16,7 +16,7 @@ Layout (``format_version`` 1; paths are relative to the manifest's directory)::
       "heads": [{"client", "task", "kind", "labels", "width", "file": FILE,
                  "head_step": FILE | null, "columns": [start, end] | null}],
       "clients": [{"client", "width", "tasks", "domain", "normalisation",
-                   "weights": FILE, "backbone": FILE | null}]
+                   "weights": FILE, "backbone": FILE | null, "shared_keys": [KEY]}]
     }
 
 A FILE entry: ``{"path", "sha256", "kind", "inputs": [TENSOR], "outputs": [TENSOR],
@@ -31,7 +31,9 @@ Input normalisation: ``x = (pixels * scale - mean) / std`` with shape
 per client) reads its task's logits as ``logits[:, start:end]``. A client entry's
 ``backbone`` is set only when the client's backbone differs from the width's
 shared one (personal models, local norms); its ``weights`` (``.npz``, state-dict
-keys, the client's width) feed the training-step graphs.
+keys, the client's width) feed the training-step graphs; its ``shared_keys`` (optional,
+empty in older bundles) are the state-dict keys the client sends back to the server
+in an update (the rest, e.g. its heads, stay on the device).
 """
 
 from __future__ import annotations
@@ -260,10 +262,15 @@ class ClientEntry:
     normalisation: Normalisation
     domain: str = ""
     backbone: FileEntry | None = None  # only when it differs from the width's shared one
+    shared_keys: tuple[str, ...] = ()  # keys that travel to the server (empty: older bundles)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ClientEntry:
         bb = _get(d, "backbone", where, dict, optional=True)
+        shared = _get(d, "shared_keys", where, list, optional=True) or []
+        for i, k in enumerate(shared):
+            if not isinstance(k, str):
+                raise ManifestError(f"manifest field '{where}.shared_keys[{i}]' must be str")
         return cls(
             client=_get(d, "client", where, str),
             width=float(_get(d, "width", where, (int, float))),
@@ -274,6 +281,7 @@ class ClientEntry:
             ),
             domain=_get(d, "domain", where, str, optional=True) or "",
             backbone=None if bb is None else FileEntry.from_dict(bb, f"{where}.backbone"),
+            shared_keys=tuple(shared),
         )
 
 
