@@ -1,0 +1,141 @@
+"""A Lightning node: one client of the run config, trained by the simulator's own code.
+
+Flower starts a fresh ClientApp process per message, so nothing lives in memory
+between rounds. Per train message the node
+
+1. rebuilds the run from the YAML the server sent (:class:`Simulation`: same data
+   shard for its ``client-id``, same modules, same Fabric loop, same seeds),
+2. restores its local state (heads, FedBN norms, Ditto's personal model; full width)
+   from ``state-dir/client.safetensors``,
+3. places the received shared arrays at their width and runs
+   ``Simulation.train_client`` exactly as the in-process loop does,
+4. evaluates the model it now holds on its own test split, writes its local state
+   back atomically, and returns the trained shared arrays with its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fmtl_lightning.config import parse_config
+from fmtl_lightning.roles import WidthSpec
+from fmtl_lightning.slicing import embed_array
+from fmtl_lightning.validation import validate_state
+from mobile_client.flower_app import NodeConfigError, NodeSettings, TrainInstructions
+from mobile_client.safetensors_np import load_file, save_file
+
+STATE_FILE = "client.safetensors"
+
+
+class LightningNode:
+    """The node's client, rebuilt from the run config and its state dir."""
+
+    def __init__(self, settings: NodeSettings, run_yaml: str) -> None:
+        from fmtl_lightning.simulation import Simulation
+
+        if settings.state_dir is None:
+            raise NodeConfigError("node config: 'state-dir' is required for a Lightning node")
+        self.settings = settings
+        self.state_dir = settings.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cfg = parse_config(yaml.safe_load(run_yaml))
+        self.sim = Simulation(cfg, self.state_dir / "run", progress=False)
+        ids = [c.cid for c in self.sim.fed.clients]
+        if settings.client_id not in ids:
+            raise NodeConfigError(
+                f"node config: client-id {settings.client_id!r} is not in the run config "
+                f"(clients: {', '.join(ids)})"
+            )
+        self.idx = ids.index(settings.client_id)
+        self.client = self.sim.fed.clients[self.idx]
+        self.client.edge = False  # this node trains with Lightning whatever the YAML says
+        self.last_round = self._restore()
+
+    # ------------------------------------------------------------------ state on disk
+    def _restore(self) -> int:
+        p = self.state_dir / STATE_FILE
+        if not p.is_file():
+            return 0
+        arrays, meta = load_file(p)
+        if meta.get("client_id") != self.settings.client_id:
+            raise NodeConfigError(f"{p} belongs to client {meta.get('client_id')!r}, "
+                                  f"not {self.settings.client_id!r}")  # fmt: skip
+        st = self.sim.stores[self.settings.client_id]
+        local = {k[6:]: v for k, v in arrays.items() if k.startswith("local/")}
+        personal = {k[9:]: v for k, v in arrays.items() if k.startswith("personal/")}
+        for name, want, got in (("local", st.local, local), ("personal", st.personal, personal)):
+            if set(got) != set(want):
+                raise NodeConfigError(f"{p}: {name} keys differ from this run's model")
+            for k, v in got.items():
+                if v.shape != want[k].shape:
+                    raise NodeConfigError(f"{p}: {name}/{k} has shape {v.shape}, "
+                                          f"expected {want[k].shape}")  # fmt: skip
+        st.local, st.personal = local, personal
+        return int(meta.get("round", "0"))
+
+    def _save(self, round_no: int) -> None:
+        st = self.sim.stores[self.settings.client_id]
+        arrays = {f"local/{k}": v for k, v in st.local.items()}
+        arrays.update({f"personal/{k}": v for k, v in st.personal.items()})
+        save_file(arrays, self.state_dir / STATE_FILE,
+                  {"client_id": self.settings.client_id, "round": str(round_no)})  # fmt: skip
+
+    # ------------------------------------------------------------------ one round
+    def train(
+        self, received: dict[str, np.ndarray], ins: TrainInstructions
+    ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+        sim = self.sim
+        ws = WidthSpec(ins.width, ins.slicing, ins.round_idx)  # type: ignore[arg-type]
+        cid = self.settings.client_id
+        validate_state(received, sim.spec, ws, sim.shared_keys, client=f"server->{cid}")
+        for k, v in received.items():  # the global state is known only at our width
+            sim.global_state[k] = embed_array(sim.spec, k, sim.global_state[k], v, ws)
+        res = sim.train_client(self.idx, ws, ins.round_idx)
+        if res.shared is None:
+            raise NodeConfigError(f"algorithm {sim.alg!r} shares nothing: nothing to send")
+        state = res.personal if res.personal is not None else {**res.shared, **res.local}
+        metrics = self.evaluate(state, ws.width)
+        self._save(ins.round)
+        return res.shared, res.num_examples, metrics
+
+    def evaluate(self, state: dict[str, np.ndarray], width: float) -> dict[str, float]:
+        """Loss/accuracy per task of ``state`` on this client's own test split."""
+        from fmtl_lightning.models import load_arrays
+
+        m = self.sim.module_for(self.client, width)
+        load_arrays(m.model, state)
+        out: dict[str, float] = {}
+        losses = []
+        for task, vals in m.evaluate(self.client.x_test, self.client.y_test).items():
+            for k, v in vals.items():
+                out[f"{k}/{task}"] = float(v)
+            losses.append(float(vals["loss"]))
+        out["test-loss"] = float(np.mean(losses))
+        return out
+
+
+def lightning_train(msg: Any, context: Any) -> Any:
+    """Train handler of a Lightning node (see the module docstring)."""
+    import time
+
+    from mobile_client.flower_app import read_train_message, reply_message, write_status
+
+    s = NodeSettings.from_node_config(context.node_config)
+    received, ins = read_train_message(msg)
+    if ins.client_id != s.client_id:
+        raise NodeConfigError(f"train message for {ins.client_id!r} reached node {s.client_id!r}")
+    if not ins.run_config:
+        raise NodeConfigError("train message carries no run config for a Lightning node")
+    write_status(s.state_dir, round=ins.round, phase="training", client=s.client_id)
+    if s.delay_s > 0:
+        time.sleep(s.delay_s)
+    node = LightningNode(s, ins.run_config)
+    shared, n, metrics = node.train(received, ins)
+    write_status(s.state_dir, round=ins.round, phase="done", client=s.client_id)
+    assert s.state_dir is not None
+    (s.state_dir / "last_metrics.json").write_text(json.dumps({"round": ins.round, **metrics}))
+    return reply_message(msg, shared, n, metrics, ins)

@@ -1,0 +1,278 @@
+"""A whole Flower deployment as local processes: SuperLink, SuperNodes, ``flwr run``.
+
+Used by the loopback test, the deploy benchmark and ``fmtl deploy local``. Every
+process is real (``flower-superlink``, ``flower-supernode``, ``flwr``), talks HTTPS on
+127.0.0.1 with certificates from :mod:`fmtl_lightning.deploy.tls`, and is started in
+its own session. :meth:`LocalDeployment.stop` kills each process tree (Flower's
+SuperExec runs in a session of its own, so trees are walked through ``/proc``, not just
+process groups) and reports anything still alive.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fmtl_lightning.deploy.tls import write_certificates
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def kv_string(d: Mapping[str, Any]) -> str:
+    """``{"client-id": "c00", "width": 0.5}`` -> ``client-id="c00" width=0.5``."""
+    return " ".join(f"{k}={_toml(v)}" for k, v in d.items() if v is not None)
+
+
+@dataclass
+class NodeSpec:
+    """One SuperNode: the node config it is started with."""
+
+    client_id: str
+    width: float
+    tasks: tuple[str, ...]
+    state_dir: Path
+    runtime: str = "lightning"
+    bundle: Path | None = None
+    data: Path | None = None
+    delay_s: float = 0.0
+
+    def node_config(self) -> str:
+        return kv_string(
+            {
+                "client-id": self.client_id,
+                "width": float(self.width),
+                "tasks": ",".join(self.tasks),
+                "runtime": self.runtime,
+                "state-dir": str(self.state_dir),
+                "bundle": str(self.bundle) if self.bundle else None,
+                "data": str(self.data) if self.data else None,
+                "delay-s": float(self.delay_s) if self.delay_s else None,
+            }
+        )
+
+
+# ----------------------------------------------------------------------------- processes
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (any session), parents first."""
+    kids = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True for a running process (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def kill_tree(pid: int, sig: int = signal.SIGTERM, grace: float = 5.0) -> list[int]:
+    """Signal ``pid``'s tree (and the process groups in it); SIGKILL what survives
+    ``grace`` seconds. Returns pids still alive after that (should be empty)."""
+    tree = [p for p in descendants(pid) if p > 1]
+    groups = set()
+    for p in tree:
+        try:
+            groups.add(os.getpgid(p))
+        except OSError:
+            pass
+    for p in tree:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in tree):
+        time.sleep(0.05)
+    for g in groups:
+        if g > 1 and g != os.getpgid(0):
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except OSError:
+                pass
+    for p in tree:
+        if alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+    time.sleep(0.1)
+    return [p for p in tree if alive(p)]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    pids_seen: set[int] = field(default_factory=set)
+
+    def refresh(self) -> None:
+        if self.popen.poll() is None:
+            self.pids_seen.update(descendants(self.popen.pid))
+
+
+class LocalDeployment:
+    """SuperLink + SuperNodes on 127.0.0.1 under ``root`` (logs, certs, FLWR_HOME)."""
+
+    def __init__(self, root: str | Path, *, tls: bool = True, threads_per_node: int = 1) -> None:
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.flwr_home = self.root / "flwr_home"
+        self.flwr_home.mkdir(exist_ok=True)
+        self.certs = (
+            write_certificates(self.root / "certs", ["127.0.0.1", "localhost"]) if tls else None
+        )
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "OMP_NUM_THREADS": str(threads_per_node),
+            "MKL_NUM_THREADS": str(threads_per_node),
+            "PYTHONUNBUFFERED": "1",
+        }
+        conn = [f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{self.address}"']
+        if self.certs:
+            conn.append(f'root-certificates = "{self.certs.ca_cert}"')
+        else:
+            conn.append("insecure = true")
+        (self.flwr_home / "config.toml").write_text("\n".join(conn) + "\n")
+        self.procs: dict[str, Proc] = {}
+
+    # ------------------------------------------------------------------ start
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        fh = log.open("ab")
+        fh.write(f"$ {shlex.join(argv)}\n".encode())
+        fh.flush()
+        p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                             cwd=self.root, start_new_session=True)  # fmt: skip
+        fh.close()
+        proc = Proc(name, p, log)
+        self.procs[name] = proc
+        return proc
+
+    def superlink_argv(self) -> list[str]:
+        argv = [str(BIN / "flower-superlink"), "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]  # fmt: skip
+        if self.certs:
+            argv += ["--ssl-ca-certfile", str(self.certs.ca_cert),
+                     "--ssl-certfile", str(self.certs.server_cert),
+                     "--ssl-keyfile", str(self.certs.server_key)]  # fmt: skip
+        else:
+            argv.append("--insecure")
+        return argv
+
+    def start_superlink(self, timeout: float = 60.0) -> Proc:
+        p = self._spawn("superlink", self.superlink_argv())
+        self._wait_for_log(p, "Uvicorn running", timeout)
+        return p
+
+    def node_argv(self, node: NodeSpec, port: int) -> list[str]:
+        argv = [str(BIN / "flower-supernode"), "--superlink", self.address,
+                "--port", str(port), "--node-config", node.node_config()]  # fmt: skip
+        argv += ["--root-certificates", str(self.certs.ca_cert)] if self.certs else ["--insecure"]
+        return argv
+
+    def start_node(self, node: NodeSpec, timeout: float = 60.0) -> Proc:
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        p = self._spawn(f"node-{node.client_id}", self.node_argv(node, free_port()))
+        self._wait_for_log(p, "SuperNode ID", timeout)
+        return p
+
+    def _wait_for_log(self, p: Proc, text: str, timeout: float) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if text in p.log.read_text(errors="replace"):
+                p.refresh()
+                return
+            if p.popen.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{p.name} did not start (no {text!r} in {p.log}):\n"
+                           + p.log.read_text(errors="replace")[-3000:])  # fmt: skip
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self, app_dir: str | Path, run_config: Mapping[str, Any], *, timeout: float = 600.0
+    ) -> subprocess.CompletedProcess:
+        """``flwr run APP local --stream --run-config ...``: blocks until the run ends."""
+        argv = [str(BIN / "flwr"), "run", str(Path(app_dir).absolute()), "local", "--stream",
+                "--run-config", kv_string(run_config)]  # fmt: skip
+        for p in self.procs.values():
+            p.refresh()
+        res = subprocess.run(argv, env=self.env, cwd=self.root, capture_output=True, text=True,
+                             timeout=timeout, start_new_session=True)  # fmt: skip
+        (self.root / "logs" / "flwr-run.log").open("a").write(res.stdout + res.stderr)
+        return res
+
+    # ------------------------------------------------------------------ stop
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
+        p = self.procs.pop(name)
+        p.refresh()
+        left = kill_tree(p.popen.pid, sig)
+        try:
+            p.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        return left + [q for q in p.pids_seen if alive(q) and q not in left]
+
+    def stop(self) -> list[int]:
+        """Stop every process (nodes first); returns pids still alive (should be none)."""
+        left: list[int] = []
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+            left += self.kill(name, signal.SIGTERM)
+        return left
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

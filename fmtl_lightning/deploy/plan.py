@@ -1,0 +1,92 @@
+"""What a SuperLink knows about a run without holding any data: clients, model, roles.
+
+:func:`server_plan` reads a :class:`RunConfig` and returns the client list (ids,
+tasks, widths, in the order ``fmtl simulate`` numbers them), the parameter roles
+and the initial global state, built exactly as :class:`~fmtl_lightning.simulation.Simulation`
+builds them (same seed, same model), so a deployed run starts where the in-process
+simulator starts. Image sizes come from the task domain, not from loading the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmtl_lightning.config import RunConfig
+from fmtl_lightning.roles import ModelSpec, WidthSpec
+from fmtl_lightning.tasks import get_task
+
+IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
+UNION_HEAD = "union"
+
+
+@dataclass(frozen=True)
+class PlannedClient:
+    idx: int
+    client_id: str
+    tasks: tuple[str, ...]
+    width: float
+    edge: bool
+
+
+@dataclass
+class ServerPlan:
+    cfg: RunConfig
+    clients: list[PlannedClient]
+    spec: ModelSpec
+    shared_keys: tuple[str, ...]
+    initial_state: dict[str, np.ndarray]
+
+    def client(self, client_id: str) -> PlannedClient | None:
+        return next((c for c in self.clients if c.client_id == client_id), None)
+
+    def width_of(self, c: PlannedClient, declared: float, round_idx: int) -> WidthSpec:
+        """The width a client trains at this round: the one its node declares, or under
+        ``width_assignment: dynamic`` the same seeded draw as ``Simulation.width_of``."""
+        a = self.cfg.algorithm
+        width = declared
+        if a.width_assignment == "dynamic":
+            levels = sorted(set(a.dynamic_widths or (x.width for x in self.clients)))
+            allowed = [w for w in levels if w <= declared] or [min(levels)]
+            rng = np.random.default_rng([self.cfg.seed, round_idx, c.idx, 29])
+            width = float(allowed[int(rng.integers(len(allowed)))])
+        return WidthSpec(width, a.slicing, round_idx)
+
+    def selected(self, idxs: list[int], round_idx: int) -> list[int]:
+        """The seeded ``federation.fraction`` sample of the available clients."""
+        if not idxs:
+            return []
+        m = max(1, math.ceil(self.cfg.federation.fraction * len(idxs) - 1e-9))
+        rng = np.random.default_rng([self.cfg.seed, round_idx, 17])
+        pick = rng.choice(len(idxs), size=min(m, len(idxs)), replace=False)
+        return sorted(idxs[int(i)] for i in pick)
+
+
+def server_plan(cfg: RunConfig) -> ServerPlan:
+    """Clients, roles and initial global state of ``cfg`` (torch only to build the init)."""
+    import torch
+
+    from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
+    from fmtl_lightning.simulation import backbone_config
+
+    clients, i = [], 0
+    for g in cfg.clients:
+        for _ in range(g.count):
+            clients.append(PlannedClient(i, f"c{i:02d}", tuple(g.tasks), g.width, g.edge))
+            i += 1
+    task_outputs: dict[str, int] = {}
+    for c in clients:
+        for t in c.tasks:
+            task_outputs.setdefault(t, get_task(t).num_outputs)
+    domain = get_task(clients[0].tasks[0]).domain
+    bcfg = backbone_config(cfg, IMAGE_SIZE[domain])
+    alg = cfg.algorithm.name
+    model_tasks = {UNION_HEAD: sum(task_outputs.values())} if alg == "fedavg" else task_outputs
+    policy = {"local": "local", "fedavg": "fedavg"}.get(alg, cfg.algorithm.policy)
+    spec = model_spec(bcfg, model_tasks, policy)
+    shared = spec.shared_keys()
+    torch.manual_seed(cfg.seed)
+    init = state_arrays(MultiTaskModel(bcfg, model_tasks, 1.0))
+    return ServerPlan(cfg, clients, spec, shared, {k: init[k] for k in shared})

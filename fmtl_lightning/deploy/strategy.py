@@ -1,0 +1,354 @@
+"""A Flower strategy whose math is ours: width slicing, validation, masked aggregation.
+
+:class:`FMTLStrategy` is a small ``flwr.serverapp.strategy.Strategy``:
+
+* :meth:`~FMTLStrategy.register` asks new nodes who they are (``query.fmtl_info``) and
+  checks the answer against the run config (client id known, same tasks, width in
+  (0, 1], no two nodes claiming one client);
+* :meth:`~FMTLStrategy.configure_train` sends each selected node the global shared
+  arrays cut to its width (HeteroFL prefix or FedRolex window, :func:`slice_state`)
+  with the round, width and the hash of what was sent;
+* :meth:`~FMTLStrategy.aggregate_train` checks every reply like the in-process loop
+  does (:func:`validate_state`: keys, shapes at the node's width, dtype, finite values;
+  plus the base hash, round and client id) and folds the good ones in with
+  :func:`aggregate`. A bad reply is rejected and logged, a missing one recorded as a
+  failure; neither aborts the round. Entries no accepted client holds keep their value.
+
+Everything here is numpy + flwr: no torch at import time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fmtl_lightning.aggregation import ClientUpdate, aggregate
+from fmtl_lightning.deploy.plan import PlannedClient, ServerPlan
+from fmtl_lightning.errors import FMTLError, StateValidationError
+from fmtl_lightning.roles import WidthSpec
+from fmtl_lightning.slicing import slice_state
+from fmtl_lightning.validation import validate_state
+from mobile_client.flower_app import (
+    ARRAYS,
+    CONFIG,
+    INFO_MESSAGE,
+    INFO_RECORD,
+    METRICS,
+    ProtocolError,
+    TrainInstructions,
+    from_record,
+    to_record,
+)
+from mobile_client.update import state_hash
+
+
+class ReplyRejected(FMTLError, ValueError):
+    """A node's reply that fails a check; the message names the client and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: int
+    client: PlannedClient
+    width: float  # what the node declared
+    runtime: str
+
+
+@dataclass(frozen=True)
+class Sent:
+    node: Node
+    ws: WidthSpec
+    base_hash: str
+    bytes_down: int
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, per client id (written to the round's meta.json)."""
+
+    round: int
+    sent: dict[str, dict[str, Any]] = field(default_factory=dict)  # cid -> width, bytes
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # cid -> metrics
+    rejected: dict[str, str] = field(default_factory=dict)  # cid -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # cid -> reason (error, timeout)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "sent": self.sent,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "times": {k: round(v, 6) for k, v in self.times.items()},
+        }
+
+
+def _weighted_mean(values: list[tuple[float, float]]) -> float:
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total else float("nan")
+
+
+class FMTLStrategy(Strategy):
+    """See the module docstring. ``global_state``: shared keys at full width."""
+
+    def __init__(
+        self,
+        plan: ServerPlan,
+        global_state: dict[str, np.ndarray],
+        *,
+        reply_timeout: float = 600.0,
+        query_timeout: float = 60.0,
+    ) -> None:
+        validate_state(global_state, plan.spec, 1.0, plan.shared_keys, client="<global>")
+        self.plan = plan
+        self.global_state = global_state
+        self.reply_timeout = float(reply_timeout)
+        self.query_timeout = min(float(query_timeout), self.reply_timeout)
+        self.nodes: dict[int, Node] = {}
+        self.refused: dict[int, str] = {}  # node id -> why it was not registered
+        self.pending: dict[int, Sent] = {}
+        self.report = RoundReport(0)
+        self.history: list[RoundReport] = []
+
+    # ------------------------------------------------------------------ nodes
+    def register(self, grid: Grid, node_ids: Iterable[int] | None = None) -> list[Node]:
+        """Ask every unknown node for its info; returns the nodes registered now."""
+        ids = list(grid.get_node_ids() if node_ids is None else node_ids)
+        new = [n for n in ids if n not in self.nodes and n not in self.refused]
+        if not new:
+            return []
+        msgs = [
+            Message(RecordDict(), dst_node_id=n, message_type=INFO_MESSAGE, ttl=self.query_timeout)
+            for n in new
+        ]
+        added = []
+        for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
+            nid = reply.metadata.src_node_id
+            try:
+                node = self.check_info(nid, reply)
+            except (ReplyRejected, ProtocolError) as exc:
+                self.refused[nid] = str(exc)
+                log(WARNING, "fmtl: node %s refused: %s", nid, exc)
+                continue
+            self.nodes[nid] = node
+            added.append(node)
+            log(INFO, "fmtl: node %s is client %s (width %g, %s)", nid,
+                node.client.client_id, node.width, node.runtime)  # fmt: skip
+        return added
+
+    def check_info(self, node_id: int, reply: Message) -> Node:
+        if reply.has_error():
+            raise ReplyRejected(f"node {node_id} answered the info query with an error: "
+                                f"{reply.error.reason}")  # fmt: skip
+        info = reply.content.get(INFO_RECORD) if reply.has_content() else None
+        if not isinstance(info, ConfigRecord):
+            raise ReplyRejected(f"node {node_id}: info reply has no {INFO_RECORD!r} record")
+        cid = str(info.get("client-id", ""))
+        planned = self.plan.client(cid)
+        if planned is None:
+            known = ", ".join(c.client_id for c in self.plan.clients)
+            raise ReplyRejected(f"node {node_id}: client-id {cid!r} is not in the run config "
+                                f"(clients: {known})")  # fmt: skip
+        tasks = tuple(t for t in str(info.get("tasks", "")).split(",") if t)
+        if tasks != planned.tasks:
+            raise ReplyRejected(f"client {cid!r} (node {node_id}): tasks {list(tasks)} differ "
+                                f"from the run config's {list(planned.tasks)}")  # fmt: skip
+        width = float(info.get("width", float("nan")))
+        if not 0.0 < width <= 1.0:
+            raise ReplyRejected(f"client {cid!r} (node {node_id}): width {width} not in (0, 1]")
+        if abs(width - planned.width) > 1e-9:
+            log(WARNING, "fmtl: client %s declares width %g; the run config says %g: using %g",
+                cid, width, planned.width, width)  # fmt: skip
+        taken = [n for n in self.nodes.values() if n.client.client_id == cid]
+        if taken and taken[0].node_id != node_id:
+            raise ReplyRejected(f"client {cid!r} is already node {taken[0].node_id}; "
+                                f"node {node_id} claims it too")  # fmt: skip
+        return Node(node_id, planned, width, str(info.get("runtime", "lightning")))
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message per selected registered online node (``arrays``, when not
+        empty, replaces the global state first)."""
+        t0 = time.perf_counter()
+        if len(arrays):
+            state = from_record(arrays)
+            validate_state(state, self.plan.spec, 1.0, self.plan.shared_keys, client="<global>")
+            self.global_state = state
+        online = set(grid.get_node_ids())
+        by_idx = {n.client.idx: n for n in self.nodes.values() if n.node_id in online}
+        round_idx = server_round - 1
+        chosen = self.plan.selected(sorted(by_idx), round_idx)
+        self.report = RoundReport(server_round)
+        self.pending = {}
+        cfg = self.plan.cfg
+        f = cfg.federation
+        run_yaml = _run_yaml(cfg)
+        msgs = []
+        for idx in chosen:
+            node = by_idx[idx]
+            ws = self.plan.width_of(node.client, node.width, round_idx)
+            sub = slice_state(self.global_state, self.plan.spec, ws)
+            base = state_hash(sub)
+            ins = TrainInstructions(
+                round=server_round,
+                round_idx=round_idx,
+                client_id=node.client.client_id,
+                client_idx=idx,
+                width=ws.width,
+                slicing=ws.mode,
+                base_hash=base,
+                epochs=f.local_epochs,
+                batch_size=f.batch_size,
+                lr=cfg.optimizer.lr,
+                steps=-1 if f.local_steps is None else f.local_steps,
+                batch_seed=_batch_seed(cfg.seed, round_idx, idx),
+                run_config=run_yaml if node.runtime == "lightning" else "",
+            )
+            rec = to_record(sub)
+            content = RecordDict({ARRAYS: rec, CONFIG: ins.to_record()})
+            msgs.append(
+                Message(content, dst_node_id=node.node_id, message_type="train",
+                        ttl=self.reply_timeout, group_id=str(server_round))
+            )  # fmt: skip
+            self.pending[node.node_id] = Sent(node, ws, base, rec.count_bytes())
+            self.report.sent[node.client.client_id] = {
+                "node": node.node_id,
+                "width": ws.width,
+                "runtime": node.runtime,
+                "bytes_down": rec.count_bytes(),
+            }
+        self.report.times["configure"] = time.perf_counter() - t0
+        return msgs
+
+    def check_reply(self, reply: Message) -> tuple[ClientUpdate, dict[str, float], int]:
+        """Validate one train reply; returns (update, metrics, bytes up) or raises."""
+        nid = reply.metadata.src_node_id
+        sent = self.pending.get(nid)
+        if sent is None:
+            raise ReplyRejected(f"node {nid}: reply to a message this round did not send")
+        cid = sent.node.client.client_id
+        if reply.has_error():
+            raise ProtocolError(f"client {cid!r}: node error {reply.error.code}: "
+                                f"{reply.error.reason}")  # fmt: skip
+        c = reply.content
+        for name in (ARRAYS, METRICS, CONFIG):
+            if name not in c:
+                raise ReplyRejected(f"client {cid!r}: reply has no {name!r} record")
+        meta, metrics = c[CONFIG], c[METRICS]
+        if str(meta.get("client-id")) != cid:
+            raise ReplyRejected(f"client {cid!r}: reply says client-id {meta.get('client-id')!r}")
+        if int(meta.get("round", -1)) != self.report.round:
+            raise ReplyRejected(f"client {cid!r}: reply is for round {meta.get('round')}, "
+                                f"expected {self.report.round}")  # fmt: skip
+        if meta.get("base-hash") != sent.base_hash:
+            raise ReplyRejected(
+                f"client {cid!r}: base model hash {meta.get('base-hash')} differs from the "
+                f"{sent.base_hash} sent (trained from other weights)"
+            )
+        try:
+            arrays = from_record(c[ARRAYS], f"client {cid!r} arrays")
+        except ProtocolError as exc:
+            raise ReplyRejected(str(exc)) from exc
+        validate_state(arrays, self.plan.spec, sent.ws, self.plan.shared_keys, client=cid)
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ReplyRejected(f"client {cid!r}: num-examples must be a positive int, got {n!r}")
+        m = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+        return ClientUpdate(cid, arrays, n, sent.ws), m, c[ARRAYS].count_bytes()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
+        rep = self.report
+        updates: list[tuple[int, ClientUpdate]] = []
+        answered = set()
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            answered.add(nid)
+            sent = self.pending.get(nid)
+            cid = sent.node.client.client_id if sent else f"node-{nid}"
+            try:
+                upd, metrics, up = self.check_reply(reply)
+            except ProtocolError as exc:
+                rep.failed[cid] = str(exc)
+                log(WARNING, "fmtl: round %s: %s", server_round, exc)
+                continue
+            except (ReplyRejected, StateValidationError, ValueError, TypeError) as exc:
+                rep.rejected[cid] = str(exc)
+                log(WARNING, "fmtl: round %s: rejected %s", server_round, exc)
+                continue
+            updates.append((sent.node.client.idx, upd))  # type: ignore[union-attr]
+            rep.accepted[cid] = {"num_examples": upd.num_examples, "bytes_up": up, **metrics}
+        for nid, sent in self.pending.items():
+            if nid not in answered:
+                cid = sent.node.client.client_id
+                rep.failed[cid] = f"no reply within reply-timeout ({self.reply_timeout:g} s)"
+                log(WARNING, "fmtl: round %s: client %s (node %s) did not reply in %g s",
+                    server_round, cid, nid, self.reply_timeout)  # fmt: skip
+        updates.sort(key=lambda t: t[0])  # the simulator's order: client index
+        if updates:
+            self.global_state = aggregate(
+                self.global_state,
+                [u for _, u in updates],
+                self.plan.spec,
+                weighting=self.plan.cfg.algorithm.weighting,
+            )
+        rep.times["aggregate"] = time.perf_counter() - t0
+        self.history.append(rep)
+        losses = [(v["loss"], v["num_examples"]) for v in rep.accepted.values() if "loss" in v]
+        mr = MetricRecord(
+            {
+                "accepted": len(rep.accepted),
+                "rejected": len(rep.rejected),
+                "failed": len(rep.failed),
+            }
+        )
+        if losses:
+            mr["loss"] = _weighted_mean(losses)
+        log(INFO, "fmtl: round %s: %d accepted, %d rejected, %d failed", server_round,
+            len(rep.accepted), len(rep.rejected), len(rep.failed))  # fmt: skip
+        return to_record(self.global_state), mr
+
+    # ------------------------------------------------------------------ evaluate (in train)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Nodes report test metrics in their train replies; no separate evaluate round."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        a = self.plan.cfg.algorithm
+        log(INFO, "\t├── fmtl %s, slicing %s, weighting %s, %d planned clients, reply timeout %g s",
+            a.name, a.slicing, a.weighting, len(self.plan.clients), self.reply_timeout)  # fmt: skip
+
+
+def _batch_seed(seed: int, round_idx: int, client_idx: int) -> int:
+    """The simulator's batch seed of a client's "global" phase (local_fit.phase_seed)."""
+    ss = np.random.SeedSequence([seed, round_idx, client_idx, 1])  # PHASES["global"] == 1
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _run_yaml(cfg: Any) -> str:
+    import yaml
+
+    from fmtl_lightning.config import config_to_dict
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
