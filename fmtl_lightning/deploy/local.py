@@ -222,10 +222,17 @@ class LocalDeployment:
         return argv
 
     def start_node(self, node: NodeSpec, timeout: float = 60.0) -> Proc:
-        node.state_dir.mkdir(parents=True, exist_ok=True)
-        p = self._spawn(f"node-{node.client_id}", self.node_argv(node, free_port()))
-        self._wait_for_log(p, "SuperNode ID", timeout)
-        return p
+        return self.start_nodes([node], timeout)[0]
+
+    def start_nodes(self, nodes: list[NodeSpec], timeout: float = 60.0) -> list[Proc]:
+        """Start SuperNodes side by side; returns once each has registered."""
+        procs = []
+        for node in nodes:
+            node.state_dir.mkdir(parents=True, exist_ok=True)
+            procs.append(self._spawn(f"node-{node.client_id}", self.node_argv(node, free_port())))
+        for p in procs:
+            self._wait_for_log(p, "SuperNode ID", timeout)
+        return procs
 
     def _wait_for_log(self, p: Proc, text: str, timeout: float) -> None:
         t0 = time.monotonic()

@@ -1,0 +1,147 @@
+"""A real Flower deployment on 127.0.0.1: SuperLink + 3 SuperNodes as processes, over TLS.
+
+Two Lightning nodes (widths 1 and 1/2) and one edge node (width 1/4, ONNX Runtime)
+train ``examples/flower/fmtl.yaml`` (sklearn digits) for two rounds. Then the server
+is started again for a third round (it resumes from its checkpoint), one SuperNode is
+killed while it trains, and the round completes without it, recording the failure.
+Every process tree is killed in a ``finally``; the test checks none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from fmtl_lightning.checkpoint import completed_rounds, read_round  # noqa: E402
+from fmtl_lightning.config import load_config  # noqa: E402
+from fmtl_lightning.deploy.local import LocalDeployment, NodeSpec, alive  # noqa: E402
+from fmtl_lightning.deploy.plan import server_plan  # noqa: E402
+from fmtl_lightning.deploy.prepare import prepare_edge  # noqa: E402
+
+APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
+pytestmark = pytest.mark.slow
+
+
+def _meta(run_dir: Path, r: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"round_{r:04d}" / "meta.json").read_text())
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
+    t_start = time.monotonic()
+    cfg = load_config(APP / "fmtl.yaml")
+    plan = server_plan(cfg)
+    bundle, data = prepare_edge(cfg, "c02", tmp_path / "edge_c02")
+    run_dir = tmp_path / "server_run"
+    nodes = {
+        "c00": NodeSpec("c00", 1.0, ("digits/digit",), tmp_path / "n_c00"),
+        "c01": NodeSpec("c01", 0.5, ("digits/digit",), tmp_path / "n_c01"),
+        "c02": NodeSpec("c02", 0.25, ("digits/parity", "digits/ge5"), tmp_path / "n_c02",
+                        runtime="edge", bundle=bundle, data=data),
+    }  # fmt: skip
+    dep = LocalDeployment(tmp_path / "dep", tls=True)
+    seen: set[int] = set()
+    try:
+        link = dep.start_superlink()
+        assert "Uvicorn running on https://" in link.log.read_text()  # TLS, not plain HTTP
+        dep.start_nodes(list(nodes.values()))
+
+        # ---- phase A: two rounds, every node replies
+        res = dep.run(APP, {"run-dir": str(run_dir), "reply-timeout": 150.0}, timeout=400)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert completed_rounds(run_dir) == [1, 2]
+        for r in (1, 2):
+            rep = _meta(run_dir, r)["report"]
+            assert sorted(rep["accepted"]) == ["c00", "c01", "c02"], rep
+            assert rep["rejected"] == {} and rep["failed"] == {}
+            assert [rep["sent"][c]["width"] for c in ("c00", "c01", "c02")] == [1.0, 0.5, 0.25]
+            for cid in ("c00", "c01"):  # Lightning nodes: test accuracy per task
+                assert 0.0 <= rep["accepted"][cid]["acc/digits/digit"] <= 1.0
+            assert rep["accepted"]["c02"]["steps"] == 10.0  # edge: 150 examples / 16
+            assert np.isfinite(rep["accepted"]["c02"]["loss"])
+            down = {c: rep["sent"][c]["bytes_down"] for c in rep["sent"]}
+            assert down["c00"] > down["c01"] > down["c02"]  # bytes scale with width
+        g2, _, _, _ = read_round(run_dir, 2)
+        moved = [k for k in g2 if not np.allclose(g2[k], plan.initial_state[k], atol=1e-4)]
+        assert moved, "the global model did not change"
+
+        # the deployed rounds are the in-process simulator's rounds (edge ~ Lightning, 1e-5)
+        from fmtl_lightning.simulation import Simulation
+
+        sim = Simulation(cfg, tmp_path / "sim", progress=False)
+        for c in sim.fed.clients:
+            c.edge = False
+        sim.run_round()
+        sim.run_round()
+        for k, v in sim.global_state.items():
+            np.testing.assert_allclose(g2[k], v, rtol=0, atol=1e-5, err_msg=k)
+        # heads stay on the nodes, on disk
+        assert (nodes["c00"].state_dir / "client.safetensors").is_file()
+        assert (nodes["c02"].state_dir / "local.safetensors").is_file()
+
+        # ---- phase B: resume for a third round; c01 hangs in training and is killed
+        for p in dep.procs.values():
+            p.refresh()
+            seen |= p.pids_seen
+        dep.kill("node-c01", signal.SIGTERM)
+        slow = NodeSpec("c01", 0.5, ("digits/digit",), nodes["c01"].state_dir, delay_s=120.0)
+        dep.start_node(slow)
+        out: dict = {}
+        runner = threading.Thread(
+            target=lambda: out.update(
+                res=dep.run(APP, {"run-dir": str(run_dir), "num-rounds": 3,
+                                  "reply-timeout": 45.0}, timeout=300)  # fmt: skip
+            )
+        )
+        runner.start()
+        status = slow.state_dir / "status.json"
+
+        def c01_training_round_3() -> bool:
+            try:
+                s = json.loads(status.read_text())
+            except (OSError, ValueError):
+                return False
+            return s["round"] == 3 and s["phase"] == "training"
+
+        _wait_for(c01_training_round_3, 120, "c01 to start training round 3")
+        dep.procs["node-c01"].refresh()
+        victim = set(dep.procs["node-c01"].pids_seen)
+        assert dep.kill("node-c01", signal.SIGKILL) == []
+        assert not any(alive(p) for p in victim)
+        runner.join(timeout=300)
+        assert not runner.is_alive()
+        res = out["res"]
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert completed_rounds(run_dir) == [1, 2, 3]
+        rep = _meta(run_dir, 3)["report"]
+        assert sorted(rep["accepted"]) == ["c00", "c02"], rep
+        assert list(rep["failed"]) == ["c01"], rep
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["resumed_after"] == 2
+        assert summary["per_round"][2]["failed"] == rep["failed"]
+        g3, _, _, _ = read_round(run_dir, 3)
+        assert any(not np.array_equal(g3[k], g2[k]) for k in g3)
+    finally:
+        for p in dep.procs.values():
+            p.refresh()
+            seen |= p.pids_seen
+        left = dep.stop()
+    assert left == []
+    assert not [p for p in seen if alive(p)], "processes left running"
+    print(f"loopback deployment test: {time.monotonic() - t_start:.0f} s")
