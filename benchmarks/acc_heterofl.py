@@ -571,12 +571,13 @@ def plot_part2(results: list[dict[str, Any]]) -> str:
             ax.axhline(
                 100 * v,
                 color=line.get_color(),
-                linestyle="--",
+                linestyle="--" if k == "global" else "-.",
                 linewidth=0.8,
                 label=f"{r['widths']} {k} target (Flower, {200 if r['partition'] == 'iid' else 400} rounds)",
             )
     for ax, title in zip(axes, ("IID", "non-IID, 2 classes per client"), strict=True):
         ax.set_title(f"HeteroFL MNIST, {title}")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy %")
         ax.grid(alpha=0.3)

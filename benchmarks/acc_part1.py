@@ -55,8 +55,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     # 20 clients: digit 4, parity 3, ge5 3, attrs 3 (13 MNIST), item 4, group 3 (7 Fashion)
     "default": {
         "per_task": (4, 3, 3, 3, 4, 3),
-        "samples_per_client": 250,  # 150 train + 100 own test (Dirichlet: sizes vary)
-        "test_fraction": 0.4,
+        "samples_per_client": 400,  # ~280 train + ~120 own test (Dirichlet: sizes vary)
+        "test_fraction": 0.3,
         "hidden": (16, 32, 64),
         "rounds": 10,
         "steps": 8,
@@ -67,8 +67,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     },
     "quick": {  # Fashion needs >= 5 clients for 2-class shards of its 10 classes
         "per_task": (2, 2, 2, 2, 3, 2),
-        "samples_per_client": 250,
-        "test_fraction": 0.4,
+        "samples_per_client": 400,
+        "test_fraction": 0.3,
         "hidden": (16, 32, 64),
         "rounds": 4,
         "steps": 6,
@@ -248,6 +248,15 @@ def report(
         f"seeds). {P['rounds']} rounds, all clients every round, SGD lr {P['lr']} momentum "
         f"{P['momentum']}, batch {P['batch_size']}.",
         "",
+        "Training samples per client (min / median / max over clients, seeds and width "
+        "settings): "
+        + "; ".join(
+            f"{p} {int(np.min(v))} / {int(np.median(v))} / {int(np.max(v))}"
+            for p in PARTITIONS
+            if (v := [n for r in _select(results, partition=p) for n in r["n_train"]])
+        )
+        + ".",
+        "",
         f"**Compute matching**: every method takes {P['steps']} SGD steps per client per round. "
         f"Ditto runs two fits per round (global copy, personal model), so each gets "
         f"{max(1, P['steps'] // 2)} steps; FedRep runs one head-only epoch (ceil(n/32) steps, "
@@ -322,7 +331,7 @@ def report(
         "of the two methods.",
         "",
         md_table(
-            ["setting", "best", "vs", "mean: diff, beats?", "worst: diff, beats?"], vrows, "llll"
+            ["setting", "best", "vs", "mean: diff, beats?", "worst: diff, beats?"], vrows, "lllll"
         ),
         "",
         "Plots: `docs/benchmarks/accuracy_part1_rounds.png` (mean over clients vs round, "

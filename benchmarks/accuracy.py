@@ -49,36 +49,68 @@ def _header(mode: str, seeds: list[int], wall: float) -> str:
 
 def part1(mode: str, seeds: list[int], workers: int) -> dict[str, Any]:
     from benchmarks import acc_part1
+    from benchmarks.common import current_command
 
     t0 = time.perf_counter()
     results, P = acc_part1.run_part1(
         "quick" if mode == "quick" else "default", seeds, workers, log=_log
     )
     wall = time.perf_counter() - t0
-    _save(f"part1-{mode}.json", {"params": P, "results": results, "wall": wall})
-    acc_part1.plot(results)
-    md = _header(mode, seeds, wall) + acc_part1.report(results, P, seeds, wall, mode)
-    write_section("accuracy-part1", md)
+    data = {
+        "params": P,
+        "results": results,
+        "wall": wall,
+        "seeds": seeds,
+        "command": current_command(),
+    }
+    _save(f"part1-{mode}.json", data)
+    write_part1(data, mode)
     _log(f"part 1 done in {wall / 60:.1f} min")
     return {"wall": wall}
 
 
-def part2(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, Any]:
+def write_part1(data: dict[str, Any], mode: str) -> None:
+    from benchmarks import acc_part1
+
+    results, P, wall, seeds = data["results"], data["params"], data["wall"], data["seeds"]
+    acc_part1.plot(results)
+    md = _header(mode, seeds, wall) + acc_part1.report(results, P, seeds, wall, mode)
+    write_section("accuracy-part1", md, command=data.get("command"))
+
+
+PART2_ORDER = ("iid-mix", "shards-mix", "iid-w1", "shards-w1")
+
+
+def _load(name: str) -> Any:
+    f = REPO_ROOT / "runs" / "accuracy" / name
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def part2(
+    mode: str, seeds: list[int], budget_min: float | None, settings: list[str] | None = None
+) -> dict[str, Any]:
+    """Part 2 settings one after another; the section is rewritten after each one.
+
+    Results of settings not run in this invocation (same mode, from an earlier run's
+    ``runs/accuracy/part2-<mode>.json``) stay in the table, with their own command.
+    """
     from benchmarks import acc_heterofl as H
+    from benchmarks.common import current_command
 
     seed = seeds[0]
     if mode == "quick":
         kw = dict(n_clients=10, train_per_client=600, local_epochs=1)
-        settings = [("iid", "mix"), ("shards", "mix")]
+        settings = settings or ["iid-mix", "shards-mix"]
         budget_s, sched = None, {"iid": (2, ()), "shards": (2, ())}
     else:
         kw = dict(n_clients=100, train_per_client=600, local_epochs=5)
-        settings = [("iid", "mix"), ("shards", "mix"), ("iid", "w1")]
+        settings = settings or ["iid-mix", "shards-mix", "iid-w1"]
         budget_s = None if mode == "full" else budget_min * 60
         sched = H.FULL_SCHEDULE
+    saved = {f"{r['partition']}-{r['widths']}": r for r in (_load(f"part2-{mode}.json") or [])}
     t0 = time.perf_counter()
-    results = []
-    for p, w in settings:
+    for name in settings:
+        p, w = name.split("-")
         rounds, milestones = sched[p]
         res = H.run_setting(
             p,
@@ -91,25 +123,30 @@ def part2(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, An
             log=_log,
             **kw,
         )
-        results.append(res)
+        res["command"] = current_command()
+        res["budget_min"] = budget_min if mode == "default" else None
+        saved[name] = res
+        results = [saved[k] for k in PART2_ORDER if k in saved]
         _save(f"part2-{mode}.json", results)
-    wall = time.perf_counter() - t0
-    H.plot_part2(results)
-    md = _header(mode, [seed], wall) + H.report_part2(
-        results, mode, None if mode != "default" else budget_min
-    )
-    if mode == "quick":
-        md += (
-            "\n\nQuick mode: 10 clients, 1 local epoch, 2 rounds: far from the published "
-            "protocol; only checks the pipeline end to end."
+        H.plot_part2(results)
+        wall = sum(r["wall"] for r in results)
+        md = _header(mode, [seed], wall) + H.report_part2(
+            results, mode, None if mode != "default" else budget_min
         )
-    write_section("accuracy-part2", md)
-    _log(f"part 2 done in {wall / 60:.1f} min")
-    return {"wall": wall}
+        if mode == "quick":
+            md += (
+                "\n\nQuick mode: 10 clients, 1 local epoch, 2 rounds: far from the published "
+                "protocol; only checks the pipeline end to end."
+            )
+        cmds = sorted({r.get("command", "") for r in results} - {""})
+        write_section("accuracy-part2", md, command=" ; ".join(f"{c}" for c in cmds) or None)
+    _log(f"part 2 done in {(time.perf_counter() - t0) / 60:.1f} min")
+    return {}
 
 
 def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, Any]:
     from benchmarks import acc_heterofl as H
+    from benchmarks.common import current_command
 
     seed = seeds[0]
     if mode == "quick":
@@ -125,9 +162,20 @@ def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, An
             budget_s=budget_min * 60,
         )
     res = H.run_part3(seed=seed, log=_log, **kw)
+    res["command"] = current_command()
     _save(f"part3-{mode}.json", res)
+    write_part3(res, mode)
+    _log(f"part 3 done in {res['wall'] / 60:.1f} min")
+    return {"wall": res["wall"]}
+
+
+def write_part3(res: dict[str, Any], mode: str) -> None:
+    from benchmarks import acc_heterofl as H
+
+    # JSON turns the float width keys into strings
+    res["table"] = {a: {float(w): v for w, v in t.items()} for a, t in res["table"].items()}
     H.plot_part3(res)
-    md = _header(mode, [seed], res["wall"]) + H.report_part3(res, mode)
+    md = _header(mode, [res["seed"]], res["wall"]) + H.report_part3(res, mode)
     t = res["table"]
     quarter = t["mix"][0.25]
     md += (
@@ -136,9 +184,31 @@ def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, An
         f"level; floor used: chance + half the way to 100% = 55%); the same width cut from "
         f"the width-1-only federation: {100 * t['drop'][0.25]:.1f}%."
     )
-    write_section("accuracy-part3", md)
-    _log(f"part 3 done in {res['wall'] / 60:.1f} min")
-    return {"wall": res["wall"]}
+    write_section("accuracy-part3", md, command=res.get("command"))
+
+
+def render(mode: str, parts: list[int]) -> None:
+    """Rewrite the sections (and plots) from saved results, without training."""
+    from benchmarks import acc_heterofl as H
+
+    for p in parts:
+        data = _load(f"part{p}-{mode}.json")
+        if data is None:
+            _log(f"no saved results for part {p} ({mode})")
+            continue
+        if p == 1:
+            write_part1(data, mode)
+        elif p == 3:
+            write_part3(data, mode)
+        else:
+            H.plot_part2(data)
+            wall = sum(r["wall"] for r in data)
+            md = _header(mode, [data[0]["seed"]], wall) + H.report_part2(
+                data, mode, data[0].get("budget_min")
+            )
+            cmds = sorted({r.get("command", "") for r in data} - {""})
+            write_section("accuracy-part2", md, command=" ; ".join(cmds) or None)
+        _log(f"part {p} section rewritten from saved results")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         default=7.0,
         help="part 3: wall-time budget in minutes (default 7)",
     )
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="part 2: comma-separated subset of iid-mix,shards-mix,iid-w1,shards-w1 "
+        "(default: iid-mix,shards-mix,iid-w1; quick: the two mixes)",
+    )
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite the sections and plots from runs/accuracy/*.json",
+    )
     ap.add_argument("--workers", type=int, default=2, help="part 1 worker processes")
     args = ap.parse_args(argv)
     if args.quick and args.full:
@@ -181,13 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     parts = sorted(set(args.part or [1, 2, 3]))
     os.environ.setdefault("FMTL_DATA_DIR", str(REPO_ROOT / ".data"))
+    if args.render:
+        render(mode, parts)
+        return 0
     t0 = time.perf_counter()
     for p in parts:
         _log(f"part {p} ({mode})")
         if p == 1:
             part1(mode, seeds, args.workers)
         elif p == 2:
-            part2(mode, seeds, args.budget_min)
+            settings = args.settings.split(",") if args.settings else None
+            part2(mode, seeds, args.budget_min, settings)
         else:
             part3(mode, seeds, args.part3_budget_min)
     _log(f"all done in {(time.perf_counter() - t0) / 60:.1f} min")
