@@ -107,7 +107,6 @@ def part2(
         settings = settings or ["iid-mix", "shards-mix", "iid-w1"]
         budget_s = None if mode == "full" else budget_min * 60
         sched = H.FULL_SCHEDULE
-    saved = {f"{r['partition']}-{r['widths']}": r for r in (_load(f"part2-{mode}.json") or [])}
     t0 = time.perf_counter()
     for name in settings:
         p, w = name.split("-")
@@ -125,6 +124,8 @@ def part2(
         )
         res["command"] = current_command()
         res["budget_min"] = budget_min if mode == "default" else None
+        # read back just before merging: another process may have finished another setting
+        saved = {f"{r['partition']}-{r['widths']}": r for r in (_load(f"part2-{mode}.json") or [])}
         saved[name] = res
         results = [saved[k] for k in PART2_ORDER if k in saved]
         _save(f"part2-{mode}.json", results)
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only rewrite the sections and plots from runs/accuracy/*.json",
     )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for parts 2 and 3")
     ap.add_argument("--workers", type=int, default=2, help="part 1 worker processes")
     args = ap.parse_args(argv)
     if args.quick and args.full:
@@ -262,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     parts = sorted(set(args.part or [1, 2, 3]))
     os.environ.setdefault("FMTL_DATA_DIR", str(REPO_ROOT / ".data"))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.render:
         render(mode, parts)
         return 0
