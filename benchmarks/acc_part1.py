@@ -55,11 +55,11 @@ PARAMS: dict[str, dict[str, Any]] = {
     # 20 clients: digit 4, parity 3, ge5 3, attrs 3 (13 MNIST), item 4, group 3 (7 Fashion)
     "default": {
         "per_task": (4, 3, 3, 3, 4, 3),
-        "samples_per_client": 400,  # ~280 train + ~120 own test (Dirichlet: sizes vary)
+        "samples_per_client": 300,  # ~210 train + ~90 own test (Dirichlet: sizes vary)
         "test_fraction": 0.3,
         "hidden": (16, 32, 64),
-        "rounds": 10,
-        "steps": 8,
+        "rounds": 8,
+        "steps": 12,  # ~2 epochs; FedRep: ~7 head-only steps (1 epoch) + 5 body steps
         "eval_every": 1,
         "batch_size": 32,
         "lr": 0.05,
@@ -67,7 +67,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     },
     "quick": {  # Fashion needs >= 5 clients for 2-class shards of its 10 classes
         "per_task": (2, 2, 2, 2, 3, 2),
-        "samples_per_client": 400,
+        "samples_per_client": 300,
         "test_fraction": 0.3,
         "hidden": (16, 32, 64),
         "rounds": 4,
