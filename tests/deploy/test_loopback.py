@@ -47,23 +47,36 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
     t_start = time.monotonic()
     cfg = load_config(APP / "fmtl.yaml")
     plan = server_plan(cfg)
-    bundle, data = prepare_edge(cfg, "c02", tmp_path / "edge_c02")
     run_dir = tmp_path / "server_run"
     nodes = {
         "c00": NodeSpec("c00", 1.0, ("digits/digit",), tmp_path / "n_c00"),
         "c01": NodeSpec("c01", 0.5, ("digits/digit",), tmp_path / "n_c01"),
         "c02": NodeSpec("c02", 0.25, ("digits/parity", "digits/ge5"), tmp_path / "n_c02",
-                        runtime="edge", bundle=bundle, data=data),
+                        runtime="edge"),
     }  # fmt: skip
     dep = LocalDeployment(tmp_path / "dep", tls=True)
     seen: set[int] = set()
+    out: dict = {}
+
+    def run_in_background(run_config: dict) -> threading.Thread:
+        t = threading.Thread(target=lambda: out.update(res=dep.run(APP, run_config, timeout=400)))
+        t.start()
+        return t
+
     try:
         link = dep.start_superlink()
         assert "Uvicorn running on https://" in link.log.read_text()  # TLS, not plain HTTP
-        dep.start_nodes(list(nodes.values()))
+        dep.start_nodes([nodes["c00"], nodes["c01"]])
+        # the server waits for all three clients; export the edge bundle meanwhile
+        runner = run_in_background({"run-dir": str(run_dir), "reply-timeout": 150.0})
+        bundle, data = prepare_edge(cfg, "c02", tmp_path / "edge_c02")
+        nodes["c02"].bundle, nodes["c02"].data = bundle, data
+        dep.start_node(nodes["c02"])
+        runner.join(timeout=400)
+        assert not runner.is_alive()
 
         # ---- phase A: two rounds, every node replies
-        res = dep.run(APP, {"run-dir": str(run_dir), "reply-timeout": 150.0}, timeout=400)
+        res = out.pop("res")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert completed_rounds(run_dir) == [1, 2]
         for r in (1, 2):
@@ -81,16 +94,6 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
         moved = [k for k in g2 if not np.allclose(g2[k], plan.initial_state[k], atol=1e-4)]
         assert moved, "the global model did not change"
 
-        # the deployed rounds are the in-process simulator's rounds (edge ~ Lightning, 1e-5)
-        from fmtl_lightning.simulation import Simulation
-
-        sim = Simulation(cfg, tmp_path / "sim", progress=False)
-        for c in sim.fed.clients:
-            c.edge = False
-        sim.run_round()
-        sim.run_round()
-        for k, v in sim.global_state.items():
-            np.testing.assert_allclose(g2[k], v, rtol=0, atol=1e-5, err_msg=k)
         # heads stay on the nodes, on disk
         assert (nodes["c00"].state_dir / "client.safetensors").is_file()
         assert (nodes["c02"].state_dir / "local.safetensors").is_file()
@@ -102,14 +105,9 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
         dep.kill("node-c01", signal.SIGTERM)
         slow = NodeSpec("c01", 0.5, ("digits/digit",), nodes["c01"].state_dir, delay_s=120.0)
         dep.start_node(slow)
-        out: dict = {}
-        runner = threading.Thread(
-            target=lambda: out.update(
-                res=dep.run(APP, {"run-dir": str(run_dir), "num-rounds": 3,
-                                  "reply-timeout": 45.0}, timeout=300)  # fmt: skip
-            )
+        runner = run_in_background(
+            {"run-dir": str(run_dir), "num-rounds": 3, "reply-timeout": 30.0}
         )
-        runner.start()
         status = slow.state_dir / "status.json"
 
         def c01_training_round_3() -> bool:
@@ -124,6 +122,16 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
         victim = set(dep.procs["node-c01"].pids_seen)
         assert dep.kill("node-c01", signal.SIGKILL) == []
         assert not any(alive(p) for p in victim)
+        # while the server waits out c01: the deployed rounds are the in-process simulator's rounds (edge ~ Lightning, 1e-5)
+        from fmtl_lightning.simulation import Simulation
+
+        sim = Simulation(cfg, tmp_path / "sim", progress=False)
+        for c in sim.fed.clients:
+            c.edge = False
+        sim.run_round()
+        sim.run_round()
+        for k, v in sim.global_state.items():
+            np.testing.assert_allclose(g2[k], v, rtol=0, atol=1e-5, err_msg=k)
         runner.join(timeout=300)
         assert not runner.is_alive()
         res = out["res"]

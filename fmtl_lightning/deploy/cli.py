@@ -1,0 +1,197 @@
+"""``fmtl deploy ...``: the commands around a Flower deployment (see docs/deploy.md).
+
+* ``certs``        a CA and a SuperLink certificate for the given host names/IPs
+* ``app``          a Flower app directory (``flwr run DIR``) for any fmtl YAML
+* ``prepare-edge`` an edge node's bundle + data file for one client of a YAML
+* ``node-config``  the ``--node-config`` string of one client's SuperNode
+* ``local``        the whole deployment on this machine (SuperLink + one SuperNode per
+                   client, TLS on 127.0.0.1) for a YAML: a real-process trial run
+
+Also runnable as ``python -m fmtl_lightning.deploy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fmtl_lightning.errors import FMTLError
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fmtl-{name}"
+version = "0.1.0"
+description = "fmtl-lightning run {name!r} on Flower"
+license = "Apache-2.0"
+dependencies = []  # fmtl-lightning[flower] is installed on the SuperLink and SuperNodes
+
+[tool.flwr.app]
+publisher = "fmtl"
+
+[tool.flwr.app.components]
+serverapp = "fmtl_lightning.deploy.server_app:app"
+clientapp = "fmtl_lightning.deploy.client_app:app"
+
+[tool.flwr.app.config]
+config = "fmtl.yaml"
+run-dir = "runs/{name}"
+num-rounds = 0
+reply-timeout = 600.0
+min-nodes = 0
+node-wait-timeout = 300.0
+"""
+
+
+def write_app(config: str | Path, out: str | Path) -> Path:
+    """A Flower app directory shipping ``config`` as ``fmtl.yaml``."""
+    from fmtl_lightning.config import load_config
+
+    cfg = load_config(config)  # fail here, not on the SuperLink
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, out / "fmtl.yaml")
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in cfg.name.lower())
+    (out / "pyproject.toml").write_text(PYPROJECT.format(name=name))
+    return out
+
+
+def _nodes(cfg: Any, root: Path, edge_dirs: dict[str, tuple[Path, Path]]) -> list:
+    from fmtl_lightning.deploy.local import NodeSpec
+    from fmtl_lightning.deploy.plan import server_plan
+
+    out = []
+    for c in server_plan(cfg).clients:
+        spec = NodeSpec(c.client_id, c.width, c.tasks, root / "nodes" / c.client_id)
+        if c.client_id in edge_dirs:
+            spec.runtime = "edge"
+            spec.bundle, spec.data = edge_dirs[c.client_id]
+        out.append(spec)
+    return out
+
+
+def _certs(a: argparse.Namespace) -> int:
+    from fmtl_lightning.deploy.tls import write_certificates
+
+    p = write_certificates(a.out, a.host, days=a.days)
+    print(f"CA (give to SuperNodes and flwr): {p.ca_cert}\nSuperLink: --ssl-ca-certfile "
+          f"{p.ca_cert} --ssl-certfile {p.server_cert} --ssl-keyfile {p.server_key}")  # fmt: skip
+    return 0
+
+
+def _app(a: argparse.Namespace) -> int:
+    out = write_app(a.config, a.out)
+    print(f"Flower app in {out}: flwr run {out} <superlink-connection> --stream")
+    return 0
+
+
+def _prepare_edge(a: argparse.Namespace) -> int:
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.deploy.prepare import prepare_edge
+
+    bundle, data = prepare_edge(load_config(a.config), a.client, a.out)
+    print(f"bundle: {bundle}\ndata:   {data}")
+    return 0
+
+
+def _node_config(a: argparse.Namespace) -> int:
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.deploy.local import NodeSpec
+    from fmtl_lightning.deploy.plan import server_plan
+
+    c = server_plan(load_config(a.config)).client(a.client)
+    if c is None:
+        raise FMTLError(f"client {a.client!r} is not in {a.config}")
+    spec = NodeSpec(c.client_id, c.width, c.tasks, Path(a.state_dir).absolute())
+    if a.bundle or a.data:
+        spec.runtime = "edge"
+        spec.bundle = Path(a.bundle).absolute() if a.bundle else None
+        spec.data = Path(a.data).absolute() if a.data else None
+    print(spec.node_config())
+    return 0
+
+
+def _local(a: argparse.Namespace) -> int:
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.deploy.local import LocalDeployment
+    from fmtl_lightning.deploy.plan import server_plan
+    from fmtl_lightning.deploy.prepare import prepare_edge
+
+    t0 = time.perf_counter()
+    cfg = load_config(a.config)
+    root = Path(a.out).absolute()
+    app = write_app(a.config, root / "app")
+    edge = {}
+    for c in server_plan(cfg).clients:
+        if c.edge:
+            print(f"exporting the edge bundle of {c.client_id} ...", flush=True)
+            edge[c.client_id] = prepare_edge(cfg, c.client_id, root / "edge" / c.client_id)
+    with LocalDeployment(root / "deployment", tls=not a.insecure) as dep:
+        dep.start_superlink()
+        dep.start_nodes(_nodes(cfg, root, edge))
+        print(f"SuperLink on {dep.address} ({'plain HTTP' if a.insecure else 'TLS'}), "
+              f"{len(dep.procs) - 1} SuperNodes; logs in {dep.root / 'logs'}", flush=True)  # fmt: skip
+        rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout}
+        if a.rounds:
+            rc["num-rounds"] = a.rounds
+        res = dep.run(app, rc, timeout=a.timeout)
+        print(res.stdout[-4000:])
+        if res.returncode:
+            print(res.stderr[-4000:], file=sys.stderr)
+            return res.returncode
+    print(f"run directory: {root / 'run'}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
+    d = sub.add_parser("deploy", help="Flower deployment: certificates, app, nodes, local trial")
+    ds = d.add_subparsers(dest="deploy_command", required=True)
+    c = ds.add_parser("certs", help="CA + SuperLink certificate for host names/IPs")
+    c.add_argument("--out", required=True)
+    c.add_argument("--host", action="append", default=[], help="name or IP of the SuperLink")
+    c.add_argument("--days", type=int, default=365)
+    c.set_defaults(func=_certs)
+    p = ds.add_parser("app", help="write a Flower app directory for a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_app)
+    e = ds.add_parser("prepare-edge", help="bundle + data file of one edge client")
+    e.add_argument("--config", required=True)
+    e.add_argument("--client", required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_prepare_edge)
+    n = ds.add_parser("node-config", help="print a client's --node-config string")
+    n.add_argument("--config", required=True)
+    n.add_argument("--client", required=True)
+    n.add_argument("--state-dir", required=True)
+    n.add_argument("--bundle", default=None, help="edge node: bundle directory")
+    n.add_argument("--data", default=None, help="edge node: data .npz")
+    n.set_defaults(func=_node_config)
+    lo = ds.add_parser("local", help="SuperLink + one SuperNode per client, on this machine")
+    lo.add_argument("--config", required=True)
+    lo.add_argument("--out", required=True)
+    lo.add_argument("--rounds", type=int, default=0)
+    lo.add_argument("--reply-timeout", type=float, default=600.0)
+    lo.add_argument("--timeout", type=float, default=3600.0)
+    lo.add_argument("--insecure", action="store_true", help="plain HTTP (no TLS)")
+    lo.set_defaults(func=_local)
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fmtl_lightning.deploy")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_deploy_parser(sub)
+    args = p.parse_args(["deploy", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except FMTLError as exc:
+        print(f"fmtl deploy: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,335 @@
+"""The deployed server without a network: FMTLStrategy and DeployedRun on a fake Grid.
+
+Nodes are plain functions from a Message to a reply Message, so every rule of the
+strategy (registration, slicing per width, reply validation, failures, checkpoints,
+resume) is checked exactly, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+
+from fmtl_lightning.aggregation import ClientUpdate, aggregate  # noqa: E402
+from fmtl_lightning.config import ConfigError, parse_config  # noqa: E402
+from fmtl_lightning.deploy.plan import server_plan  # noqa: E402
+from fmtl_lightning.deploy.server_app import DeployedRun  # noqa: E402
+from fmtl_lightning.deploy.strategy import FMTLStrategy, _batch_seed  # noqa: E402
+from fmtl_lightning.roles import WidthSpec  # noqa: E402
+from fmtl_lightning.slicing import slice_state  # noqa: E402
+from mobile_client.flower_app import (  # noqa: E402
+    INFO_RECORD,
+    NodeConfigError,
+    NodeSettings,
+    TrainInstructions,
+    from_record,
+    info_reply,
+    read_train_message,
+    reply_message,
+    to_record,
+)
+
+CFG = {
+    "name": "t",
+    "seed": 3,
+    "data": {"samples_per_client": 60, "partition": {"kind": "iid"}},
+    "model": {"family": "mlp", "hidden": [8, 4], "norm": "none"},
+    "clients": [
+        {"count": 1, "tasks": ["digits/digit"], "width": 1.0},
+        {"count": 1, "tasks": ["digits/digit"], "width": 0.5},
+        {"count": 1, "tasks": ["digits/parity"], "width": 0.25},
+    ],
+    "algorithm": {"name": "fedper", "weighting": "uniform"},
+    "federation": {"rounds": 2, "batch_size": 16},
+    "compare_local": False,
+}
+NODE_CONFIG = {
+    101: {"client-id": "c00", "width": 1.0, "tasks": "digits/digit"},
+    102: {"client-id": "c01", "width": 0.5, "tasks": "digits/digit"},
+    103: {"client-id": "c02", "width": 0.25, "tasks": "digits/parity"},
+}
+Handler = Callable[[Message], Message | None]
+
+
+def _ctx(node_id: int, node_config: dict) -> Context:
+    return Context(0, node_id, node_config, RecordDict(), {})
+
+
+def good_node(node_id: int, delta: float = 1.0) -> Handler:
+    """Replies to info queries from its node config; 'trains' by adding ``delta``."""
+
+    def handle(msg: Message) -> Message:
+        ctx = _ctx(node_id, NODE_CONFIG[node_id])
+        if msg.metadata.message_type.startswith("query"):
+            return info_reply(msg, ctx)
+        arrays, ins = read_train_message(msg)
+        return reply_message(msg, {k: v + delta for k, v in arrays.items()}, 10, {"loss": 1.0}, ins)
+
+    return handle
+
+
+class FakeGrid:
+    def __init__(self, handlers: dict[int, Handler]) -> None:
+        self.handlers = handlers
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.handlers)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            self.sent.append(m)
+            r = self.handlers[m.metadata.dst_node_id](m)
+            if r is not None:
+                out.append(r)
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Messages are stamped with the run/task of the process (set by Flower in a run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+
+
+@pytest.fixture
+def plan():
+    return server_plan(parse_config(copy.deepcopy(CFG)))
+
+
+def _strategy(plan, grid) -> FMTLStrategy:
+    s = FMTLStrategy(plan, dict(plan.initial_state), reply_timeout=5.0)
+    s.register(grid)
+    return s
+
+
+def _round(s: FMTLStrategy, grid: FakeGrid, r: int = 1):
+    from flwr.app import ArrayRecord
+
+    msgs = list(s.configure_train(r, ArrayRecord(), ConfigRecord(), grid))
+    return s.aggregate_train(r, grid.send_and_receive(msgs))
+
+
+def test_registration_reads_node_configs_and_refuses_bad_claims(plan):
+    handlers = {n: good_node(n) for n in NODE_CONFIG}
+    NODE_CONFIG[104] = {"client-id": "c09", "width": 1.0, "tasks": "digits/digit"}
+    NODE_CONFIG[105] = {"client-id": "c01", "width": 0.5, "tasks": "digits/digit"}
+    NODE_CONFIG[106] = {"client-id": "c02", "width": 0.25, "tasks": "digits/digit"}
+    try:
+        handlers.update({n: good_node(n) for n in (104, 105, 106)})
+        s = _strategy(plan, FakeGrid(handlers))
+    finally:
+        for n in (104, 105, 106):
+            NODE_CONFIG.pop(n)
+    assert {n: (v.client.client_id, v.width) for n, v in s.nodes.items()} == {
+        101: ("c00", 1.0),
+        102: ("c01", 0.5),
+        103: ("c02", 0.25),
+    }
+    assert "'c09' is not in the run config" in s.refused[104]
+    assert "already node 102" in s.refused[105]
+    assert "tasks ['digits/digit'] differ" in s.refused[106]
+
+
+def test_each_node_gets_the_global_state_sliced_to_its_width_with_hash_and_seed(plan):
+    grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
+    s = _strategy(plan, grid)
+    grid.sent.clear()
+    _round(s, grid)
+    for m in grid.sent:
+        arrays, ins = read_train_message(m)  # checks the hash
+        ws = WidthSpec(ins.width, "heterofl", 0)
+        want = slice_state(plan.initial_state, plan.spec, ws)
+        assert set(arrays) == set(plan.shared_keys)
+        for k in want:
+            np.testing.assert_array_equal(arrays[k], want[k])
+        assert ins.batch_seed == _batch_seed(3, 0, ins.client_idx)
+        assert ins.run_config and "digits/parity" in ins.run_config
+    rep = s.report
+    assert [rep.sent[c]["width"] for c in ("c00", "c01", "c02")] == [1.0, 0.5, 0.25]
+    assert (
+        rep.sent["c00"]["bytes_down"]
+        > rep.sent["c01"]["bytes_down"]
+        > rep.sent["c02"]["bytes_down"]
+    )
+
+
+def test_aggregate_equals_the_pure_function_on_the_same_updates(plan):
+    grid = FakeGrid(
+        {n: good_node(n, delta=d) for n, d in zip(NODE_CONFIG, (1.0, 2.0, 4.0), strict=True)}
+    )
+    s = _strategy(plan, grid)
+    arrays, metrics = _round(s, grid)
+    ups = []
+    for cid, w, d in (("c00", 1.0, 1.0), ("c01", 0.5, 2.0), ("c02", 0.25, 4.0)):
+        ws = WidthSpec(w, "heterofl", 0)
+        sub = slice_state(plan.initial_state, plan.spec, ws)
+        ups.append(ClientUpdate(cid, {k: v + d for k, v in sub.items()}, 10, ws))
+    want = aggregate(plan.initial_state, ups, plan.spec, weighting="uniform")
+    got = from_record(arrays)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+        np.testing.assert_array_equal(s.global_state[k], want[k])
+    assert metrics["accepted"] == 3 and metrics["failed"] == 0 and metrics["loss"] == 1.0
+
+
+def _bad(kind: str) -> Handler:
+    base = good_node(102)
+
+    def handle(msg: Message) -> Message | None:
+        if msg.metadata.message_type.startswith("query"):
+            return base(msg)
+        arrays, ins = read_train_message(msg)
+        k0 = sorted(arrays)[0]
+        if kind == "extra":
+            arrays["heads.digits__digit.weight"] = np.zeros((10, 4), np.float32)
+        elif kind == "shape":
+            arrays[k0] = np.zeros((3, 3), np.float32)
+        elif kind == "nan":
+            arrays[k0] = arrays[k0].copy()
+            arrays[k0].flat[0] = np.nan
+        elif kind == "hash":
+            ins = TrainInstructions(**{**ins.__dict__, "base_hash": "0" * 64})
+        elif kind == "silent":
+            return None
+        elif kind == "error":
+            from flwr.app import Error
+
+            return Message(Error(code=1, reason="boom"), reply_to=msg)
+        return reply_message(msg, arrays, 10, {}, ins)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    "kind,where,words",
+    [
+        ("extra", "rejected", "unexpected 1 key(s): ['heads.digits__digit.weight']"),
+        ("shape", "rejected", "does not match"),
+        ("nan", "rejected", "non-finite"),
+        ("hash", "rejected", "base model hash"),
+        ("silent", "failed", "no reply within reply-timeout (5 s)"),
+        ("error", "failed", "boom"),
+    ],
+)
+def test_a_bad_reply_is_recorded_and_the_round_goes_on_without_it(plan, kind, where, words):
+    grid = FakeGrid({101: good_node(101), 102: _bad(kind), 103: good_node(103)})
+    s = _strategy(plan, grid)
+    before = {k: v.copy() for k, v in s.global_state.items()}
+    _, metrics = _round(s, grid)
+    rep = s.report
+    assert sorted(rep.accepted) == ["c00", "c02"]
+    assert list(getattr(rep, where)) == ["c01"] and words in getattr(rep, where)["c01"]
+    assert metrics[where] == 1
+    # the result is what the two good clients alone give
+    ups = [
+        ClientUpdate(c, {k: v + 1.0 for k, v in slice_state(before, plan.spec, WidthSpec(w)).items()},
+                     10, WidthSpec(w))
+        for c, w in (("c00", 1.0), ("c02", 0.25))
+    ]  # fmt: skip
+    want = aggregate(before, ups, plan.spec, weighting="uniform")
+    for k in want:
+        np.testing.assert_array_equal(s.global_state[k], want[k])
+
+
+def test_server_checkpoints_every_round_and_resumes_after_the_last(plan, tmp_path):
+    cfg = parse_config(copy.deepcopy(CFG))
+    grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    run.wait_for_nodes(grid, 0, 1.0)
+    run.run_round(grid, 1)
+    g1 = {k: v.copy() for k, v in run.strategy.global_state.items()}
+    meta = json.loads((tmp_path / "run/checkpoints/round_0001/meta.json").read_text())
+    assert meta["clients_trained"] == ["c00", "c01", "c02"]
+    assert set(meta["report"]["times"]) >= {"configure", "wait", "aggregate", "checkpoint"}
+
+    again = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)  # a restarted server
+    assert again.start_round == 1
+    for k in g1:
+        np.testing.assert_array_equal(again.strategy.global_state[k], g1[k])
+    summary = again.run(grid, 2, 0, 1.0)
+    assert summary["resumed_after"] == 1 and [r["round"] for r in summary["per_round"]] == [1, 2]
+    other = copy.deepcopy(CFG)
+    other["seed"] = 4
+    with pytest.raises(ConfigError, match="holds rounds of another config"):
+        DeployedRun(parse_config(other), tmp_path / "run", reply_timeout=5.0)
+
+
+def test_plan_starts_from_the_simulators_initial_state():
+    from fmtl_lightning.local_fit import phase_seed
+    from fmtl_lightning.simulation import Simulation
+
+    cfg = parse_config(copy.deepcopy(CFG))
+    p = server_plan(cfg)
+    sim = Simulation(cfg, "/tmp/unused-fmtl-sim", progress=False)
+    assert p.shared_keys == sim.shared_keys
+    for k, v in sim.global_state.items():
+        np.testing.assert_array_equal(p.initial_state[k], v)
+    assert _batch_seed(3, 5, 2) == phase_seed(3, 5, 2, "global")
+
+
+@pytest.mark.parametrize(
+    "cfg,words",
+    [
+        ({"width": 1.0, "tasks": "a/b"}, "'client-id' is missing"),
+        ({"client-id": "c0", "width": 1.5, "tasks": "a/b"}, "'width' must be in (0, 1]"),
+        ({"client-id": "c0", "width": 1.0, "tasks": "a/b", "runtime": "gpu"}, "'runtime'"),
+        ({"client-id": "c0", "width": 1.0, "tasks": "a/b", "runtime": "edge"}, "'bundle'"),
+    ],
+)
+def test_node_config_errors_name_the_key(cfg, words):
+    with pytest.raises(NodeConfigError) as ei:
+        NodeSettings.from_node_config(cfg)
+    assert words in str(ei.value)
+
+
+def test_info_reply_and_instructions_round_trip():
+    s = NodeSettings.from_node_config(NODE_CONFIG[102])
+    msg = Message(RecordDict(), dst_node_id=102, message_type="query.fmtl_info")
+    r = info_reply(msg, _ctx(102, NODE_CONFIG[102]))
+    assert dict(r.content[INFO_RECORD]) == dict(s.info_record())
+    ins = TrainInstructions(2, 1, "c01", 1, 0.5, "fedrolex", "ab", 1, 16, 0.1, -1, 7, "")
+    assert TrainInstructions.from_record(ins.to_record()) == ins
+    assert ins.steps_or_none is None
+    rec = to_record({"a": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    np.testing.assert_array_equal(from_record(rec)["a"], np.arange(6).reshape(2, 3))
+
+
+def test_edge_and_dispatch_modules_import_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['lightning'] = None\n"
+        "import mobile_client.flower_app, fmtl_lightning.deploy.client_app\n"
+        "import fmtl_lightning.deploy.strategy\n"
+        "print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_tls_certificates_verify_for_the_given_hosts(tmp_path):
+    from cryptography import x509
+
+    from fmtl_lightning.deploy.tls import write_certificates
+
+    p = write_certificates(tmp_path, ["10.0.0.5", "server.lab"])
+    cert = x509.load_pem_x509_certificate(p.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(p.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(map(str, san.get_values_for_type(x509.IPAddress))) == {"10.0.0.5", "127.0.0.1"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"server.lab", "localhost"}
+    assert oct(p.server_key.stat().st_mode & 0o777) == "0o600"
