@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,7 @@ def prepare_edge(cfg: RunConfig, client_id: str, out_dir: str | Path) -> tuple[P
     shutil.move(str(exported), bundle)
     data = out / "data.npz"
     ys = {"y__" + t.replace("/", "__"): v.numpy() for t, v in c.y_train.items()}
-    np.savez(data, x=c.x_train.numpy(), **ys)
+    arrays: dict[str, Any] = {"x": c.x_train.numpy(), **ys}
+    np.savez(data, **arrays)
     shutil.rmtree(out / "prepare_run", ignore_errors=True)
     return bundle, data

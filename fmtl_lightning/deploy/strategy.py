@@ -163,7 +163,7 @@ class FMTLStrategy(Strategy):
         if tasks != planned.tasks:
             raise ReplyRejected(f"client {cid!r} (node {node_id}): tasks {list(tasks)} differ "
                                 f"from the run config's {list(planned.tasks)}")  # fmt: skip
-        width = float(info.get("width", float("nan")))
+        width = _number(info.get("width"), f"node {node_id}: info 'width'")
         if not 0.0 < width <= 1.0:
             raise ReplyRejected(f"client {cid!r} (node {node_id}): width {width} not in (0, 1]")
         if abs(width - planned.width) > 1e-9:
@@ -249,12 +249,12 @@ class FMTLStrategy(Strategy):
         meta, metrics = c[CONFIG], c[METRICS]
         if str(meta.get("client-id")) != cid:
             raise ReplyRejected(f"client {cid!r}: reply says client-id {meta.get('client-id')!r}")
-        if int(meta.get("round", -1)) != self.report.round:
-            raise ReplyRejected(f"client {cid!r}: reply is for round {meta.get('round')}, "
+        if meta.get("round") != self.report.round:
+            raise ReplyRejected(f"client {cid!r}: reply is for round {meta.get('round')!r}, "
                                 f"expected {self.report.round}")  # fmt: skip
         if meta.get("base-hash") != sent.base_hash:
             raise ReplyRejected(
-                f"client {cid!r}: base model hash {meta.get('base-hash')} differs from the "
+                f"client {cid!r}: base model hash {meta.get('base-hash')!r} differs from the "
                 f"{sent.base_hash} sent (trained from other weights)"
             )
         try:
@@ -265,7 +265,8 @@ class FMTLStrategy(Strategy):
         n = metrics.get("num-examples")
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ReplyRejected(f"client {cid!r}: num-examples must be a positive int, got {n!r}")
-        m = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+        m = {k: _number(v, f"client {cid!r} metric {k!r}") for k, v in metrics.items()
+             if k != "num-examples"}  # fmt: skip
         return ClientUpdate(cid, arrays, n, sent.ws), m, c[ARRAYS].count_bytes()
 
     def aggregate_train(
@@ -338,6 +339,12 @@ class FMTLStrategy(Strategy):
         a = self.plan.cfg.algorithm
         log(INFO, "\t├── fmtl %s, slicing %s, weighting %s, %d planned clients, reply timeout %g s",
             a.name, a.slicing, a.weighting, len(self.plan.clients), self.reply_timeout)  # fmt: skip
+
+
+def _number(v: object, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ReplyRejected(f"{what}: expected a number, got {v!r}")
+    return float(v)
 
 
 def _batch_seed(seed: int, round_idx: int, client_idx: int) -> int:
