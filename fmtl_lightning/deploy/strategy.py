@@ -124,6 +124,8 @@ class FMTLStrategy(Strategy):
     def register(self, grid: Grid, node_ids: Iterable[int] | None = None) -> list[Node]:
         """Ask every unknown node for its info; returns the nodes registered now."""
         ids = list(grid.get_node_ids() if node_ids is None else node_ids)
+        # a node that went offline frees its client id (a restarted node gets a new id)
+        self.nodes = {k: v for k, v in self.nodes.items() if k in ids}
         new = [n for n in ids if n not in self.nodes and n not in self.refused]
         if not new:
             return []

@@ -140,6 +140,14 @@ def test_registration_reads_node_configs_and_refuses_bad_claims(plan):
     assert "'c09' is not in the run config" in s.refused[104]
     assert "already node 102" in s.refused[105]
     assert "tasks ['digits/digit'] differ" in s.refused[106]
+    # node 102 goes away; a new node may then take client c01
+    NODE_CONFIG[107] = NODE_CONFIG[102]
+    try:
+        grid = FakeGrid({n: good_node(n) for n in (101, 103, 107)})
+        assert [n.client.client_id for n in s.register(grid)] == ["c01"]
+    finally:
+        NODE_CONFIG.pop(107)
+    assert sorted(s.nodes) == [101, 103, 107]
 
 
 def test_each_node_gets_the_global_state_sliced_to_its_width_with_hash_and_seed(plan):
