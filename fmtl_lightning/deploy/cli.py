@@ -3,6 +3,7 @@
 * ``certs``        a CA and a SuperLink certificate for the given host names/IPs
 * ``app``          a Flower app directory (``flwr run DIR``) for any fmtl YAML
 * ``prepare-edge`` an edge node's bundle + data file for one client of a YAML
+* ``prepare-data`` one client's shard of the YAML's dataset as the ``.npz`` a node reads
 * ``node-config``  the ``--node-config`` string of one client's SuperNode
 * ``local``        the whole deployment on this machine (SuperLink + one SuperNode per
                    client, TLS on 127.0.0.1) for a YAML: a real-process trial run
@@ -101,6 +102,21 @@ def _prepare_edge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(a: argparse.Namespace) -> int:
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.deploy.prepare import write_client_data
+    from fmtl_lightning.fed_data import build_federation
+
+    fed = build_federation(load_config(a.config))
+    by_id = {c.cid: c for c in fed.clients}
+    if a.client not in by_id:
+        raise FMTLError(f"client {a.client!r} is not in {a.config} (clients: {', '.join(by_id)})")
+    c = by_id[a.client]
+    path = write_client_data(c, a.out)
+    print(f"{path}: {c.num_train} train / {c.x_test.shape[0]} test examples, tasks {list(c.tasks)}")
+    return 0
+
+
 def _node_config(a: argparse.Namespace) -> int:
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.local import NodeSpec
@@ -110,10 +126,10 @@ def _node_config(a: argparse.Namespace) -> int:
     if c is None:
         raise FMTLError(f"client {a.client!r} is not in {a.config}")
     spec = NodeSpec(c.client_id, c.width, c.tasks, Path(a.state_dir).absolute())
-    if a.bundle or a.data:
+    if a.edge or a.bundle:
         spec.runtime = "edge"
-        spec.bundle = Path(a.bundle).absolute() if a.bundle else None
-        spec.data = Path(a.data).absolute() if a.data else None
+    spec.bundle = Path(a.bundle).absolute() if a.bundle else None
+    spec.data = Path(a.data).absolute() if a.data else None
     print(spec.node_config())
     return 0
 
@@ -167,12 +183,18 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
     e.add_argument("--client", required=True)
     e.add_argument("--out", required=True)
     e.set_defaults(func=_prepare_edge)
+    pd = ds.add_parser("prepare-data", help="one client's data shard as a node's .npz")
+    pd.add_argument("--config", required=True)
+    pd.add_argument("--client", required=True)
+    pd.add_argument("--out", required=True)
+    pd.set_defaults(func=_prepare_data)
     n = ds.add_parser("node-config", help="print a client's --node-config string")
     n.add_argument("--config", required=True)
     n.add_argument("--client", required=True)
     n.add_argument("--state-dir", required=True)
     n.add_argument("--bundle", default=None, help="edge node: bundle directory")
-    n.add_argument("--data", default=None, help="edge node: data .npz")
+    n.add_argument("--data", default=None, help="the node's own .npz (required for edge)")
+    n.add_argument("--edge", action="store_true", help="edge runtime (needs --bundle, --data)")
     n.set_defaults(func=_node_config)
     lo = ds.add_parser("local", help="SuperLink + one SuperNode per client, on this machine")
     lo.add_argument("--config", required=True)

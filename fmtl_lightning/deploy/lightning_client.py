@@ -3,8 +3,11 @@
 Flower starts a fresh ClientApp process per message, so nothing lives in memory
 between rounds. Per train message the node
 
-1. rebuilds the run from the YAML the server sent (:class:`Simulation`: same data
-   shard for its ``client-id``, same modules, same Fabric loop, same seeds),
+1. rebuilds the run from the YAML the server sent (:class:`Simulation`: same modules,
+   same Fabric loop, same seeds) with the node's data: its shard of the YAML's dataset
+   for its ``client-id`` (as ``fmtl simulate`` partitions it), or, when the node config
+   names ``data``, its own ``.npz`` (``x``, ``y__<task>``, optional ``x_test``,
+   ``y_test__<task>``; ``x`` float32 normalised ``(N, 1, H, W)``), without the dataset,
 2. restores its local state (heads, FedBN norms, Ditto's personal model; full width)
    from ``state-dir/client.safetensors``,
 3. places the received shared arrays at their width and runs
@@ -16,6 +19,7 @@ between rounds. Per train message the node
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +47,8 @@ class LightningNode:
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cfg = parse_config(yaml.safe_load(run_yaml))
-        self.sim = Simulation(cfg, self.state_dir / "run", progress=False)
+        fed = own_federation(cfg, settings.client_id, settings.data) if settings.data else None
+        self.sim = Simulation(cfg, self.state_dir / "run", progress=False, federation=fed)
         ids = [c.cid for c in self.sim.fed.clients]
         if settings.client_id not in ids:
             raise NodeConfigError(
@@ -106,6 +111,8 @@ class LightningNode:
         """Loss/accuracy per task of ``state`` on this client's own test split."""
         from fmtl_lightning.models import load_arrays
 
+        if self.client.x_test.shape[0] == 0:
+            return {}
         m = self.sim.module_for(self.client, width)
         load_arrays(m.model, state)
         out: dict[str, float] = {}
@@ -116,6 +123,77 @@ class LightningNode:
             losses.append(float(vals["loss"]))
         out["test-loss"] = float(np.mean(losses))
         return out
+
+
+def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
+    """The run's clients with only this node's data (from ``data``); the others are
+    empty shells that fix the model (tasks, widths) and the client numbering."""
+    import torch
+
+    from fmtl_lightning.deploy.plan import IMAGE_SIZE, server_plan
+    from fmtl_lightning.fed_data import ClientData, Federation
+    from fmtl_lightning.federation import ClientSpec
+    from fmtl_lightning.tasks import get_task
+
+    plan = server_plan(cfg)
+    me = plan.client(client_id)
+    if me is None:
+        ids = ", ".join(c.client_id for c in plan.clients)
+        raise NodeConfigError(f"node config: client-id {client_id!r} is not in the run config "
+                              f"(clients: {ids})")  # fmt: skip
+    domain = get_task(me.tasks[0]).domain
+    size = IMAGE_SIZE[domain]
+    if not data.is_file():
+        raise NodeConfigError(f"node config 'data': {data} is not a file")
+    with np.load(data, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+
+    def xs(key: str) -> torch.Tensor:
+        x = arrays.get(key, np.zeros((0, 1, size, size), np.float32))
+        if x.dtype != np.float32 or x.shape[1:] != (1, size, size) or not np.isfinite(x).all():
+            raise NodeConfigError(f"{data}: {key!r} must be finite float32 (N, 1, {size}, {size}) "
+                                  f"normalised images, got {x.dtype}{list(x.shape)}")  # fmt: skip
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def ys(prefix: str, n: int, tasks: tuple[str, ...], need: bool) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in tasks:
+            key = prefix + t.replace("/", "__")
+            if key not in arrays:
+                if need or n:
+                    raise NodeConfigError(f"{data}: no key {key!r} for task {t!r}")
+                y = np.zeros(
+                    (0,) if get_task(t).kind == "multiclass" else (0, get_task(t).num_outputs)
+                )
+                y = y.astype(np.int64 if get_task(t).kind == "multiclass" else np.float32)
+            else:
+                y = arrays[key]
+            if len(y) != n:
+                raise NodeConfigError(f"{data}: {key!r} has {len(y)} rows, x has {n}")
+            out[t] = torch.from_numpy(np.ascontiguousarray(y))
+        return out
+
+    clients = []
+    for c, group in zip(plan.clients, _groups(cfg), strict=True):
+        mine = c.client_id == client_id
+        x_tr = xs("x") if mine else torch.zeros(0, 1, size, size)
+        x_te = xs("x_test") if mine else torch.zeros(0, 1, size, size)
+        y_tr = ys("y__", x_tr.shape[0], c.tasks, mine)
+        y_te = ys("y_test__", x_te.shape[0], c.tasks, False)
+        masks = {
+            t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
+            for t in c.tasks
+            if get_task(t).kind == "multiclass"
+        }
+        spec = ClientSpec(c.client_id, c.tasks, c.width, np.arange(x_tr.shape[0]),
+                          np.arange(x_tr.shape[0], x_tr.shape[0] + x_te.shape[0]),
+                          get_task(c.tasks[0]).domain)  # fmt: skip
+        clients.append(ClientData(spec, group.lam, x_tr, y_tr, x_te, y_te, masks, c.edge))
+    return Federation(clients, size, f"{len(clients)} clients (node {client_id}: own data)", {})
+
+
+def _groups(cfg: Any) -> list[Any]:
+    return [g for g in cfg.clients for _ in range(g.count)]
 
 
 def lightning_train(msg: Any, context: Any) -> Any:

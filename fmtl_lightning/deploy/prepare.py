@@ -20,6 +20,17 @@ from fmtl_lightning.config import RunConfig
 from fmtl_lightning.roles import WidthSpec
 
 
+def write_client_data(c: Any, path: str | Path) -> Path:
+    """A client's train and test split as the ``.npz`` nodes read (``x``, ``y__<task>``,
+    ``x_test``, ``y_test__<task>``; ``x`` float32 normalised ``(N, 1, H, W)``)."""
+    arrays: dict[str, Any] = {"x": c.x_train.numpy(), "x_test": c.x_test.numpy()}
+    for t in c.tasks:
+        arrays["y__" + t.replace("/", "__")] = c.y_train[t].numpy()
+        arrays["y_test__" + t.replace("/", "__")] = c.y_test[t].numpy()
+    np.savez(path, **arrays)
+    return Path(path)
+
+
 def prepare_edge(cfg: RunConfig, client_id: str, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``out_dir/bundle`` and ``out_dir/data.npz`` for ``client_id``; returns both."""
     from fmtl_lightning.errors import FMTLError
@@ -40,8 +51,6 @@ def prepare_edge(cfg: RunConfig, client_id: str, out_dir: str | Path) -> tuple[P
         shutil.rmtree(bundle)
     shutil.move(str(exported), bundle)
     data = out / "data.npz"
-    ys = {"y__" + t.replace("/", "__"): v.numpy() for t, v in c.y_train.items()}
-    arrays: dict[str, Any] = {"x": c.x_train.numpy(), **ys}
-    np.savez(data, **arrays)
+    write_client_data(c, data)
     shutil.rmtree(out / "prepare_run", ignore_errors=True)
     return bundle, data

@@ -341,3 +341,44 @@ def test_tls_certificates_verify_for_the_given_hosts(tmp_path):
     assert set(map(str, san.get_values_for_type(x509.IPAddress))) == {"10.0.0.5", "127.0.0.1"}
     assert set(san.get_values_for_type(x509.DNSName)) == {"server.lab", "localhost"}
     assert oct(p.server_key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path):
+    """Real Lightning node handlers (one reading its own .npz) behind a fake Grid:
+    two deployed rounds equal two in-process rounds; heads persist in state-dir."""
+    from fmtl_lightning.deploy.lightning_client import lightning_train
+    from fmtl_lightning.deploy.prepare import write_client_data
+    from fmtl_lightning.simulation import Simulation
+
+    cfg = parse_config(copy.deepcopy(CFG))
+    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    own = write_client_data(sim.fed.clients[2], tmp_path / "c02.npz")
+    configs = {n: {**NODE_CONFIG[n], "state-dir": str(tmp_path / f"n{n}")} for n in NODE_CONFIG}
+    configs[103]["data"] = str(own)  # c02 trains on its own file, not on the dataset
+
+    def node(n: int) -> Handler:
+        def handle(msg: Message) -> Message:
+            ctx = _ctx(n, configs[n])
+            if msg.metadata.message_type.startswith("query"):
+                return info_reply(msg, ctx)
+            return lightning_train(msg, ctx)
+
+        return handle
+
+    grid = FakeGrid({n: node(n) for n in configs})
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    run.run(grid, 2, 0, 1.0)
+    sim.run_round()
+    sim.run_round()
+    for k, v in sim.global_state.items():
+        np.testing.assert_allclose(run.strategy.global_state[k], v, rtol=0, atol=1e-6, err_msg=k)
+    rep = run.strategy.history[-1]
+    assert sorted(rep.accepted) == ["c00", "c01", "c02"] and not rep.rejected and not rep.failed
+    assert set(rep.accepted["c02"]) >= {"acc/digits/parity", "test-loss", "num_examples"}
+    from mobile_client.safetensors_np import load_file
+
+    for n, cid in ((101, "c00"), (103, "c02")):
+        arrays, meta = load_file(tmp_path / f"n{n}" / "client.safetensors")
+        assert meta == {"client_id": cid, "round": "2"}
+        for k, v in sim.stores[cid].local.items():
+            np.testing.assert_allclose(arrays[f"local/{k}"], v, rtol=0, atol=1e-6, err_msg=k)
