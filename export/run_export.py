@@ -27,10 +27,11 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from export.graphs import ExportError, GraphInfo, TrainStepInfo, sanitize, to_ort_format
 from export.inference import export_backbone, export_head
@@ -119,7 +120,7 @@ class _Bundle:
     def weights(self, name: str, arrays: Mapping[str, np.ndarray]) -> FileEntry:
         path = self.dir / name
         with open(path, "wb") as f:
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
         specs = tuple(TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items())
         return FileEntry(
             path=name, sha256=sha256_file(path), kind="weights", outputs=specs,
@@ -424,19 +425,20 @@ def export_run(
                     own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset))
                 if sim.union_slices is not None:
                     hp = staging / f"head_{cid}_union.onnx"
-                    hi = b.graph(export_head(model.heads[head_name("union")], hp, feat, opset))
+                    union = cast(nn.Linear, model.heads[head_name("union")])
+                    union_entry = b.graph(export_head(union, hp, feat, opset))
                     for t in c.tasks:
                         s, e = sim.union_slices[t]
                         task = get_task(t)
                         head_entries.append(
-                            HeadEntry(c.cid, t, task.kind, tuple(task.output_names), w, hi,
-                                      None, (s, e))
+                            HeadEntry(c.cid, t, task.kind, tuple(task.output_names), w,
+                                      union_entry, None, (s, e))
                         )  # fmt: skip
                 else:
                     for t in c.tasks:
                         task = get_task(t)
                         h = head_name(t)
-                        mod = model.heads[h]
+                        mod = cast(nn.Linear, model.heads[h])
                         ht = f"{cid}_{sanitize(t)}"
                         hi = export_head(mod, staging / f"head_{ht}.onnx", feat, opset)
                         hs = export_head_step(
