@@ -14,6 +14,7 @@ Also runnable as ``python -m fmtl_lightning.deploy``.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -157,11 +158,21 @@ def _local(a: argparse.Namespace) -> int:
         rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout}
         if a.rounds:
             rc["num-rounds"] = a.rounds
+        started = time.time()
         res = dep.run(app, rc, timeout=a.timeout)
         print(res.stdout[-4000:])
-        if res.returncode:
+        summary = root / "run" / "summary.json"
+        # `flwr run` exits 0 even when the ServerApp fails: the summary tells
+        if res.returncode or not summary.is_file() or summary.stat().st_mtime < started:
             print(res.stderr[-4000:], file=sys.stderr)
-            return res.returncode
+            raise FMTLError(f"the run did not finish; see {dep.root / 'logs'}")
+    s = json.loads(summary.read_text())
+    for r in s["per_round"]:
+        print(f"round {r['round']}: accepted {', '.join(r['accepted']) or '-'}"
+              f"{'; rejected ' + ', '.join(r['rejected']) if r['rejected'] else ''}"
+              f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}")  # fmt: skip
+    for cid, acc in sorted(s["last_round_client_acc"].items()):
+        print(f"  {cid}: test accuracy {acc:.3f}")
     print(f"run directory: {root / 'run'}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
