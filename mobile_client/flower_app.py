@@ -95,6 +95,20 @@ class NodeSettings:
     data: Path | None = None
     delay_s: float = 0.0
 
+    declared: bool = True  # False: a virtual node of Flower's simulation engine
+
+    @classmethod
+    def from_context(cls, context: Context) -> NodeSettings:
+        """From a ClientApp context: its node config, or, for a virtual node of Flower's
+        simulation engine (node config = ``partition-id`` only), client ``c{partition-id}``
+        with width and tasks left to the server and state under ``run-dir/sim_nodes``."""
+        nc = context.node_config
+        if "client-id" not in nc and "partition-id" in nc:
+            cid = f"c{int(nc['partition-id']):02d}"
+            root = Path(str(context.run_config.get("run-dir", "runs/flower"))) / "sim_nodes"
+            return cls(cid, 1.0, (), "lightning", root / cid, declared=False)
+        return cls.from_node_config(nc)
+
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
         def need(key: str) -> Any:
@@ -141,6 +155,7 @@ class NodeSettings:
                 "tasks": ",".join(self.tasks),
                 "runtime": self.runtime,
                 "protocol": PROTOCOL_VERSION,
+                "declared": self.declared,
             }
         )
 
@@ -237,7 +252,7 @@ def write_status(state_dir: Path | None, **fields: Any) -> None:
 
 # ----------------------------------------------------------------------------- edge node
 def info_reply(msg: Message, context: Context) -> Message:
-    s = NodeSettings.from_node_config(context.node_config)
+    s = NodeSettings.from_context(context)
     return Message(RecordDict({INFO_RECORD: s.info_record()}), reply_to=msg)
 
 
@@ -260,7 +275,7 @@ def edge_train(msg: Message, context: Context) -> Message:
     """One round on an edge node: the exported SGD step graphs on ONNX Runtime."""
     from mobile_client.runtime import EdgeClient
 
-    s = NodeSettings.from_node_config(context.node_config)
+    s = NodeSettings.from_context(context)
     received, ins = read_train_message(msg)
     if ins.client_id != s.client_id:
         raise ProtocolError(f"train message for {ins.client_id!r} reached node {s.client_id!r}")

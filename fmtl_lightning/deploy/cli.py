@@ -146,20 +146,27 @@ def _local(a: argparse.Namespace) -> int:
     root = Path(a.out).absolute()
     app = write_app(a.config, root / "app")
     edge = {}
-    for c in server_plan(cfg).clients:
+    clients = server_plan(cfg).clients
+    for c in clients if not a.simulation else []:
         if c.edge:
             print(f"exporting the edge bundle of {c.client_id} ...", flush=True)
             edge[c.client_id] = prepare_edge(cfg, c.client_id, root / "edge" / c.client_id)
-    with LocalDeployment(root / "deployment", tls=not a.insecure) as dep:
+    dep = LocalDeployment(root / "deployment", tls=not a.insecure, simulation=a.simulation)
+    with dep:
         dep.start_superlink()
-        dep.start_nodes(_nodes(cfg, root, edge))
-        print(f"SuperLink on {dep.address} ({'plain HTTP' if a.insecure else 'TLS'}), "
-              f"{len(dep.procs) - 1} SuperNodes; logs in {dep.root / 'logs'}", flush=True)  # fmt: skip
+        if a.simulation:
+            print(f"SuperLink with Flower's simulation engine on {dep.address}: "
+                  f"{len(clients)} virtual SuperNodes (all Lightning)", flush=True)  # fmt: skip
+        else:
+            dep.start_nodes(_nodes(cfg, root, edge))
+            print(f"SuperLink on {dep.address} ({'plain HTTP' if a.insecure else 'TLS'}), "
+                  f"{len(dep.procs) - 1} SuperNodes; logs in {dep.root / 'logs'}", flush=True)  # fmt: skip
         rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout}
         if a.rounds:
             rc["num-rounds"] = a.rounds
         started = time.time()
-        res = dep.run(app, rc, timeout=a.timeout)
+        n = len(clients) if a.simulation else None
+        res = dep.run(app, rc, timeout=a.timeout, num_supernodes=n)
         print(res.stdout[-4000:])
         summary = root / "run" / "summary.json"
         # `flwr run` exits 0 even when the ServerApp fails: the summary tells
@@ -214,6 +221,8 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
     lo.add_argument("--reply-timeout", type=float, default=600.0)
     lo.add_argument("--timeout", type=float, default=3600.0)
     lo.add_argument("--insecure", action="store_true", help="plain HTTP (no TLS)")
+    lo.add_argument("--simulation", action="store_true",
+                    help="Flower's simulation engine (needs flwr[simulation]) instead of SuperNodes")  # fmt: skip
     lo.set_defaults(func=_local)
     return d
 

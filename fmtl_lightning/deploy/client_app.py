@@ -19,7 +19,7 @@ app.query("fmtl_info")(info_reply)
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    s = NodeSettings.from_node_config(context.node_config)
+    s = NodeSettings.from_context(context)
     if s.runtime == "edge":
         return edge_train(msg, context)
     from fmtl_lightning.deploy.lightning_client import lightning_train

@@ -202,7 +202,7 @@ def lightning_train(msg: Any, context: Any) -> Any:
 
     from mobile_client.flower_app import read_train_message, reply_message, write_status
 
-    s = NodeSettings.from_node_config(context.node_config)
+    s = NodeSettings.from_context(context)
     received, ins = read_train_message(msg)
     if ins.client_id != s.client_id:
         raise NodeConfigError(f"train message for {ins.client_id!r} reached node {s.client_id!r}")

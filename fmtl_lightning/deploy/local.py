@@ -158,7 +158,17 @@ class Proc:
 class LocalDeployment:
     """SuperLink + SuperNodes on 127.0.0.1 under ``root`` (logs, certs, FLWR_HOME)."""
 
-    def __init__(self, root: str | Path, *, tls: bool = True, threads_per_node: int = 1) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        tls: bool = True,
+        threads_per_node: int = 1,
+        simulation: bool = False,
+    ) -> None:
+        """``simulation``: a SuperLink running Flower's simulation engine (Ray) instead of
+        waiting for SuperNodes: ``run(..., num_supernodes=N)`` creates N virtual nodes."""
+        self.simulation = simulation
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.tls = tls
@@ -202,6 +212,8 @@ class LocalDeployment:
     def superlink_argv(self) -> list[str]:
         argv = [str(BIN / "flower-superlink"), "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]  # fmt: skip
+        if self.simulation:
+            argv.append("--simulation")
         if self.certs:
             argv += ["--ssl-ca-certfile", str(self.certs.ca_cert),
                      "--ssl-certfile", str(self.certs.server_cert),
@@ -248,11 +260,19 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------ run
     def run(
-        self, app_dir: str | Path, run_config: Mapping[str, Any], *, timeout: float = 600.0
+        self,
+        app_dir: str | Path,
+        run_config: Mapping[str, Any],
+        *,
+        timeout: float = 600.0,
+        num_supernodes: int | None = None,
     ) -> subprocess.CompletedProcess:
-        """``flwr run APP local --stream --run-config ...``: blocks until the run ends."""
+        """``flwr run APP local --stream --run-config ...``: blocks until the run ends.
+        Note: ``flwr run`` exits 0 even when the ServerApp fails; check the run dir."""
         argv = [str(BIN / "flwr"), "run", str(Path(app_dir).absolute()), "local", "--stream",
                 "--run-config", kv_string(run_config)]  # fmt: skip
+        if num_supernodes is not None:
+            argv += ["--federation-config", f"num-supernodes={int(num_supernodes)}"]
         for p in self.procs.values():
             p.refresh()
         res = subprocess.run(argv, env=self.env, cwd=self.root, capture_output=True, text=True,

@@ -161,6 +161,12 @@ class FMTLStrategy(Strategy):
             known = ", ".join(c.client_id for c in self.plan.clients)
             raise ReplyRejected(f"node {node_id}: client-id {cid!r} is not in the run config "
                                 f"(clients: {known})")  # fmt: skip
+        taken = [n for n in self.nodes.values() if n.client.client_id == cid]
+        if taken and taken[0].node_id != node_id:
+            raise ReplyRejected(f"client {cid!r} is already node {taken[0].node_id}; "
+                                f"node {node_id} claims it too")  # fmt: skip
+        if info.get("declared", True) is False:  # a simulation-engine node: the plan says
+            return Node(node_id, planned, planned.width, "lightning")
         tasks = tuple(t for t in str(info.get("tasks", "")).split(",") if t)
         if tasks != planned.tasks:
             raise ReplyRejected(f"client {cid!r} (node {node_id}): tasks {list(tasks)} differ "
@@ -171,10 +177,6 @@ class FMTLStrategy(Strategy):
         if abs(width - planned.width) > 1e-9:
             log(WARNING, "fmtl: client %s declares width %g; the run config says %g: using %g",
                 cid, width, planned.width, width)  # fmt: skip
-        taken = [n for n in self.nodes.values() if n.client.client_id == cid]
-        if taken and taken[0].node_id != node_id:
-            raise ReplyRejected(f"client {cid!r} is already node {taken[0].node_id}; "
-                                f"node {node_id} claims it too")  # fmt: skip
         return Node(node_id, planned, width, str(info.get("runtime", "lightning")))
 
     # ------------------------------------------------------------------ train

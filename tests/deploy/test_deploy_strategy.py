@@ -129,6 +129,7 @@ def test_registration_reads_node_configs_and_refuses_bad_claims(plan):
     try:
         handlers.update({n: good_node(n) for n in (104, 105, 106)})
         s = _strategy(plan, FakeGrid(handlers))
+        alone = _strategy(plan, FakeGrid({106: good_node(106)}))
     finally:
         for n in (104, 105, 106):
             NODE_CONFIG.pop(n)
@@ -139,7 +140,11 @@ def test_registration_reads_node_configs_and_refuses_bad_claims(plan):
     }
     assert "'c09' is not in the run config" in s.refused[104]
     assert "already node 102" in s.refused[105]
-    assert "tasks ['digits/digit'] differ" in s.refused[106]
+    assert "already node 103" in s.refused[106]
+    assert (
+        "tasks ['digits/digit'] differ from the run config's ['digits/parity']"
+        in (alone.refused[106])
+    )
     # node 102 goes away; a new node may then take client c01
     NODE_CONFIG[107] = NODE_CONFIG[102]
     try:
