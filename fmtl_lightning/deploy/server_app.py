@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -179,7 +180,9 @@ class DeployedRun:
         # rewrite meta with the final times (cheap, atomic)
         meta["report"] = rep.as_dict()
         rd = self.run_dir / "checkpoints" / f"round_{server_round:04d}" / "meta.json"
-        rd.write_text(json.dumps(meta, indent=1))
+        tmp = rd.with_name(".meta.json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, rd)
         return rep
 
     def run(self, grid: Grid, num_rounds: int, min_nodes: int, node_wait: float) -> dict:
