@@ -62,7 +62,9 @@ class EdgeClient:
         client_id: str | None = None,
         *,
         verify: bool = True,
+        threads: int | None = None,
     ) -> None:
+        self.threads = threads  # onnxruntime intra-op threads (None: onnxruntime's default)
         self.dir = Path(bundle_dir)
         self.manifest: Manifest = load_manifest(self.dir)
         if self.dir.is_file():
@@ -141,6 +143,9 @@ class EdgeClient:
                 raise ManifestError(f"file {f.path!r} named in the manifest is missing ({p})")
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            if self.threads is not None:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
             self._sessions[f.path] = ort.InferenceSession(
                 str(p), opts, providers=["CPUExecutionProvider"]
             )
