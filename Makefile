@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FMTL_DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: setup data test demo bench bench-accuracy lint clean
+.PHONY: setup data test demo bench bench-accuracy deploy-local setup-flower-sim lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ bench: setup
 # learning quality on real data (about 60 minutes on 2 cores; --quick for a few minutes)
 bench-accuracy: setup
 	$(PY) -m benchmarks.accuracy
+
+# a real Flower federation on this machine: SuperLink + 3 SuperNodes over TLS
+deploy-local: setup
+	$(PY) -m fmtl_lightning.deploy local --config examples/flower/fmtl.yaml --out runs/flower-local
+
+setup-flower-sim: $(STAMP)
+	$(PY) -m pip install --quiet 'flwr[simulation]==1.41.0'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fmtl_lightning export mobile_client tests examples benchmarks

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default=None)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
+    from fmtl_lightning.deploy.cli import add_deploy_parser  # stdlib only; flwr loads per command
+
+    add_deploy_parser(sub)
     try:  # export lives in its own package (needs onnx); add it when importable
         from export.cli import add_export_parser
     except ImportError:
