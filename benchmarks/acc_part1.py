@@ -418,3 +418,88 @@ def quick_summary(results) -> str:
 def worst_k(vals, frac=0.1):
     v = np.sort(np.asarray(vals))
     return float(v[: max(1, math.ceil(frac * v.size))].mean())
+
+
+# ---------------------------------------------------------------------- probe
+PROBE_VARIANTS: dict[str, dict[str, Any]] = {
+    "2x rounds": {"rounds_factor": 2},
+    "lr 0.02": {"lr": 0.02},
+}
+PROBE_METHODS = ("local", "fedavg", "fedper", "fedrep", "ditto-1")
+
+
+def run_probe(
+    partition: str, widths: str, seeds: list[int], workers: int = 1, log=print
+) -> list[dict[str, Any]]:
+    """A brief hyper-parameter probe on one setting: more rounds, a smaller learning rate."""
+    base = PARAMS["default"]
+    jobs = []
+    for name, v in PROBE_VARIANTS.items():
+        P = dict(base)
+        if "rounds_factor" in v:
+            P["rounds"] = base["rounds"] * v["rounds_factor"]
+        if "lr" in v:
+            P["lr"] = v["lr"]
+        for s in seeds:
+            for m in PROBE_METHODS:
+                jobs.append(
+                    {
+                        "params": P,
+                        "partition": partition,
+                        "widths": widths,
+                        "seed": s,
+                        "method": m,
+                        "variant": name,
+                    }
+                )
+    results = []
+    ctx = get_context("spawn")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=set_threads, initargs=(1,)) as ex:
+        for job, res in zip(jobs, ex.map(run_job, jobs), strict=True):
+            res["variant"] = job["variant"]
+            res["rounds"] = job["params"]["rounds"]
+            res["lr"] = job["params"]["lr"]
+            results.append(res)
+            log(
+                f"[probe {len(results)}/{len(jobs)} {time.perf_counter() - t0:5.0f}s] "
+                f"{job['variant']:9s} s{res['seed']} {res['method']:8s} mean {res['mean']:.3f} "
+                f"worst {res['worst']:.3f}"
+            )
+    return results
+
+
+def report_probe(results: list[dict[str, Any]], partition: str, widths: str, wall: float) -> str:
+    seeds = sorted({r["seed"] for r in results})
+    lines = [
+        f"## Accuracy part 1, probe: {partition}, widths {widths}",
+        "",
+        "A brief check whether the part-1 verdict is an artefact of the schedule: the same "
+        "setting and clients, with twice the rounds (same steps per round) or a smaller "
+        "learning rate (compare with the part-1 table, same seeds). "
+        f"Seeds {','.join(map(str, seeds))}; mean / worst client accuracy "
+        "in % (mean ± std over seeds).",
+        "",
+    ]
+    rows = []
+    for name in PROBE_VARIANTS:
+        rs = [r for r in results if r["variant"] == name]
+        if not rs:
+            continue
+        for m in PROBE_METHODS:
+            sel = sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
+            if sel:
+                rows.append(
+                    [
+                        f"{name} (rounds {sel[0]['rounds']}, lr {sel[0]['lr']:g})",
+                        m,
+                        pm([r["mean"] for r in sel]),
+                        pm([r["worst"] for r in sel]),
+                    ]
+                )
+    lines += [
+        md_table(["variant", "method", "mean", "worst"], rows, "llrr"),
+        "",
+        f"Wall time: {wall / 60:.1f} min.",
+    ]
+    return "\n".join(lines)

@@ -255,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only rewrite the sections and plots from runs/accuracy/*.json",
     )
+    ap.add_argument(
+        "--probe",
+        default=None,
+        metavar="PARTITION-WIDTHS",
+        help="part 1: only run the brief hyper-parameter probe on one setting, e.g. "
+        "dirichlet-w1 (section accuracy-part1-probe)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for parts 2 and 3")
     ap.add_argument("--workers", type=int, default=2, help="part 1 worker processes")
     args = ap.parse_args(argv)
@@ -270,6 +277,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.render:
         render(mode, parts)
+        return 0
+    if args.probe:
+        from benchmarks import acc_part1
+        from benchmarks.common import current_command
+
+        partition, widths = args.probe.split("-")
+        t0 = time.perf_counter()
+        res = acc_part1.run_probe(partition, widths, seeds, args.workers, log=_log)
+        wall = time.perf_counter() - t0
+        _save(f"part1-probe-{mode}.json", res)
+        write_section(
+            "accuracy-part1-probe",
+            acc_part1.report_probe(res, partition, widths, wall),
+            command=current_command(),
+        )
         return 0
     t0 = time.perf_counter()
     for p in parts:
