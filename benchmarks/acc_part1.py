@@ -171,8 +171,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_part1(
-    mode: str, seeds: list[int], workers: int = 2, log=print
+    mode: str, seeds: list[int], workers: int = 2, log=print, save=None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every (partition, widths, seed, method) run; ``save(results)`` after each one."""
     P = PARAMS[mode]
     jobs = [
         {"params": P, "partition": p, "widths": w, "seed": s, "method": m}
@@ -188,6 +189,8 @@ def run_part1(
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=set_threads, initargs=(1,)) as ex:
         for i, res in enumerate(ex.map(run_job, jobs)):
             results.append(res)
+            if save is not None:
+                save(results)
             log(
                 f"[part1 {i + 1}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] "
                 f"{res['partition']:9s} {res['widths']:5s} s{res['seed']} {res['method']:9s} "

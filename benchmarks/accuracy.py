@@ -53,7 +53,11 @@ def part1(mode: str, seeds: list[int], workers: int) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     results, P = acc_part1.run_part1(
-        "quick" if mode == "quick" else "default", seeds, workers, log=_log
+        "quick" if mode == "quick" else "default",
+        seeds,
+        workers,
+        log=_log,
+        save=lambda rs: _save(f"part1-{mode}.partial.json", rs),  # survives an interruption
     )
     wall = time.perf_counter() - t0
     data = {
