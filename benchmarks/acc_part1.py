@@ -342,8 +342,8 @@ def report(
         "lambda sweep; lambda 0 = local).",
         "",
         f"Wall time: {wall / 60:.1f} min for {len(results)} runs "
-        f"({np.mean([r['wall'] for r in results]):.0f} s per run on average, 2 worker "
-        "processes with 1 torch thread each).",
+        f"({np.mean([r['wall'] for r in results]):.0f} s per run on average; `--workers` "
+        "processes with 1 torch thread each; wall time depends on what else shares the cores).",
     ]
     return "\n".join(lines)
 
