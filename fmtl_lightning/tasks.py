@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 
+from fmtl_lightning.data.datasets import DIGIT_CLASS_NAMES, FASHION_CLASS_NAMES
 from fmtl_lightning.errors import TaskLabelError, UnknownTaskError
 
 TaskKind = Literal["multiclass", "multilabel"]
@@ -35,19 +36,8 @@ CLOSED_LOOP_DIGITS = (0, 4, 6, 8, 9)
 FASHION_GROUP_NAMES = ("tops", "bottoms", "footwear", "bags")
 # Fashion-MNIST item id -> group id (index into FASHION_GROUP_NAMES).
 FASHION_ITEM_TO_GROUP = np.array([0, 1, 0, 0, 0, 2, 0, 2, 3, 2], dtype=np.int64)
-_FASHION_ITEMS = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-_DIGITS = tuple(str(d) for d in range(10))
+_FASHION_ITEMS = FASHION_CLASS_NAMES
+_DIGITS = DIGIT_CLASS_NAMES
 _NUM_DOMAIN_CLASSES = {"mnist": 10, "fashion_mnist": 10, "digits": 10}
 
 
