@@ -63,6 +63,7 @@ class AlgorithmConfig:
     rep_head_epochs: int = 1  # FedRep: head-only epochs before the body epochs
     policy: Literal["fedper", "fedbn"] = "fedper"  # fedbn keeps norm params/stats local
     masked_ce: bool = False  # cross-entropy over the labels the client holds
+    label_split: bool = False  # HeteroFL: average each class's head row over its holders
     slicing: Literal["heterofl", "fedrolex"] = "heterofl"
     width_assignment: Literal["fixed", "dynamic"] = "fixed"
     dynamic_widths: tuple[float, ...] = ()  # () = the widths the clients declare
@@ -235,6 +236,11 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{where}: masked_ce and the scaler are not exported for edge clients"
             )
+    if a.label_split and not (a.masked_ce and a.name == "fedavg"):
+        raise ConfigError(
+            "algorithm.label_split: needs algorithm.name fedavg (a shared head) and "
+            f"algorithm.masked_ce true (got name {a.name!r}, masked_ce {a.masked_ce})"
+        )
     _check_choice(a.name, ALGORITHMS, "algorithm.name")
     _check_choice(a.policy, ("fedper", "fedbn"), "algorithm.policy")
     _check_choice(a.slicing, ("heterofl", "fedrolex"), "algorithm.slicing")

@@ -35,7 +35,7 @@ import yaml
 from lightning.fabric.loggers import CSVLogger
 from tqdm.auto import tqdm
 
-from fmtl_lightning.aggregation import ClientUpdate, aggregate
+from fmtl_lightning.aggregation import ClientUpdate, aggregate, aggregate_label_split
 from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
 from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
 from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
@@ -136,6 +136,19 @@ class Simulation:
         }
         return tuple(k for k in self.spec.keys if k.startswith("backbone.") or k in head_keys)
 
+    def head_row_masks(self, c: ClientData) -> dict[str, np.ndarray]:
+        """Rows of the union head a client holds: the classes it has, of its own tasks.
+
+        Multi-label and regression tasks hold all their rows; other tasks' rows none.
+        """
+        assert self.union_slices is not None
+        rows = np.zeros(self.model_tasks[UNION_HEAD], dtype=bool)
+        for t in c.tasks:
+            a, b = self.union_slices[t]
+            m = c.label_masks.get(t)
+            rows[a:b] = True if m is None else np.asarray(m, dtype=bool)
+        return {f"heads.{UNION_HEAD}.{p}": rows for p in ("weight", "bias")}
+
     def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
         key = (c.tasks, width)
         if key not in self._modules:
@@ -233,7 +246,15 @@ class Simulation:
             if self._bar is not None:
                 self._bar.update(1)
         t0 = time.perf_counter()
-        if updates:
+        if updates and self.cfg.algorithm.label_split:
+            self.global_state = aggregate_label_split(
+                self.global_state,
+                updates,
+                self.spec,
+                {self.fed.clients[i].cid: self.head_row_masks(self.fed.clients[i]) for i in chosen},
+                weighting=self.cfg.algorithm.weighting,
+            )
+        elif updates:
             self.global_state = aggregate(
                 self.global_state, updates, self.spec, weighting=self.cfg.algorithm.weighting
             )
