@@ -164,3 +164,20 @@ def plt():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def label_axes(ax: Any, xlabel: str, ylabel: str, *, legend_size: int = 8) -> None:
+    """Axis labels, a light grid and the legend: the same on every accuracy plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_fig(fig: Any, name: str) -> str:
+    """Lay out, write ``docs/benchmarks/<name>`` at 110 dpi, close; returns the path."""
+    fig.tight_layout()
+    f = docs_dir() / name
+    fig.savefig(f, dpi=110)
+    plt().close(fig)
+    return str(f)

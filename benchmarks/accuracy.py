@@ -4,11 +4,13 @@
                                   [--budget-min N] [--part3-budget-min N] [--workers 2]
 
 * Part 1: a multi-task federation of 20 MNIST + Fashion-MNIST clients (digit, parity,
-  ge5, attrs; item, group), 100-500 samples each, non-IID; local-only, FedAvg, FedPer,
-  FedRep, Ditto (lambda 0.1/1/2) at the same local compute, 3 seeds, widths mixed vs 1.
-* Part 2: Flower's HeteroFL MNIST reproduction (100 clients x 600 images, 5 local epochs,
-  dynamic widths 1..1/16 or all width 1, IID and 2-class non-IID); default mode runs as
-  many rounds as fit in ``--budget-min`` per setting, ``--full`` the published schedule.
+  ge5, attrs; item, group), ~100 samples each, non-IID; local-only, FedAvg, FedPer,
+  FedRep, Ditto (lambda 0.1/1/2) at the same local compute, 3 seeds, widths mixed vs 1;
+  then a data sweep (samples per client) for where federation pays.
+* Part 2: Flower's HeteroFL MNIST reproduction (100 clients x 600 images, dynamic widths
+  1..1/16 or all width 1, IID and 2-class non-IID). ``--full``: the published schedule
+  (every client every round, 5 local epochs, 200/400 rounds). Default mode: 10 clients
+  sampled per round, 1 local epoch, as many rounds as fit in ``--budget-min`` per setting.
 * Part 3: the global model of a width-mix federation vs one that drops every client that
   cannot run width 1, every width's sub-model on the MNIST test set.
 
@@ -69,8 +71,27 @@ def part1(mode: str, seeds: list[int], workers: int) -> dict[str, Any]:
     }
     _save(f"part1-{mode}.json", data)
     write_part1(data, mode)
-    _log(f"part 1 done in {wall / 60:.1f} min")
-    return {"wall": wall}
+    _log(f"part 1 done in {wall / 60:.1f} min; data sweep next")
+    t1 = time.perf_counter()
+    sweep, P = acc_part1.run_sweep(
+        "quick" if mode == "quick" else "default", seeds, workers, log=_log
+    )
+    swall = time.perf_counter() - t1
+    sdata = {"params": P, "results": sweep, "wall": swall, "command": current_command()}
+    _save(f"part1-sweep-{mode}.json", sdata)
+    write_sweep(sdata, mode, seeds)
+    _log(f"part 1 data sweep done in {swall / 60:.1f} min")
+    return {"wall": wall + swall}
+
+
+def write_sweep(data: dict[str, Any], mode: str, seeds: list[int]) -> None:
+    from benchmarks import acc_part1
+
+    acc_part1.plot_sweep(data["results"])
+    md = _header(mode, seeds, data["wall"]) + acc_part1.report_sweep(
+        data["results"], data["params"], data["wall"]
+    )
+    write_section("accuracy-part1-sweep", md, command=data.get("command"))
 
 
 def write_part1(data: dict[str, Any], mode: str) -> None:
@@ -106,15 +127,20 @@ def part2(
         kw = dict(n_clients=10, train_per_client=600, local_epochs=1)
         settings = settings or ["iid-mix", "shards-mix"]
         budget_s, sched = None, {"iid": (2, ()), "shards": (2, ())}
-    else:
+    elif mode == "full":  # Flower's HeteroFL baseline as published
         kw = dict(n_clients=100, train_per_client=600, local_epochs=5)
         settings = settings or ["iid-mix", "shards-mix", "iid-w1"]
-        budget_s = None if mode == "full" else budget_min * 60
-        sched = H.FULL_SCHEDULE
+        budget_s, sched = None, H.FULL_SCHEDULE
+    else:  # same federation, 10 of the 100 clients per round and 1 local epoch
+        kw = dict(n_clients=100, train_per_client=600, local_epochs=1, fraction=0.1)
+        settings = settings or ["iid-mix", "shards-mix", "iid-w1"]
+        budget_s, sched = budget_min * 60, H.FULL_SCHEDULE
     t0 = time.perf_counter()
     for name in settings:
         p, w = name.split("-")
         rounds, milestones = sched[p]
+        if mode == "default":  # width-1 rounds cost ~4x a mix round: evaluate more often
+            kw["eval_every"] = 5 if w == "mix" else 3
         res = H.run_setting(
             p,
             w,
@@ -203,6 +229,9 @@ def render(mode: str, parts: list[int]) -> None:
             continue
         if p == 1:
             write_part1(data, mode)
+            sweep = _load(f"part1-sweep-{mode}.json")
+            if sweep is not None:
+                write_sweep(sweep, mode, data["seeds"])
         elif p == 3:
             write_part3(data, mode)
         else:
@@ -239,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget-min",
         type=float,
-        default=12.0,
-        help="part 2: wall-time budget per setting in minutes (default 12)",
+        default=10.0,
+        help="part 2: wall-time budget per setting in minutes (default 10)",
     )
     ap.add_argument(
         "--part3-budget-min",
@@ -259,13 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only rewrite the sections and plots from runs/accuracy/*.json",
     )
-    ap.add_argument(
-        "--probe",
-        default=None,
-        metavar="PARTITION-WIDTHS",
-        help="part 1: only run the brief hyper-parameter probe on one setting, e.g. "
-        "dirichlet-w1 (section accuracy-part1-probe)",
-    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads for parts 2 and 3")
     ap.add_argument("--workers", type=int, default=2, help="part 1 worker processes")
     args = ap.parse_args(argv)
@@ -281,21 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.render:
         render(mode, parts)
-        return 0
-    if args.probe:
-        from benchmarks import acc_part1
-        from benchmarks.common import current_command
-
-        partition, widths = args.probe.split("-")
-        t0 = time.perf_counter()
-        res = acc_part1.run_probe(partition, widths, seeds, args.workers, log=_log)
-        wall = time.perf_counter() - t0
-        _save(f"part1-probe-{mode}.json", res)
-        write_section(
-            "accuracy-part1-probe",
-            acc_part1.report_probe(res, partition, widths, wall),
-            command=current_command(),
-        )
         return 0
     t0 = time.perf_counter()
     for p in parts:

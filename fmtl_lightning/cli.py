@@ -7,6 +7,7 @@ line and exit with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,12 @@ def _demo(args: argparse.Namespace) -> int:
     import shutil
 
     shutil.rmtree(args.run_dir, ignore_errors=True)
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # the demo's MLP is too small to gain from threads; torch's 2-thread pool only
+        # slows down (up to 10x) when anything else shares the cores
+        torch.set_num_threads(1)
     print(f"fmtl demo: federated multi-task learning on real MNIST ({DEMO_CONFIG.name})")
     from fmtl_lightning.config import load_config
     from fmtl_lightning.fed_data import build_federation
