@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget-min",
         type=float,
-        default=10.0,
-        help="part 2: wall-time budget per setting in minutes (default 10)",
+        default=9.0,
+        help="part 2: wall-time budget per setting in minutes (default 9)",
     )
     ap.add_argument(
         "--part3-budget-min",
