@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fmtl_lightning.config import RunConfig
+from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task
 
@@ -71,6 +71,12 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
     from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
     from fmtl_lightning.simulation import backbone_config
 
+    if cfg.algorithm.label_split:
+        # the server would need each client's label set; a deployed client keeps it private
+        raise ConfigError(
+            "algorithm.label_split: not supported by the Flower deployment (only in "
+            "`fmtl simulate`); set it to false"
+        )
     clients, i = [], 0
     for g in cfg.clients:
         for _ in range(g.count):

@@ -292,6 +292,13 @@ def test_plan_starts_from_the_simulators_initial_state():
     assert _batch_seed(3, 5, 2) == phase_seed(3, 5, 2, "global")
 
 
+def test_plan_refuses_label_split_it_cannot_honour():
+    raw = copy.deepcopy(CFG)
+    raw["algorithm"] = {"name": "fedavg", "masked_ce": True, "label_split": True}
+    with pytest.raises(ConfigError, match="algorithm.label_split"):
+        server_plan(parse_config(raw))
+
+
 @pytest.mark.parametrize(
     "cfg,words",
     [
