@@ -550,6 +550,7 @@ def plot_sweep(results: list[dict[str, Any]]) -> str:
             linestyle="--" if m in ("local", "fedavg") else "-",
         )
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_title("Where federation pays (Dirichlet 0.3, width 1)")
     label_axes(ax, "samples per client (half of them are its test split)", "mean client accuracy")
