@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import REPO_ROOT, write_section
+from benchmarks.common import REPO_ROOT, machine_line, write_section
 
 
 def _log(msg: str) -> None:
@@ -68,6 +68,7 @@ def part1(mode: str, seeds: list[int], workers: int) -> dict[str, Any]:
         "wall": wall,
         "seeds": seeds,
         "command": current_command(),
+        "machine": machine_line(),  # kept, so --render does not restamp it
     }
     _save(f"part1-{mode}.json", data)
     write_part1(data, mode)
@@ -77,7 +78,13 @@ def part1(mode: str, seeds: list[int], workers: int) -> dict[str, Any]:
         "quick" if mode == "quick" else "default", seeds, workers, log=_log
     )
     swall = time.perf_counter() - t1
-    sdata = {"params": P, "results": sweep, "wall": swall, "command": current_command()}
+    sdata = {
+        "params": P,
+        "results": sweep,
+        "wall": swall,
+        "command": current_command(),
+        "machine": machine_line(),
+    }
     _save(f"part1-sweep-{mode}.json", sdata)
     write_sweep(sdata, mode, seeds)
     _log(f"part 1 data sweep done in {swall / 60:.1f} min")
@@ -91,7 +98,9 @@ def write_sweep(data: dict[str, Any], mode: str, seeds: list[int]) -> None:
     md = _header(mode, seeds, data["wall"]) + acc_part1.report_sweep(
         data["results"], data["params"], data["wall"]
     )
-    write_section("accuracy-part1-sweep", md, command=data.get("command"))
+    write_section(
+        "accuracy-part1-sweep", md, command=data.get("command"), machine=data.get("machine")
+    )
 
 
 def write_part1(data: dict[str, Any], mode: str) -> None:
@@ -100,7 +109,7 @@ def write_part1(data: dict[str, Any], mode: str) -> None:
     results, P, wall, seeds = data["results"], data["params"], data["wall"], data["seeds"]
     acc_part1.plot(results)
     md = _header(mode, seeds, wall) + acc_part1.report(results, P, seeds, wall, mode)
-    write_section("accuracy-part1", md, command=data.get("command"))
+    write_section("accuracy-part1", md, command=data.get("command"), machine=data.get("machine"))
 
 
 PART2_ORDER = ("iid-mix", "shards-mix", "iid-w1", "shards-w1")
@@ -153,6 +162,7 @@ def part2(
             **kw,
         )
         res["command"] = current_command()
+        res["machine"] = machine_line()
         res["budget_min"] = budget_min if mode == "default" else None
         # read back just before merging: another process may have finished another setting
         saved = {f"{r['partition']}-{r['widths']}": r for r in (_load(f"part2-{mode}.json") or [])}
@@ -170,7 +180,12 @@ def part2(
                 "protocol; only checks the pipeline end to end."
             )
         cmds = sorted({r.get("command", "") for r in results} - {""})
-        write_section("accuracy-part2", md, command=" ; ".join(f"{c}" for c in cmds) or None)
+        write_section(
+            "accuracy-part2",
+            md,
+            command=" ; ".join(f"{c}" for c in cmds) or None,
+            machine=results[-1].get("machine"),
+        )
     _log(f"part 2 done in {(time.perf_counter() - t0) / 60:.1f} min")
     return {}
 
@@ -194,6 +209,7 @@ def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, An
         )
     res = H.run_part3(seed=seed, log=_log, **kw)
     res["command"] = current_command()
+    res["machine"] = machine_line()
     _save(f"part3-{mode}.json", res)
     write_part3(res, mode)
     _log(f"part 3 done in {res['wall'] / 60:.1f} min")
@@ -215,7 +231,7 @@ def write_part3(res: dict[str, Any], mode: str) -> None:
         f"level; floor used: chance + half the way to 100% = 55%); the same width cut from "
         f"the width-1-only federation: {100 * t['drop'][0.25]:.1f}%."
     )
-    write_section("accuracy-part3", md, command=res.get("command"))
+    write_section("accuracy-part3", md, command=res.get("command"), machine=res.get("machine"))
 
 
 def render(mode: str, parts: list[int]) -> None:
@@ -241,7 +257,12 @@ def render(mode: str, parts: list[int]) -> None:
                 data, mode, data[0].get("budget_min")
             )
             cmds = sorted({r.get("command", "") for r in data} - {""})
-            write_section("accuracy-part2", md, command=" ; ".join(cmds) or None)
+            write_section(
+                "accuracy-part2",
+                md,
+                command=" ; ".join(cmds) or None,
+                machine=data[-1].get("machine"),
+            )
         _log(f"part {p} section rewritten from saved results")
 
 
