@@ -165,3 +165,36 @@ def test_part1_job_and_report_smoke():
     assert res[2]["steps_per_round"] == 2.0  # Ditto: two fits of steps/2
     text = acc_part1.report(res, P, [0], 1.0, "quick")
     assert "### Verdict" in text and "fedrep" in text
+
+
+def test_sweep_report_pairs_each_seed_with_local_only():
+    from benchmarks import acc_part1
+
+    acc = {  # (samples, method) -> accuracy per seed 0, 1
+        (40, "local"): (0.70, 0.80),
+        (40, "fedper"): (0.73, 0.81),
+        (400, "local"): (0.90, 0.92),
+        (400, "fedper"): (0.90, 0.90),
+    }
+    results = [
+        {
+            "samples_per_client": n,
+            "method": m,
+            "seed": s,
+            "mean": acc.get((n, m), (0.5, 0.5))[s],
+            "n_train": [n // 2, n // 2 + 2],
+        }
+        for n in (40, 400)
+        for m in acc_part1.SWEEP_METHODS
+        for s in (0, 1)
+    ]
+    text = acc_part1.report_sweep(results, acc_part1.PARAMS["default"], 60.0)
+    rows = {
+        line.split(" |")[0].lstrip("| "): line
+        for line in text.splitlines()
+        if line.startswith("| 4")
+    }
+    # paired fedper - local: seed diffs (+3, +1) -> +2.0 ± 1.4 ; (0, -2) -> -1.0 ± 1.4
+    assert "| +2.0 ± 1.4 |" in rows["40 (21)"]
+    assert "| -1.0 ± 1.4 |" in rows["400 (201)"]
+    assert "75.0 ± 7.1" in rows["40 (21)"]  # local's mean ± std over the two seeds
