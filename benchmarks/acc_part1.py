@@ -17,6 +17,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -184,6 +185,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_jobs(jobs: list[dict[str, Any]], workers: int) -> Iterator[tuple[dict, dict]]:
+    """(job, result) of :func:`run_job` in job order, from ``workers`` spawned processes
+    with one torch thread each."""
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=set_threads, initargs=(1,)) as ex:
+        yield from zip(jobs, ex.map(run_job, jobs), strict=True)
+
+
 def run_part1(
     mode: str, seeds: list[int], workers: int = 2, log=print, save=None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -199,17 +208,15 @@ def run_part1(
     jobs.sort(key=lambda j: j["widths"] != "w1")
     results = []
     t0 = time.perf_counter()
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=set_threads, initargs=(1,)) as ex:
-        for i, res in enumerate(ex.map(run_job, jobs)):
-            results.append(res)
-            if save is not None:
-                save(results)
-            log(
-                f"[part1 {i + 1}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] "
-                f"{res['partition']:9s} {res['widths']:5s} s{res['seed']} {res['method']:9s} "
-                f"mean {res['mean']:.3f} worst {res['worst']:.3f} ({res['wall']:.0f}s)"
-            )
+    for i, (_, res) in enumerate(run_jobs(jobs, workers)):
+        results.append(res)
+        if save is not None:
+            save(results)
+        log(
+            f"[part1 {i + 1}/{len(jobs)} {time.perf_counter() - t0:6.0f}s] "
+            f"{res['partition']:9s} {res['widths']:5s} s{res['seed']} {res['method']:9s} "
+            f"mean {res['mean']:.3f} worst {res['worst']:.3f} ({res['wall']:.0f}s)"
+        )
     return results, P
 
 
@@ -485,17 +492,15 @@ def run_sweep(
                     {"params": P, "partition": partition, "widths": widths, "seed": s, "method": m}
                 )
     results = []
-    ctx = get_context("spawn")
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=set_threads, initargs=(1,)) as ex:
-        for job, res in zip(jobs, ex.map(run_job, jobs), strict=True):
-            res["samples_per_client"] = job["params"]["samples_per_client"]
-            results.append(res)
-            log(
-                f"[sweep {len(results)}/{len(jobs)} {time.perf_counter() - t0:5.0f}s] "
-                f"n={res['samples_per_client']:4d} s{res['seed']} {res['method']:8s} "
-                f"mean {res['mean']:.3f} worst {res['worst']:.3f}"
-            )
+    for job, res in run_jobs(jobs, workers):
+        res["samples_per_client"] = job["params"]["samples_per_client"]
+        results.append(res)
+        log(
+            f"[sweep {len(results)}/{len(jobs)} {time.perf_counter() - t0:5.0f}s] "
+            f"n={res['samples_per_client']:4d} s{res['seed']} {res['method']:8s} "
+            f"mean {res['mean']:.3f} worst {res['worst']:.3f}"
+        )
     return results, base
 
 

@@ -9,7 +9,7 @@ and c01 width 1/2 on Lightning, c02 width 1/4 on the edge runtime), same rounds.
   apart;
 * bytes per client per round at each width: the ArrayRecord payload sent down and
   received back, next to ``spec.num_elements(shared_keys, width) * 4`` (float32);
-  also computed (no run) for the MNIST CNN of ``examples/demo.yaml`` at widths 1..1/8.
+  also computed (no run) for the model of ``examples/demo.yaml`` at widths 1..1/8.
 
     python -m benchmarks.bench_deploy [--rounds 4]
 """
@@ -42,10 +42,18 @@ def simulate(cfg, tmp: Path) -> list[float]:
     return out
 
 
-def deploy(cfg, tmp: Path) -> tuple[list[dict], float]:
-    from fmtl_lightning.deploy.cli import write_app
-    from fmtl_lightning.deploy.local import LocalDeployment, NodeSpec
-    from fmtl_lightning.deploy.plan import server_plan
+def round_reports(run_dir: Path, rounds: int) -> list[dict]:
+    """The server's report of every round, from the checkpoints' meta.json."""
+    ck = run_dir / "checkpoints"
+    return [
+        json.loads((ck / f"round_{r:04d}" / "meta.json").read_text())["report"]
+        for r in range(1, rounds + 1)
+    ]
+
+
+def deploy(cfg, clients, tmp: Path) -> tuple[list[dict], float]:
+    from fmtl_lightning.deploy.cli import node_specs, write_app
+    from fmtl_lightning.deploy.local import LocalDeployment
     from fmtl_lightning.deploy.prepare import prepare_edge
 
     app = tmp / "app"
@@ -56,13 +64,12 @@ def deploy(cfg, tmp: Path) -> tuple[list[dict], float]:
 
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     write_app(tmp / "cfg.yaml", app)
-    nodes = []
-    for c in server_plan(cfg).clients:
-        n = NodeSpec(c.client_id, c.width, c.tasks, tmp / "nodes" / c.client_id)
-        if c.edge:
-            n.runtime = "edge"
-            n.bundle, n.data = prepare_edge(cfg, c.client_id, tmp / "edge" / c.client_id)
-        nodes.append(n)
+    edge = {
+        c.client_id: prepare_edge(cfg, c.client_id, tmp / "edge" / c.client_id)
+        for c in clients
+        if c.edge
+    }
+    nodes = node_specs(clients, tmp, edge)
     run_dir = tmp / "run"
     with LocalDeployment(tmp / "dep", tls=True) as dep:
         dep.start_superlink()
@@ -72,14 +79,10 @@ def deploy(cfg, tmp: Path) -> tuple[list[dict], float]:
         wall = time.perf_counter() - t0
         if res.returncode:
             raise RuntimeError(res.stdout[-3000:] + res.stderr[-3000:])
-    reps = []
-    for r in range(1, cfg.federation.rounds + 1):
-        meta = json.loads((run_dir / "checkpoints" / f"round_{r:04d}" / "meta.json").read_text())
-        reps.append(meta["report"])
-    return reps, wall
+    return round_reports(run_dir, cfg.federation.rounds), wall
 
 
-def flower_simulation(cfg, tmp: Path) -> list[float] | None:
+def flower_simulation(cfg, n_clients: int, tmp: Path) -> list[float] | None:
     """Per-round server times on Flower's simulation engine (None without Ray)."""
     try:
         import ray  # noqa: F401
@@ -87,40 +90,36 @@ def flower_simulation(cfg, tmp: Path) -> list[float] | None:
         return None
     from fmtl_lightning.deploy.cli import write_app
     from fmtl_lightning.deploy.local import LocalDeployment
-    from fmtl_lightning.deploy.plan import server_plan
 
     app = tmp / "app_sim"
     write_app(tmp / "cfg.yaml", app)
     run_dir = tmp / "run_sim"
     with LocalDeployment(tmp / "dep_sim", tls=False, simulation=True) as dep:
         dep.start_superlink()
-        n = len(server_plan(cfg).clients)
-        res = dep.run(app, {"run-dir": str(run_dir)}, timeout=3600, num_supernodes=n)
+        res = dep.run(app, {"run-dir": str(run_dir)}, timeout=3600, num_supernodes=n_clients)
         if res.returncode:
             raise RuntimeError(res.stdout[-3000:] + res.stderr[-3000:])
-    out = []
-    for r in range(1, cfg.federation.rounds + 1):
-        meta = json.loads((run_dir / "checkpoints" / f"round_{r:04d}" / "meta.json").read_text())
-        out.append(meta["report"]["times"]["total"])
-    return out
+    return [r["times"]["total"] for r in round_reports(run_dir, cfg.federation.rounds)]
 
 
-def cnn_bytes() -> list[tuple[float, int, int]]:
-    """(width, ArrayRecord payload bytes, num_elements * 4) for the demo's MNIST CNN."""
+def demo_bytes() -> tuple[str, list[tuple[float, int, int]]]:
+    """The demo's model, and (width, ArrayRecord payload bytes, num_elements * 4) of it."""
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.plan import server_plan
     from fmtl_lightning.roles import WidthSpec
     from fmtl_lightning.slicing import slice_state
     from mobile_client.flower_app import to_record
 
-    plan = server_plan(load_config(REPO_ROOT / "examples" / "demo.yaml"))
+    cfg = load_config(REPO_ROOT / "examples" / "demo.yaml")
+    model = f"{cfg.model.family.upper()} {tuple(cfg.model.hidden)}"
+    plan = server_plan(cfg)
     out = []
     for w in (1.0, 0.5, 0.25, 0.125):
         sub = slice_state(plan.initial_state, plan.spec, WidthSpec(w))
         out.append(
             (w, to_record(sub).count_bytes(), plan.spec.num_elements(plan.shared_keys, w) * 4)
         )
-    return out
+    return model, out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,11 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     base = load_config(APP / "fmtl.yaml")
     cfg = base.replace(federation=dataclasses.replace(base.federation, rounds=args.rounds))
     plan = server_plan(cfg)
+    demo_model, rows = demo_bytes()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as d:
         tmp = Path(d)
         sim_t = simulate(cfg, tmp)
-        reps, wall = deploy(cfg, tmp)
-        fsim_t = flower_simulation(cfg, tmp)
+        reps, wall = deploy(cfg, plan.clients, tmp)
+        fsim_t = flower_simulation(cfg, len(plan.clients), tmp)
     dep_t = [r["times"]["total"] for r in reps]
     wait_t = [r["times"]["wait"] for r in reps]
     server_t = [r["times"]["total"] - r["times"]["wait"] for r in reps]
@@ -199,18 +199,19 @@ def main(argv: list[str] | None = None) -> None:
         "array) plus key names; HTTP framing and TLS are extra. Both directions "
         "carry only the shared arrays at the client's width; heads never travel.",
         "",
-        "### Bytes per client per round for the MNIST CNN of `examples/demo.yaml` (computed)",
+        f"### Bytes per client per round for the MNIST {demo_model} of `examples/demo.yaml` "
+        "(computed)",
         "",
         "| width | payload (B) | `num_elements(shared, w) * 4` (B) | vs width 1 |",
         "|---:|---:|---:|---:|",
     ]
-    rows = cnn_bytes()
     for w, b, raw in rows:
         lines.append(f"| {w:g} | {b} | {raw} | {b / rows[0][1]:.3f} |")
     lines += [
         "",
-        "The payload scales with the width's shared parameter count (about w^2 for the "
-        "conv/linear weights), not with the full model.",
+        "The payload scales with the width's shared parameter count (about w for a layer "
+        "fed by the fixed-size input, w^2 between width-scaled layers), not with the full "
+        "model.",
     ]
     path = write_section("deploy", "\n".join(lines))
     print("\n".join(lines))

@@ -9,7 +9,7 @@ Each measurement runs in a fresh Python process, so peak resident memory
 
 CNN (32, 64, 128) GroupNorm with a 10-class MNIST head, widths 1, 1/2, 1/4; predict
 = 256 real MNIST test images at batch 32; train = 1 epoch over 1024 real MNIST
-training images at batch 32 (32 steps). Default thread settings on both sides.
+training images at batch 32 (32 steps). One thread on each side.
 
     python -m benchmarks.bench_edge
 """
@@ -31,12 +31,18 @@ from benchmarks.common import REPO_ROOT, write_section
 WIDTHS = (1.0, 0.5, 0.25)
 TASK = "mnist/digit"
 
-EDGE = r"""
+# both measured scripts start with this: nothing imported yet but the stdlib
+PRELUDE = r"""
 import json, sys, time
 def hwm():  # peak RSS of this process image (VmHWM resets at exec; ru_maxrss does not)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
+"""
+
+EDGE = (
+    PRELUDE
+    + r"""
 import numpy as np
 from mobile_client.runtime import EdgeClient
 bundle, data, job = sys.argv[1:4]
@@ -58,13 +64,11 @@ assert "torch" not in sys.modules
 print(json.dumps({"load_s": t1 - t0, "work_s": t2 - t1,
                   "rss_mb": hwm()}))
 """
+)
 
-TORCH = r"""
-import json, sys, time
-def hwm():  # peak RSS of this process image (VmHWM resets at exec; ru_maxrss does not)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+TORCH = (
+    PRELUDE
+    + r"""
 import numpy as np
 t0 = time.perf_counter()
 import torch, lightning  # what a Lightning client process imports
@@ -106,6 +110,7 @@ t2 = time.perf_counter()
 print(json.dumps({"load_s": t1 - t0, "work_s": t2 - t1,
                   "rss_mb": hwm()}))
 """
+)
 
 
 def _run(code: str, *args: str) -> dict:

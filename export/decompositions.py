@@ -118,6 +118,20 @@ def _grad_weight(
     return gw.transpose(0, 1)  # (Cout, Cin/G, *k)
 
 
+def _conv_out_size(
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    """(Ho, Wo) of a 2-d convolution (torch's formula, floor mode)."""
+    return tuple(  # type: ignore[return-value]
+        (int(n) + 2 * p - d * (int(k) - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(spatial, kernel, stride, padding, dilation, strict=True)
+    )
+
+
 def _im2col(
     x: torch.Tensor,  # (N, Cin, H, W)
     kernel: Sequence[int],
@@ -131,8 +145,7 @@ def _im2col(
     onnxruntime's common-subexpression pass computes them once."""
     n, c_in, h, w = x.shape
     kh, kw = int(kernel[0]), int(kernel[1])
-    ho = (int(h) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (int(w) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _conv_out_size((h, w), (kh, kw), stride, padding, dilation)
     xt = x.transpose(0, 1)  # (Cin, N, H, W)
     if any(padding):
         xt = aten.constant_pad_nd.default(xt, [padding[1], padding[1], padding[0], padding[0]], 0.0)
@@ -199,10 +212,7 @@ def convolution(
     if bias is not None:
         out = out + bias.reshape(c_out, 1)
     out = out.reshape(c_out, n, -1).transpose(0, 1)  # (N, Cout, Ho*Wo)
-    h, w = x.shape[2], x.shape[3]
-    kh, kw = weight.shape[2], weight.shape[3]
-    ho = (int(h) + 2 * padding[0] - dilation[0] * (int(kh) - 1) - 1) // stride[0] + 1
-    wo = (int(w) + 2 * padding[1] - dilation[1] * (int(kw) - 1) - 1) // stride[1] + 1
+    ho, wo = _conv_out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return out.reshape(n, c_out, ho, wo)
 
 

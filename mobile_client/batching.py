@@ -40,3 +40,9 @@ def batch_order(
 def num_batches(n: int, batch_size: int, epochs: int = 1, steps: int | None = None) -> int:
     """How many batches :func:`batch_order` yields for these arguments."""
     return steps if steps is not None else epochs * -(-n // batch_size)
+
+
+def label_key(task: str, *, test: bool = False) -> str:
+    """Key of ``task``'s labels in a client's ``.npz`` data file, next to ``x`` (train)
+    and ``x_test``: ``y__mnist__digit`` (train) or ``y_test__mnist__digit`` (test)."""
+    return ("y_test__" if test else "y__") + task.replace("/", "__")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobile_client.batching import label_key
 from mobile_client.errors import MobileClientError
 
 TRAIN_BATCH = 32
@@ -257,7 +258,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _targets(data: np.lib.npyio.NpzFile, tasks: Sequence[str], path: Path) -> dict:
     out = {}
     for t in tasks:
-        key = "y__" + t.replace("/", "__")
+        key = label_key(t)
         if key not in data.files:
             raise CLIError(f"{path}: no key {key!r} for task {t!r} (keys: {', '.join(data.files)})")
         out[t] = data[key]

@@ -41,6 +41,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from mobile_client.batching import label_key
 from mobile_client.errors import InputError, MobileClientError
 from mobile_client.update import state_hash
 
@@ -264,7 +265,7 @@ def _edge_data(path: Path, tasks: tuple[str, ...]) -> tuple[np.ndarray, dict[str
             raise InputError(f"{path}: no key 'x' (keys: {', '.join(z.files)})")
         ys = {}
         for t in tasks:
-            key = "y__" + t.replace("/", "__")
+            key = label_key(t)
             if key not in z.files:
                 raise InputError(f"{path}: no key {key!r} for task {t!r}")
             ys[t] = z[key]

@@ -65,12 +65,13 @@ def write_app(config: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _nodes(cfg: Any, root: Path, edge_dirs: dict[str, tuple[Path, Path]]) -> list:
+def node_specs(clients: list, root: Path, edge_dirs: dict[str, tuple[Path, Path]]) -> list:
+    """One SuperNode per planned client under ``root/nodes``; clients in ``edge_dirs``
+    run the edge runtime on their (bundle, data)."""
     from fmtl_lightning.deploy.local import NodeSpec
-    from fmtl_lightning.deploy.plan import server_plan
 
     out = []
-    for c in server_plan(cfg).clients:
+    for c in clients:
         spec = NodeSpec(c.client_id, c.width, c.tasks, root / "nodes" / c.client_id)
         if c.client_id in edge_dirs:
             spec.runtime = "edge"
@@ -121,9 +122,9 @@ def _prepare_data(a: argparse.Namespace) -> int:
 def _node_config(a: argparse.Namespace) -> int:
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.local import NodeSpec
-    from fmtl_lightning.deploy.plan import server_plan
+    from fmtl_lightning.deploy.plan import client_by_id, planned_clients
 
-    c = server_plan(load_config(a.config)).client(a.client)
+    c = client_by_id(planned_clients(load_config(a.config)), a.client)
     if c is None:
         raise FMTLError(f"client {a.client!r} is not in {a.config}")
     spec = NodeSpec(c.client_id, c.width, c.tasks, Path(a.state_dir).absolute())
@@ -138,15 +139,15 @@ def _node_config(a: argparse.Namespace) -> int:
 def _local(a: argparse.Namespace) -> int:
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.local import LocalDeployment
-    from fmtl_lightning.deploy.plan import server_plan
+    from fmtl_lightning.deploy.plan import planned_clients
     from fmtl_lightning.deploy.prepare import prepare_edge
 
     t0 = time.perf_counter()
     cfg = load_config(a.config)
     root = Path(a.out).absolute()
     app = write_app(a.config, root / "app")
+    clients = planned_clients(cfg)
     edge = {}
-    clients = server_plan(cfg).clients
     for c in clients if not a.simulation else []:
         if c.edge:
             print(f"exporting the edge bundle of {c.client_id} ...", flush=True)
@@ -158,7 +159,7 @@ def _local(a: argparse.Namespace) -> int:
             print(f"SuperLink with Flower's simulation engine on {dep.address}: "
                   f"{len(clients)} virtual SuperNodes (all Lightning)", flush=True)  # fmt: skip
         else:
-            dep.start_nodes(_nodes(cfg, root, edge))
+            dep.start_nodes(node_specs(clients, root, edge))
             print(f"SuperLink on {dep.address} ({'plain HTTP' if a.insecure else 'TLS'}), "
                   f"{len(dep.procs) - 1} SuperNodes; logs in {dep.root / 'logs'}", flush=True)  # fmt: skip
         rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout}
@@ -196,16 +197,15 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_app)
-    e = ds.add_parser("prepare-edge", help="bundle + data file of one edge client")
-    e.add_argument("--config", required=True)
-    e.add_argument("--client", required=True)
-    e.add_argument("--out", required=True)
-    e.set_defaults(func=_prepare_edge)
-    pd = ds.add_parser("prepare-data", help="one client's data shard as a node's .npz")
-    pd.add_argument("--config", required=True)
-    pd.add_argument("--client", required=True)
-    pd.add_argument("--out", required=True)
-    pd.set_defaults(func=_prepare_data)
+    for name, helptext, func in (
+        ("prepare-edge", "bundle + data file of one edge client", _prepare_edge),
+        ("prepare-data", "one client's data shard as a node's .npz", _prepare_data),
+    ):
+        e = ds.add_parser(name, help=helptext)
+        e.add_argument("--config", required=True)
+        e.add_argument("--client", required=True)
+        e.add_argument("--out", required=True)
+        e.set_defaults(func=func)
     n = ds.add_parser("node-config", help="print a client's --node-config string")
     n.add_argument("--config", required=True)
     n.add_argument("--client", required=True)

@@ -130,15 +130,16 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     empty shells that fix the model (tasks, widths) and the client numbering."""
     import torch
 
-    from fmtl_lightning.deploy.plan import IMAGE_SIZE, server_plan
+    from fmtl_lightning.deploy.plan import IMAGE_SIZE, client_by_id, planned_clients
     from fmtl_lightning.fed_data import ClientData, Federation
     from fmtl_lightning.federation import ClientSpec
     from fmtl_lightning.tasks import get_task
+    from mobile_client.batching import label_key
 
-    plan = server_plan(cfg)
-    me = plan.client(client_id)
+    planned = planned_clients(cfg)
+    me = client_by_id(planned, client_id)
     if me is None:
-        ids = ", ".join(c.client_id for c in plan.clients)
+        ids = ", ".join(c.client_id for c in planned)
         raise NodeConfigError(f"node config: client-id {client_id!r} is not in the run config "
                               f"(clients: {ids})")  # fmt: skip
     domain = get_task(me.tasks[0]).domain
@@ -155,10 +156,10 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
                                   f"normalised images, got {x.dtype}{list(x.shape)}")  # fmt: skip
         return torch.from_numpy(np.ascontiguousarray(x))
 
-    def ys(prefix: str, n: int, tasks: tuple[str, ...], need: bool) -> dict[str, torch.Tensor]:
+    def ys(test: bool, n: int, tasks: tuple[str, ...], need: bool) -> dict[str, torch.Tensor]:
         out = {}
         for t in tasks:
-            key = prefix + t.replace("/", "__")
+            key = label_key(t, test=test)
             if key not in arrays:
                 if need or n:
                     raise NodeConfigError(f"{data}: no key {key!r} for task {t!r}")
@@ -174,12 +175,12 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
         return out
 
     clients = []
-    for c, group in zip(plan.clients, _groups(cfg), strict=True):
+    for c in planned:
         mine = c.client_id == client_id
         x_tr = xs("x") if mine else torch.zeros(0, 1, size, size)
         x_te = xs("x_test") if mine else torch.zeros(0, 1, size, size)
-        y_tr = ys("y__", x_tr.shape[0], c.tasks, mine)
-        y_te = ys("y_test__", x_te.shape[0], c.tasks, False)
+        y_tr = ys(False, x_tr.shape[0], c.tasks, mine)
+        y_te = ys(True, x_te.shape[0], c.tasks, False)
         masks = {
             t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
             for t in c.tasks
@@ -188,12 +189,8 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
         spec = ClientSpec(c.client_id, c.tasks, c.width, np.arange(x_tr.shape[0]),
                           np.arange(x_tr.shape[0], x_tr.shape[0] + x_te.shape[0]),
                           get_task(c.tasks[0]).domain)  # fmt: skip
-        clients.append(ClientData(spec, group.lam, x_tr, y_tr, x_te, y_te, masks, c.edge))
+        clients.append(ClientData(spec, c.lam, x_tr, y_tr, x_te, y_te, masks, c.edge))
     return Federation(clients, size, f"{len(clients)} clients (node {client_id}: own data)", {})
-
-
-def _groups(cfg: Any) -> list[Any]:
-    return [g for g in cfg.clients for _ in range(g.count)]
 
 
 def lightning_train(msg: Any, context: Any) -> Any:

@@ -29,6 +29,7 @@ class PlannedClient:
     tasks: tuple[str, ...]
     width: float
     edge: bool
+    lam: float | None = None  # the client's own Ditto lambda, if its group sets one
 
 
 @dataclass
@@ -40,7 +41,7 @@ class ServerPlan:
     initial_state: dict[str, np.ndarray]
 
     def client(self, client_id: str) -> PlannedClient | None:
-        return next((c for c in self.clients if c.client_id == client_id), None)
+        return client_by_id(self.clients, client_id)
 
     def width_of(self, c: PlannedClient, declared: float, round_idx: int) -> WidthSpec:
         """The width a client trains at this round: the one its node declares, or under
@@ -64,6 +65,20 @@ class ServerPlan:
         return sorted(idxs[int(i)] for i in pick)
 
 
+def planned_clients(cfg: RunConfig) -> list[PlannedClient]:
+    """The run's clients in ``fmtl simulate``'s numbering, from the config alone (cheap:
+    no model, no data; what a node or a launcher needs)."""
+    groups = [g for g in cfg.clients for _ in range(g.count)]
+    return [
+        PlannedClient(i, f"c{i:02d}", tuple(g.tasks), g.width, g.edge, g.lam)
+        for i, g in enumerate(groups)
+    ]
+
+
+def client_by_id(clients: list[PlannedClient], client_id: str) -> PlannedClient | None:
+    return next((c for c in clients if c.client_id == client_id), None)
+
+
 def server_plan(cfg: RunConfig) -> ServerPlan:
     """Clients, roles and initial global state of ``cfg`` (torch only to build the init)."""
     import torch
@@ -77,11 +92,7 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
             "algorithm.label_split: not supported by the Flower deployment (only in "
             "`fmtl simulate`); set it to false"
         )
-    clients, i = [], 0
-    for g in cfg.clients:
-        for _ in range(g.count):
-            clients.append(PlannedClient(i, f"c{i:02d}", tuple(g.tasks), g.width, g.edge))
-            i += 1
+    clients = planned_clients(cfg)
     task_outputs: dict[str, int] = {}
     for c in clients:
         for t in c.tasks:

@@ -18,6 +18,7 @@ import numpy as np
 
 from fmtl_lightning.config import RunConfig
 from fmtl_lightning.roles import WidthSpec
+from mobile_client.batching import label_key
 
 
 def write_client_data(c: Any, path: str | Path) -> Path:
@@ -25,8 +26,8 @@ def write_client_data(c: Any, path: str | Path) -> Path:
     ``x_test``, ``y_test__<task>``; ``x`` float32 normalised ``(N, 1, H, W)``)."""
     arrays: dict[str, Any] = {"x": c.x_train.numpy(), "x_test": c.x_test.numpy()}
     for t in c.tasks:
-        arrays["y__" + t.replace("/", "__")] = c.y_train[t].numpy()
-        arrays["y_test__" + t.replace("/", "__")] = c.y_test[t].numpy()
+        arrays[label_key(t)] = c.y_train[t].numpy()
+        arrays[label_key(t, test=True)] = c.y_test[t].numpy()
     np.savez(path, **arrays)
     return Path(path)
 
