@@ -531,8 +531,11 @@ def test_check_reply_raises_only_reply_rejected_on_fuzzed_replies(plan):
         st.one_of(
             st.binary(max_size=300),
             st.sampled_from([b"", _npy(np.zeros((4, 8), np.float32)), _npy(np.zeros(3))]),
-            st.builds(lambda b, i: b[:i], st.sampled_from([_npy(np.ones((2, 2), np.float32))]),
-                      st.integers(0, 200)),
+            st.builds(
+                lambda b, i: b[:i],
+                st.sampled_from([_npy(np.ones((2, 2), np.float32))]),
+                st.integers(0, 200),
+            ),
         ),
     )
 
@@ -610,8 +613,9 @@ def test_num_examples_claims_are_bounded_by_max_examples(n, ok):
         assert s.report.accepted["c01"]["num_examples"] == 60
     else:
         assert list(s.report.rejected) == ["c01"]
-        assert f"num-examples must be an int in [1, 60] (the ServerApp's max-examples), got {n}" in (
-            s.report.rejected["c01"]
+        assert (
+            f"num-examples must be an int in [1, 60] (the ServerApp's max-examples), got {n}"
+            in (s.report.rejected["c01"])
         )
 
 
@@ -637,8 +641,9 @@ def test_a_node_wider_than_the_plan_is_refused_a_narrower_one_accepted(plan):
     finally:
         NODE_CONFIG.pop(108), NODE_CONFIG.pop(109)
     assert sorted(s.nodes) == [103, 109] and s.nodes[109].width == 0.5
-    assert "client 'c01' (node 108): width 1 is wider than the 0.5 the run config gives it" in (
-        s.refused[108]
+    assert (
+        "client 'c01' (node 108): width 1 is wider than the 0.5 the run config gives it"
+        in (s.refused[108])
     )
 
 

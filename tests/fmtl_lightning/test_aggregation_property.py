@@ -78,8 +78,11 @@ def naive(spec: ModelSpec, g: dict, ups: list[ClientUpdate], weighting: str) -> 
     return out
 
 
+ONE = st.just(1.0)
+
+
 @st.composite
-def rounds(draw, *, scale=st.just(1.0)):
+def rounds(draw, *, scale=ONE):
     a, b = draw(st.integers(1, 6)), draw(st.integers(1, 7))
     spec = make_spec(a, b)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -185,7 +188,7 @@ def test_a_bad_update_aggregates_correctly_or_raises_and_changes_nothing(case, h
     if not ups:
         return
     i = which % len(ups)
-    ups = [*ups[:i], corrupt(ups[i], how, pos), *ups[i + 1:]]
+    ups = [*ups[:i], corrupt(ups[i], how, pos), *ups[i + 1 :]]
     before = snapshot(g, ups)
     try:
         new = aggregate(g, ups, spec, weighting=weighting)
