@@ -18,9 +18,9 @@ No finite input can make a sum overflow: values are bounded (``|x| <=
 sqrt(finfo(dtype).max)``, :func:`~fmtl_lightning.validation.max_abs`), sample
 counts too (:data:`MAX_EXAMPLES`), and when the total weight of a round could let
 a sum of bounded values overflow, the weights are scaled to sum to 1 first (a
-convex combination never exceeds its largest value). A value past the bound
-raises :class:`StateValidationError` naming the client; the new global state is
-always finite and within the bound.
+convex combination never exceeds its largest value). An input that takes an
+average past the bound (or makes a sum overflow) raises :class:`StateValidationError`
+naming the client; the new global state is always finite and within the bound.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def aggregate(
     order, so the error raised is the one update-by-update validation would raise.
     An input past the bound is therefore refused when it takes an average past the
     bound or makes a sum overflow; one diluted below it is averaged like any other
-    value (the average is exact either way). Where inputs are untrusted, validate
+    value (the result is still the weighted mean). Where inputs are untrusted, validate
     each with :func:`~fmtl_lightning.validation.validate_state` first, as the Flower
     strategy does.
 
