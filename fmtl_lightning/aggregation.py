@@ -13,11 +13,19 @@ can fold updates in as they arrive.
 Speed: sums are folded in blocks of rows (:data:`BLOCK` elements) so that a
 block of the running sum, and the scratch buffer for ``weight * x``, stay in
 cache while the clients' arrays stream through once; no temporary arrays.
+
+No finite input can make a sum overflow: values are bounded (``|x| <=
+sqrt(finfo(dtype).max)``, :func:`~fmtl_lightning.validation.max_abs`), sample
+counts too (:data:`MAX_EXAMPLES`), and when the total weight of a round could let
+a sum of bounded values overflow, the weights are scaled to sum to 1 first (a
+convex combination never exceeds its largest value). An input that takes an
+average past the bound (or makes a sum overflow) raises :class:`StateValidationError`
+naming the client; the new global state is always finite and within the bound.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,15 +36,19 @@ from fmtl_lightning.errors import StateValidationError
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.slicing import covers_all, regions
 from fmtl_lightning.validation import (
-    all_finite,
     check_structure,
     expected_layout,
+    max_abs,
     validate_state,
+    within_bound,
 )
 
 Weighting = Literal["uniform", "examples"]
 
 BLOCK = 1 << 17  # elements per block of rows: 512 KiB of float32, in L2 with its scratch
+# The largest sample count a client may claim under example weighting: 2**53 is the
+# largest integer a float64 weight holds exactly (any real dataset is far smaller).
+MAX_EXAMPLES = 2**53
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,9 @@ class Aggregator:
 
     Every update is validated completely before any of it is added, so a bad
     update raises :class:`StateValidationError` and leaves the aggregator as it
-    was; ``global_state`` itself is never modified.
+    was; ``global_state`` itself is never modified. So is an update whose weight
+    would take the total past :attr:`weight_limit` (the running sums are not
+    rescaled; :func:`aggregate`, which sees every weight first, has no such limit).
     """
 
     def __init__(
@@ -112,11 +126,28 @@ class Aggregator:
         self._acc: dict[str, _Acc] = {k: _Acc() for k in self.keys}
         self._layouts: dict[tuple[str, WidthSpec], tuple[_Run, ...] | None] = {}
         self.num_clients = 0
+        self.total_weight = 0.0
+
+    @property
+    def weight_limit(self) -> float:
+        """Total weight up to which a weighted sum of bounded values cannot overflow:
+        ``max_abs(dtype) / 2`` for the narrowest float dtype aggregated (sums then stay
+        within half the dtype's range, leaving room for rounding)."""
+        bounds = [max_abs(self.spec[k].dtype) for k in self.keys if self.spec[k].is_float]
+        return min(bounds, default=math.inf) / 2
 
     def add(self, update: ClientUpdate) -> None:
         """Validate ``update`` and fold it into the running sums."""
         validate_state(update.state, self.spec, update.width, self.keys, client=update.client_id)
-        self._fold([update], [self._weight(update)])
+        w = self._weight(update)
+        if self.total_weight + w > self.weight_limit:
+            raise StateValidationError(
+                f"weight {w:g} takes the total weight past {self.weight_limit:.3g}, where a "
+                "running sum could overflow; aggregate() rescales such weights",
+                client=update.client_id,
+            )
+        self._fold([update], [w])
+        self.total_weight += w
 
     def _fold(self, updates: Sequence[ClientUpdate], weights: Sequence[float]) -> None:
         """Add already-validated updates, entry by entry, in the given client order."""
@@ -128,9 +159,9 @@ class Aggregator:
         if self.weighting == "uniform":
             return 1.0
         n = update.num_examples
-        if not isinstance(n, int | np.integer) or n <= 0:
+        if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
             raise StateValidationError(
-                f"num_examples must be a positive integer for example weighting, got {n!r}",
+                f"num_examples must be an integer in [1, 2**53] for example weighting, got {n!r}",
                 client=update.client_id,
             )
         return float(n)
@@ -283,10 +314,20 @@ def aggregate(
     default the spec's shared keys) are carried over from ``global_state`` unchanged.
 
     Key sets, shapes, dtypes and counts of all updates are checked before any
-    arithmetic. Finiteness is checked on the averages instead of on every input
-    (a NaN/Inf in any input reaches the average), which saves a full pass over
-    the client data; if an average is not finite, every update is validated in
+    arithmetic. Values are checked on the averages instead of on every input (a
+    NaN/Inf in any input reaches the average), which saves a full pass over the
+    client data; if an average is not finite or beyond the bound
+    (:func:`~fmtl_lightning.validation.max_abs`), every update is validated in
     order, so the error raised is the one update-by-update validation would raise.
+    An input past the bound is therefore refused when it takes an average past the
+    bound or makes a sum overflow; one diluted below it is averaged like any other
+    value (the result is still the weighted mean). Where inputs are untrusted, validate
+    each with :func:`~fmtl_lightning.validation.validate_state` first, as the Flower
+    strategy does.
+
+    The weights are used as given unless their total exceeds
+    :attr:`Aggregator.weight_limit`; then they are scaled to sum to 1, so that no
+    sum of values within the bound can overflow. The result is always finite.
     """
     agg = Aggregator(global_state, spec, weighting=weighting, keys=keys)
     layouts: dict[float, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
@@ -300,18 +341,20 @@ def aggregate(
     except StateValidationError:
         _validate_in_order(agg, updates)  # raises the first error in client order
         raise
+    total = math.fsum(weights)
+    if total > agg.weight_limit:  # a sum of bounded values could overflow: make it convex
+        weights = [w / total for w in weights]
     new = {k: np.array(v, copy=True) for k, v in global_state.items() if k not in agg.keys}
     for k in agg.keys:
-        with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf inputs are reported below
+        with np.errstate(over="ignore", invalid="ignore"):  # bad inputs are reported below
             agg._fold_entry(k, updates, weights)
             new[k] = agg._finish(k, consume=True)
-        if spec[k].is_float and not all_finite(new[k]):
-            _validate_in_order(agg, updates)  # a non-finite input raises here
-            warnings.warn(
-                f"key {k!r}: the weighted sum overflowed {new[k].dtype}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if spec[k].is_float and not within_bound(new[k]):
+            _validate_in_order(agg, updates)  # an input that is non-finite or too large raises
+            # every input is finite and within the bound, and so is their exact mean:
+            # only rounding can have put the computed mean past the bound
+            bound = max_abs(new[k].dtype)
+            np.clip(new[k], -bound, bound, out=new[k])
     return new
 
 

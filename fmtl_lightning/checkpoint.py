@@ -9,7 +9,9 @@ Layout::
         meta.json                   round number, spec hash, wall times
 
 A round directory is built under a temporary name and renamed into place, so a
-run killed at any moment leaves only complete rounds behind.
+run killed at any moment leaves only complete rounds behind. A global state with a
+NaN/Inf value is refused before anything is written: a run must be able to resume
+from every checkpoint it leaves.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fmtl_lightning.errors import FMTLError
+from fmtl_lightning.validation import all_finite
 
 ROUND_RE = re.compile(r"^round_(\d{4,})$")
 
@@ -55,7 +58,17 @@ def write_round(
     meta: Mapping[str, Any],
     metrics_csv: str,
 ) -> Path:
-    """Write one round atomically; returns the final directory."""
+    """Write one round atomically; returns the final directory.
+
+    Raises :class:`CheckpointError` naming the key, and writes nothing, when a float
+    entry of ``global_state`` holds a NaN/Inf.
+    """
+    for k, v in global_state.items():
+        a = np.asarray(v)
+        if a.dtype.kind == "f" and not all_finite(a):
+            raise CheckpointError(
+                f"round {round_idx}: global key {k!r} holds non-finite values; not written"
+            )
     final = round_dir(run_dir, round_idx)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

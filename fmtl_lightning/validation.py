@@ -3,8 +3,14 @@
 Every boundary where arrays arrive (a client update, a checkpoint, a file) calls
 :func:`validate_state` before the arrays touch anything. It is two checks that
 can also be run apart: :func:`check_structure` (key set, types, shapes, dtypes:
-metadata only, no pass over the data) and :func:`check_finite` (one pass).
-Pure numpy.
+metadata only, no pass over the data) and :func:`check_finite` (finite values
+within :func:`max_abs`; a pass over the data). Pure numpy.
+
+The magnitude bound: a float value must satisfy ``|x| <= sqrt(finfo(dtype).max)``
+(about 1.8e19 for float32). A larger value is finite but cannot be trained on (its
+square overflows: variances, norms, the Ditto term), and the bound leaves
+aggregation a headroom of ``sqrt(finfo(dtype).max)`` in total weight before a
+weighted sum of bounded values could overflow.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ def validate_state(
     *,
     client: str | None = None,
 ) -> None:
-    """Check key set, per-key shape at ``width``, dtype and finiteness.
+    """Check key set, per-key shape at ``width``, dtype, finiteness and magnitude.
 
     Raises :class:`StateValidationError` naming the client and the first bad key.
     """
@@ -95,14 +101,40 @@ def check_finite(
     *,
     client: str | None = None,
 ) -> None:
-    """Check that every float entry among ``keys`` holds no NaN/Inf."""
+    """Check that every float entry among ``keys`` is finite and within :func:`max_abs`."""
     for k in keys:
         arr = state[k]
-        if spec[k].is_float and not all_finite(arr):
+        if not spec[k].is_float or within_bound(arr):
+            continue
+        if not all_finite(arr):
             n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             raise StateValidationError(
                 f"{n_bad} non-finite value(s) (NaN/Inf)", client=client, key=k
             )
+        bound = max_abs(arr.dtype)
+        n_big = int(np.count_nonzero(np.abs(arr) > bound))
+        raise StateValidationError(
+            f"{n_big} value(s) with |x| > {bound:.3g}, the bound for {arr.dtype} "
+            f"(largest |x| {float(np.abs(arr).max()):.3g})",
+            client=client,
+            key=k,
+        )
+
+
+def max_abs(dtype: np.dtype | type | str) -> float:
+    """The largest magnitude a float value may have: ``sqrt(finfo(dtype).max)``."""
+    return float(np.sqrt(np.finfo(dtype).max, dtype=np.float64))
+
+
+def within_bound(arr: np.ndarray) -> bool:
+    """True when every element of a float array is finite with ``|x| <= max_abs(dtype)``.
+
+    Two passes (min and max; NaN propagates through both), no temporaries.
+    """
+    if arr.size == 0:
+        return True
+    bound = max_abs(arr.dtype)
+    return bool(-bound <= arr.min() and arr.max() <= bound)
 
 
 def all_finite(arr: np.ndarray) -> bool:

@@ -29,7 +29,9 @@ federation ``fmtl_lightning.deploy.client_app:app`` dispatches on ``runtime``.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SType
 
 from mobile_client.batching import label_key
 from mobile_client.errors import InputError, MobileClientError
@@ -66,16 +69,43 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def from_record(record: Any, where: str = ARRAYS) -> dict[str, np.ndarray]:
-    """ArrayRecord -> named numpy arrays; a non-numpy entry raises naming its key."""
+    """ArrayRecord -> named numpy arrays; an entry that is not one ``.npy`` array
+    (empty, truncated, padded, pickled, an object dtype, a header that claims more
+    bytes than follow) raises :class:`ProtocolError` naming its key."""
     if not isinstance(record, ArrayRecord):
         raise ProtocolError(f"{where}: expected an ArrayRecord, got {type(record).__name__}")
-    out = {}
-    for k, v in record.items():
-        try:
-            out[k] = v.numpy()
-        except (TypeError, ValueError, OSError) as exc:
-            raise ProtocolError(f"{where}: key {k!r} is not a numpy array: {exc}") from exc
-    return out
+    return {k: _decode(v, f"{where}: key {k!r}") for k, v in record.items()}
+
+
+def _decode(a: Any, where: str) -> np.ndarray:
+    """One ``Array`` -> ndarray. The ``.npy`` header is checked against the bytes that
+    follow it before numpy allocates anything, so a lying header costs nothing."""
+    if not isinstance(a, Array) or a.stype != SType.NUMPY or not isinstance(a.data, bytes):
+        raise ProtocolError(f"{where}: not a numpy-serialised Array")
+    fp = io.BytesIO(a.data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except ValueError as exc:  # EOF, bad magic or header (numpy raises ValueError)
+        raise ProtocolError(f"{where}: not an .npy array ({len(a.data)} bytes): {exc}") from exc
+    if dtype.hasobject:
+        raise ProtocolError(f"{where}: dtype {dtype} holds Python objects")
+    if any(n < 0 for n in shape):
+        raise ProtocolError(f"{where}: negative dimension in shape {shape}")
+    want, got = math.prod(shape) * dtype.itemsize, len(a.data) - fp.tell()
+    if want != got:
+        raise ProtocolError(
+            f"{where}: header declares {dtype} {list(shape)} ({want} bytes), {got} bytes follow"
+        )
+    try:
+        return np.load(io.BytesIO(a.data), allow_pickle=False)
+    except (ValueError, TypeError, EOFError, OSError) as exc:  # belt and braces
+        raise ProtocolError(f"{where}: not an .npy array: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- node config

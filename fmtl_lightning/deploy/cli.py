@@ -49,6 +49,7 @@ num-rounds = 0
 reply-timeout = 600.0
 min-nodes = 0
 node-wait-timeout = 300.0
+max-examples = 0
 """
 
 

@@ -14,6 +14,11 @@ Run config keys (``[tool.flwr.app.config]`` of the Flower app, or ``flwr run -c`
                           of the YAML)
 ``node-wait-timeout``     seconds to wait for ``min-nodes``; then start with whoever is
                           there (at least one)
+``max-examples``          the largest ``num-examples`` a reply may claim; a larger
+                          claim (it would outweigh the other clients under example
+                          weighting) is rejected. 0: ``data.samples_per_client`` of the
+                          YAML, the most a client's shard holds; raise it for nodes
+                          that train on their own, larger data
 ========================  ========================================================
 
 Layout of the run dir: ``config.yaml``, ``spec.json``, ``checkpoints/round_NNNN/``
@@ -53,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "reply-timeout": 600.0,
     "min-nodes": 0,
     "node-wait-timeout": 300.0,
+    "max-examples": 0,
 }
 
 
@@ -108,7 +114,9 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 class DeployedRun:
     """The server side of one deployed run directory (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, reply_timeout: float) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: str | Path, *, reply_timeout: float, max_examples: int = 0
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.plan: ServerPlan = server_plan(cfg)
@@ -121,7 +129,9 @@ class DeployedRun:
             validate_state(g, self.plan.spec, 1.0, self.plan.shared_keys, client="<checkpoint>")
             state, self.start_round = g, done[-1]
             log(INFO, "fmtl: resuming %s after round %d", self.run_dir, done[-1])
-        self.strategy = FMTLStrategy(self.plan, state, reply_timeout=reply_timeout)
+        self.strategy = FMTLStrategy(
+            self.plan, state, reply_timeout=reply_timeout, max_examples=max_examples
+        )
 
     def _check_or_write_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +248,12 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(resolve_config(str(rc["config"]), app_dir(grid)))
         num_rounds = int(rc["num-rounds"]) or cfg.federation.rounds
-        run = DeployedRun(cfg, Path(str(rc["run-dir"])), reply_timeout=float(rc["reply-timeout"]))
+        run = DeployedRun(
+            cfg,
+            Path(str(rc["run-dir"])),
+            reply_timeout=float(rc["reply-timeout"]),
+            max_examples=int(rc["max-examples"]),
+        )
     except FMTLError as exc:
         log(WARNING, "fmtl: %s", exc)
         raise

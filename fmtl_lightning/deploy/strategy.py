@@ -4,25 +4,33 @@
 
 * :meth:`~FMTLStrategy.register` asks new nodes who they are (``query.fmtl_info``) and
   checks the answer against the run config (client id known, same tasks, width in
-  (0, 1], no two nodes claiming one client);
+  (0, 1] and not wider than the config gives that client, no two nodes claiming one
+  client); a node may declare a narrower width;
 * :meth:`~FMTLStrategy.configure_train` sends each selected node the global shared
   arrays cut to its width (HeteroFL prefix or FedRolex window, :func:`slice_state`)
   with the round, width and the hash of what was sent;
 * :meth:`~FMTLStrategy.aggregate_train` checks every reply like the in-process loop
-  does (:func:`validate_state`: keys, shapes at the node's width, dtype, finite values;
-  plus the base hash, round and client id) and folds the good ones in with
-  :func:`aggregate`. A bad reply is rejected and logged, a missing one recorded as a
-  failure; neither aborts the round. Entries no accepted client holds keep their value.
+  does (:func:`validate_state`: keys, shapes at the node's width, dtype, finite values
+  within the magnitude bound; plus the base hash, round and client id), and its claims:
+  ``num-examples`` must be an int in ``[1, max_examples]`` (default: the YAML's
+  ``data.samples_per_client``, the most a client's shard holds; a node training on
+  its own larger data needs the ServerApp's ``max-examples`` raised), every metric a
+  finite number. It folds the good replies in with :func:`aggregate`. A malformed reply
+  (any record or array, however broken) is rejected with :class:`ReplyRejected` and
+  logged, a missing one recorded as a failure; neither aborts the round. Entries no
+  accepted client holds keep their value, and a global state that is not finite is
+  never adopted.
 
 Everything here is numpy + flwr: no torch at import time.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -31,12 +39,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fmtl_lightning.aggregation import ClientUpdate, aggregate
+from fmtl_lightning.aggregation import MAX_EXAMPLES, ClientUpdate, aggregate
+from fmtl_lightning.config import ConfigError
 from fmtl_lightning.deploy.plan import PlannedClient, ServerPlan
 from fmtl_lightning.errors import FMTLError, StateValidationError
 from fmtl_lightning.roles import WidthSpec
 from fmtl_lightning.slicing import slice_state
-from fmtl_lightning.validation import validate_state
+from fmtl_lightning.validation import check_finite, validate_state
 from mobile_client.flower_app import (
     ARRAYS,
     CONFIG,
@@ -94,8 +103,13 @@ class RoundReport:
 
 
 def _weighted_mean(values: list[tuple[float, float]]) -> float:
-    total = sum(w for _, w in values)
-    return sum(v * w for v, w in values) / total if total else float("nan")
+    """Mean of finite values under positive weights; finite (weights scaled to sum to 1,
+    the result clamped to the values' range, which only undoes rounding)."""
+    total = math.fsum(w for _, w in values)
+    if not total:
+        return float("nan")
+    mean = math.fsum(v * (w / total) for v, w in values)
+    return min(max(mean, min(v for v, _ in values)), max(v for v, _ in values))
 
 
 class FMTLStrategy(Strategy):
@@ -108,12 +122,18 @@ class FMTLStrategy(Strategy):
         *,
         reply_timeout: float = 600.0,
         query_timeout: float = 60.0,
+        max_examples: int = 0,
     ) -> None:
         validate_state(global_state, plan.spec, 1.0, plan.shared_keys, client="<global>")
         self.plan = plan
         self.global_state = global_state
         self.reply_timeout = float(reply_timeout)
         self.query_timeout = min(float(query_timeout), self.reply_timeout)
+        # the largest num-examples a reply may claim (0: the YAML's data.samples_per_client)
+        self.max_examples = int(max_examples) or plan.cfg.data.samples_per_client
+        if not 0 < self.max_examples <= MAX_EXAMPLES:
+            raise ConfigError(f"max-examples must be in [1, 2**53] (0: the YAML's "
+                              f"data.samples_per_client), got {max_examples!r}")  # fmt: skip
         self.nodes: dict[int, Node] = {}
         self.refused: dict[int, str] = {}  # node id -> why it was not registered
         self.pending: dict[int, Sent] = {}
@@ -174,7 +194,10 @@ class FMTLStrategy(Strategy):
         width = _number(info.get("width"), f"node {node_id}: info 'width'")
         if not 0.0 < width <= 1.0:
             raise ReplyRejected(f"client {cid!r} (node {node_id}): width {width} not in (0, 1]")
-        if abs(width - planned.width) > 1e-9:
+        if width > planned.width + 1e-9:
+            raise ReplyRejected(f"client {cid!r} (node {node_id}): width {width:g} is wider than "
+                                f"the {planned.width:g} the run config gives it")  # fmt: skip
+        if width < planned.width - 1e-9:
             log(WARNING, "fmtl: client %s declares width %g; the run config says %g: using %g",
                 cid, width, planned.width, width)  # fmt: skip
         return Node(node_id, planned, width, str(info.get("runtime", "lightning")))
@@ -237,7 +260,11 @@ class FMTLStrategy(Strategy):
         return msgs
 
     def check_reply(self, reply: Message) -> tuple[ClientUpdate, dict[str, float], int]:
-        """Validate one train reply; returns (update, metrics, bytes up) or raises."""
+        """Validate one train reply; returns (update, metrics, bytes up).
+
+        Raises :class:`ProtocolError` when the node answered with an error, and
+        :class:`ReplyRejected` (naming the client) for anything wrong in the reply.
+        """
         nid = reply.metadata.src_node_id
         sent = self.pending.get(nid)
         if sent is None:
@@ -247,9 +274,9 @@ class FMTLStrategy(Strategy):
             raise ProtocolError(f"client {cid!r}: node error {reply.error.code}: "
                                 f"{reply.error.reason}")  # fmt: skip
         c = reply.content
-        for name in (ARRAYS, METRICS, CONFIG):
-            if name not in c:
-                raise ReplyRejected(f"client {cid!r}: reply has no {name!r} record")
+        for name, kind in ((ARRAYS, ArrayRecord), (METRICS, MetricRecord), (CONFIG, ConfigRecord)):
+            if not isinstance(c.get(name), kind):
+                raise ReplyRejected(f"client {cid!r}: reply has no {name!r} {kind.__name__}")
         meta, metrics = c[CONFIG], c[METRICS]
         if str(meta.get("client-id")) != cid:
             raise ReplyRejected(f"client {cid!r}: reply says client-id {meta.get('client-id')!r}")
@@ -264,11 +291,17 @@ class FMTLStrategy(Strategy):
         try:
             arrays = from_record(c[ARRAYS], f"client {cid!r} arrays")
         except ProtocolError as exc:
+            raise ReplyRejected(f"client {cid!r}: {exc}") from exc
+        try:
+            validate_state(arrays, self.plan.spec, sent.ws, self.plan.shared_keys, client=cid)
+        except StateValidationError as exc:
             raise ReplyRejected(str(exc)) from exc
-        validate_state(arrays, self.plan.spec, sent.ws, self.plan.shared_keys, client=cid)
         n = metrics.get("num-examples")
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ReplyRejected(f"client {cid!r}: num-examples must be a positive int, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.max_examples:
+            raise ReplyRejected(
+                f"client {cid!r}: num-examples must be an int in [1, {self.max_examples}] "
+                f"(the ServerApp's max-examples), got {n!r}"
+            )
         m = {k: _number(v, f"client {cid!r} metric {k!r}") for k, v in metrics.items()
              if k != "num-examples"}  # fmt: skip
         return ClientUpdate(cid, arrays, n, sent.ws), m, c[ARRAYS].count_bytes()
@@ -291,9 +324,14 @@ class FMTLStrategy(Strategy):
                 rep.failed[cid] = str(exc)
                 log(WARNING, "fmtl: round %s: %s", server_round, exc)
                 continue
-            except (ReplyRejected, StateValidationError, ValueError, TypeError) as exc:
+            except ReplyRejected as exc:
                 rep.rejected[cid] = str(exc)
                 log(WARNING, "fmtl: round %s: rejected %s", server_round, exc)
+                continue
+            except Exception as exc:  # a bug in the checks: log it loudly, keep the round
+                rep.rejected[cid] = f"unexpected {type(exc).__name__} checking the reply: {exc}"
+                log(ERROR, "fmtl: round %s: client %s: %s", server_round, cid,
+                    rep.rejected[cid], exc_info=True)  # fmt: skip
                 continue
             updates.append((sent.node.client.idx, upd))  # type: ignore[union-attr]
             rep.accepted[cid] = {"num_examples": upd.num_examples, "bytes_up": up, **metrics}
@@ -305,12 +343,18 @@ class FMTLStrategy(Strategy):
                     server_round, cid, nid, self.reply_timeout)  # fmt: skip
         updates.sort(key=lambda t: t[0])  # the simulator's order: client index
         if updates:
-            self.global_state = aggregate(
+            new = aggregate(
                 self.global_state,
                 [u for _, u in updates],
                 self.plan.spec,
                 weighting=self.plan.cfg.algorithm.weighting,
             )
+            try:  # aggregate() cannot return NaN/Inf from checked replies; never adopt one
+                check_finite(new, self.plan.spec, self.plan.shared_keys, client="<aggregate>")
+                self.global_state = new
+            except StateValidationError as exc:
+                rep.failed["<aggregate>"] = f"{exc}; the global state is kept"
+                log(ERROR, "fmtl: round %s: %s", server_round, rep.failed["<aggregate>"])
         rep.times["aggregate"] = time.perf_counter() - t0
         self.history.append(rep)
         losses = [(v["loss"], v["num_examples"]) for v in rep.accepted.values() if "loss" in v]
@@ -346,9 +390,13 @@ class FMTLStrategy(Strategy):
 
 
 def _number(v: object, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ReplyRejected(f"{what}: expected a number, got {v!r}")
-    return float(v)
+    try:
+        x = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an int beyond float range
+        x = math.nan
+    if not math.isfinite(x):
+        raise ReplyRejected(f"{what}: expected a finite number, got {v!r}")
+    return x
 
 
 def _batch_seed(seed: int, round_idx: int, client_idx: int) -> int:

@@ -394,3 +394,294 @@ def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path
         assert meta == {"client_id": cid, "round": "2"}
         for k, v in sim.stores[cid].local.items():
             np.testing.assert_allclose(arrays[f"local/{k}"], v, rtol=0, atol=1e-6, err_msg=k)
+
+
+# --- issue 16: hostile replies (defects 6, 7, 8) ---------------------------------------------
+
+
+def custom_node(node_id: int, *, arrays=None, n=10, metrics=None, content=None, rounds=None):
+    """A node whose train reply is altered in ``rounds`` (default: every round):
+    ``arrays(dict) -> dict``, ``n``, ``metrics`` or ``content(RecordDict) -> RecordDict``."""
+    base = good_node(node_id)
+
+    def handle(msg: Message) -> Message:
+        if msg.metadata.message_type.startswith("query"):
+            return base(msg)
+        got, ins = read_train_message(msg)
+        if rounds is not None and ins.round not in rounds:
+            return base(msg)
+        st = {k: v + 1.0 for k, v in got.items()}
+        if arrays is not None:
+            st = arrays(st)
+        reply = reply_message(msg, st, n, {"loss": 1.0} if metrics is None else metrics, ins)
+        if content is not None:
+            return Message(content(reply.content), reply_to=msg)
+        return reply
+
+    return handle
+
+
+def _good_pair_result(plan, before):
+    ups = [
+        ClientUpdate(c, {k: v + 1.0 for k, v in slice_state(before, plan.spec, WidthSpec(w)).items()},
+                     10, WidthSpec(w))
+        for c, w in (("c00", 1.0), ("c02", 0.25))
+    ]  # fmt: skip
+    return aggregate(before, ups, plan.spec, weighting=plan.cfg.algorithm.weighting)
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _with_array(fn):
+    """Replace the first array of the reply with ``fn(Array) -> Array``."""
+    from flwr.app import ArrayRecord
+
+    def content(c: RecordDict) -> RecordDict:
+        rec = c["arrays"]
+        k0 = sorted(rec)[0]
+        new = ArrayRecord({k: (fn(v) if k == k0 else v) for k, v in rec.items()})
+        return RecordDict({"arrays": new, "metrics": c["metrics"], "config": c["config"]})
+
+    return content
+
+
+def _raw(data: bytes, stype: str = "numpy.ndarray"):
+    from flwr.app import Array
+
+    return lambda a: Array(a.dtype, tuple(a.shape), stype, data)
+
+
+def _swap(name: str, rec):
+    def content(c: RecordDict) -> RecordDict:
+        return RecordDict({**{k: c[k] for k in c}, name: rec})
+
+    return content
+
+
+MALFORMED = {
+    "empty data": _with_array(_raw(b"")),
+    "truncated": _with_array(lambda a: _raw(a.data[:-3])(a)),
+    "padded": _with_array(lambda a: _raw(a.data + b"\0\0\0\0")(a)),
+    "pickled": _with_array(_raw(_npy(np.array([{"x": 1}], dtype=object)))),
+    "npz bytes": _with_array(_raw(b"PK\x03\x04" + b"\0" * 64)),
+    "lying header": _with_array(
+        lambda a: _raw(a.data.replace(b"'shape': (", b"'shape': (99999999999, ", 1))(a)
+    ),
+    "not numpy": _with_array(lambda a: _raw(a.data, "torch.raw")(a)),
+    "metrics record is a config": _swap("metrics", ConfigRecord({"num-examples": 10})),
+    "config record is an array record": _swap("config", to_record({"x": np.zeros(1)})),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_reply_is_one_rejected_client_never_the_round(plan, kind):
+    """An Array with empty data raised EOFError out of aggregate_train (the round died)."""
+    grid = FakeGrid({101: good_node(101), 102: custom_node(102, content=MALFORMED[kind]),
+                     103: good_node(103)})  # fmt: skip
+    s = _strategy(plan, grid)
+    before = {k: v.copy() for k, v in s.global_state.items()}
+    _, metrics = _round(s, grid)
+    rep = s.report
+    assert sorted(rep.accepted) == ["c00", "c02"] and list(rep.rejected) == ["c01"]
+    assert rep.rejected["c01"].startswith("client 'c01'")
+    assert metrics["rejected"] == 1 and metrics["failed"] == 0
+    want = _good_pair_result(plan, before)
+    for k in want:
+        np.testing.assert_array_equal(s.global_state[k], want[k])
+
+
+def test_an_empty_array_reply_leaves_a_checkpoint_and_the_run_goes_on(tmp_path):
+    cfg = parse_config(copy.deepcopy(CFG))
+    bad = custom_node(102, content=MALFORMED["empty data"], rounds={1})
+    grid = FakeGrid({101: good_node(101), 102: bad, 103: good_node(103)})
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    summary = run.run(grid, 2, 0, 1.0)
+    assert [r["accepted"] for r in summary["per_round"]] == [["c00", "c02"], ["c00", "c01", "c02"]]
+    assert "key " in summary["per_round"][0]["rejected"]["c01"]
+    assert "not an .npy array (0 bytes)" in summary["per_round"][0]["rejected"]["c01"]
+
+
+def test_check_reply_raises_only_reply_rejected_on_fuzzed_replies(plan):
+    """Random bytes, shapes, dtypes and record values in a reply: ReplyRejected or accepted."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from fmtl_lightning.deploy.strategy import ReplyRejected
+
+    grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
+    s = _strategy(plan, grid)
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    msg = next(m for m in msgs if m.metadata.dst_node_id == 102)
+    good = good_node(102)(msg)
+    keys = sorted(good.content["arrays"])
+    scalars = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=8))
+    arrays = st.builds(
+        lambda dtype, shape, stype, data: Array(dtype, tuple(shape), stype, data),
+        st.sampled_from(["float32", "float64", "int64", "object", "<U3"]),
+        st.lists(st.integers(-2, 40), max_size=3),
+        st.sampled_from(["numpy.ndarray", "torch.raw", ""]),
+        st.one_of(
+            st.binary(max_size=300),
+            st.sampled_from([b"", _npy(np.zeros((4, 8), np.float32)), _npy(np.zeros(3))]),
+            st.builds(
+                lambda b, i: b[:i],
+                st.sampled_from([_npy(np.ones((2, 2), np.float32))]),
+                st.integers(0, 200),
+            ),
+        ),
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.dictionaries(st.sampled_from(keys + ["x"]), arrays, max_size=3),
+        st.dictionaries(st.sampled_from(["num-examples", "loss", "acc/x"]), scalars, max_size=3),
+        st.dictionaries(st.sampled_from(["client-id", "round", "base-hash"]), scalars, max_size=3),
+        st.booleans(),
+    )
+    def check(bad_arrays, metrics, config, keep_rest):
+        c = good.content
+        rec = ArrayRecord({**({k: v for k, v in c["arrays"].items()} if keep_rest else {}),
+                           **bad_arrays})  # fmt: skip
+        mr = {**dict(c["metrics"]), **{k: v for k, v in metrics.items()
+                                        if isinstance(v, int | float)}}  # fmt: skip
+        cr = {**dict(c["config"]), **config}
+        reply = Message(RecordDict({"arrays": rec, "metrics": MetricRecord(mr),
+                                    "config": ConfigRecord(cr)}), reply_to=msg)  # fmt: skip
+        try:
+            s.check_reply(reply)
+        except ReplyRejected as exc:
+            assert str(exc).startswith("client 'c01'")
+
+    check()
+
+
+def _examples_cfg() -> dict:
+    raw = copy.deepcopy(CFG)
+    raw["algorithm"]["weighting"] = "examples"
+    return raw
+
+
+def _fill(value: float):
+    def f(st: dict) -> dict:
+        k0 = sorted(st)[0]
+        return {**st, k0: np.full_like(st[k0], value)}
+
+    return f
+
+
+def test_a_huge_value_reply_is_rejected_and_the_run_stays_resumable(tmp_path):
+    """3e38 (finite float32) times 10 examples overflowed: the round wrote an Inf global
+    state, every later reply was rejected, and the server could not restart from it."""
+    from safetensors.numpy import load_file
+
+    cfg = parse_config(_examples_cfg())
+    bad = custom_node(102, arrays=_fill(3e38), rounds={1})
+    grid = FakeGrid({101: good_node(101), 102: bad, 103: good_node(103)})
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    run.wait_for_nodes(grid, 0, 1.0)
+    rep = run.run_round(grid, 1)
+    assert sorted(rep.accepted) == ["c00", "c02"] and list(rep.rejected) == ["c01"]
+    assert "client 'c01', key " in rep.rejected["c01"] and "|x| > 1.84e+19" in rep.rejected["c01"]
+    g1 = load_file(str(tmp_path / "run/checkpoints/round_0001/global.safetensors"))
+    assert all(np.isfinite(v).all() for v in g1.values())
+    again = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)  # a restarted server
+    assert again.start_round == 1
+    summary = again.run(grid, 2, 0, 1.0)
+    assert summary["per_round"][1]["accepted"] == ["c00", "c01", "c02"]
+    assert all(np.isfinite(v).all() for v in again.strategy.global_state.values())
+
+
+@pytest.mark.parametrize("n,ok", [(2**62, False), (61, False), (60, True), (0, False), (-1, False)])
+def test_num_examples_claims_are_bounded_by_max_examples(n, ok):
+    """2**62 examples erased every other client's contribution under example weighting.
+    The cap defaults to data.samples_per_client (60 in CFG)."""
+    plan = server_plan(parse_config(_examples_cfg()))
+    grid = FakeGrid({101: good_node(101), 102: custom_node(102, n=n), 103: good_node(103)})
+    s = _strategy(plan, grid)
+    assert s.max_examples == 60
+    _round(s, grid)
+    if ok:
+        assert sorted(s.report.accepted) == ["c00", "c01", "c02"]
+        assert s.report.accepted["c01"]["num_examples"] == 60
+    else:
+        assert list(s.report.rejected) == ["c01"]
+        assert (
+            f"num-examples must be an int in [1, 60] (the ServerApp's max-examples), got {n}"
+            in (s.report.rejected["c01"])
+        )
+
+
+def test_max_examples_is_configurable_and_checked(plan):
+    grid = FakeGrid({101: good_node(101), 102: custom_node(102, n=500), 103: good_node(103)})
+    s = FMTLStrategy(plan, dict(plan.initial_state), reply_timeout=5.0, max_examples=1000)
+    s.register(grid)
+    _round(s, grid)
+    assert s.report.accepted["c01"]["num_examples"] == 500
+    for bad in (-5, 2**60):
+        with pytest.raises(ConfigError, match="max-examples must be in"):
+            FMTLStrategy(plan, dict(plan.initial_state), max_examples=bad)
+
+
+def test_a_node_wider_than_the_plan_is_refused_a_narrower_one_accepted(plan):
+    """A node declaring width 1.0 for a 0.5 client was accepted (a log warning) and then
+    averaged at full width."""
+    wide = {"client-id": "c01", "width": 1.0, "tasks": "digits/digit"}
+    narrow = {"client-id": "c00", "width": 0.5, "tasks": "digits/digit"}
+    NODE_CONFIG[108], NODE_CONFIG[109] = wide, narrow
+    try:
+        s = _strategy(plan, FakeGrid({n: good_node(n) for n in (108, 109, 103)}))
+    finally:
+        NODE_CONFIG.pop(108), NODE_CONFIG.pop(109)
+    assert sorted(s.nodes) == [103, 109] and s.nodes[109].width == 0.5
+    assert (
+        "client 'c01' (node 108): width 1 is wider than the 0.5 the run config gives it"
+        in (s.refused[108])
+    )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_metric_is_refused_and_the_round_loss_stays_finite(plan, value):
+    """A reply with loss NaN made the round's loss NaN."""
+    grid = FakeGrid({101: good_node(101), 102: custom_node(102, metrics={"loss": value}),
+                     103: good_node(103)})  # fmt: skip
+    s = _strategy(plan, grid)
+    _, metrics = _round(s, grid)
+    assert list(s.report.rejected) == ["c01"]
+    assert "client 'c01' metric 'loss': expected a finite number" in s.report.rejected["c01"]
+    assert metrics["loss"] == 1.0
+
+
+def test_the_round_loss_of_huge_finite_losses_is_finite(plan):
+    big = 1.7e308
+    grid = FakeGrid({n: custom_node(n, metrics={"loss": big}) for n in NODE_CONFIG})
+    s = _strategy(plan, grid)
+    _, metrics = _round(s, grid)
+    assert len(s.report.accepted) == 3 and metrics["loss"] == big
+
+
+def test_a_non_finite_aggregate_is_never_adopted_or_written(tmp_path, monkeypatch):
+    """Defence in depth: should aggregate() ever return NaN, the server keeps its state."""
+    import fmtl_lightning.deploy.strategy as strategy_mod
+
+    def broken(g, ups, spec, **kw):
+        return {k: np.full_like(v, np.nan) for k, v in g.items()}
+
+    monkeypatch.setattr(strategy_mod, "aggregate", broken)
+    cfg = parse_config(copy.deepcopy(CFG))
+    grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    before = {k: v.copy() for k, v in run.strategy.global_state.items()}
+    run.wait_for_nodes(grid, 0, 1.0)
+    rep = run.run_round(grid, 1)
+    assert "non-finite" in rep.failed["<aggregate>"] and "kept" in rep.failed["<aggregate>"]
+    for k, v in before.items():
+        np.testing.assert_array_equal(run.strategy.global_state[k], v)
+    assert DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0).start_round == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,85 @@ def test_no_updates_keeps_global():
     for k in g:
         np.testing.assert_array_equal(new[k], g[k])
         assert new[k] is not g[k]
+
+
+# --- issue 16, defect 6: huge finite values; defect 8: absurd sample counts -------------------
+
+
+def _snapshot(*states) -> list[tuple[str, tuple, bytes]]:
+    return [(str(a.dtype), a.shape, a.tobytes()) for st in states for a in st.values()]
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_a_huge_finite_value_is_refused_naming_the_client(weighting):
+    """3e38 is a finite float32; weighted by 10 examples (or added to another 3e38) it
+    overflowed, and aggregate() only warned and returned Inf."""
+    g = global_state()
+    ok, big = client("ok", 1.0, 1.0, 10), client("big", 0.5, 1.0, 10)
+    big.state["v"][:] = 3e38
+    if weighting == "uniform":
+        ok.state["v"][:] = 3e38  # within float32, but the sum of the two is not
+        ok = ClientUpdate("ok", ok.state, 10, ok.width)
+    before = _snapshot(g, ok.state, big.state)
+    with pytest.raises(StateValidationError) as ei:
+        aggregate(g, [ok, big] if weighting == "examples" else [big, ok], SPEC, weighting=weighting)
+    assert ei.value.client == "big" and ei.value.key == "v"
+    assert "|x| > 1.84e+19, the bound for float32" in str(ei.value)
+    assert _snapshot(g, ok.state, big.state) == before
+
+
+def test_values_at_the_bound_average_without_overflow():
+    """Many clients at the largest allowed value: the mean is that value, finite."""
+    from fmtl_lightning.validation import max_abs
+
+    assert TOP <= max_abs(np.float32) < np.nextafter(np.float32(TOP), np.float32(np.inf))
+    ups = [client(f"c{i}", 1.0 if i % 2 else 0.5, TOP, 2**50) for i in range(40)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = aggregate(global_state(), ups, SPEC, weighting="examples")
+    for k in ("w", "b", "v"):
+        np.testing.assert_allclose(new[k], TOP, rtol=1e-6)
+
+
+ONE = ModelSpec(groups={"h": 4}, params=(ParamSpec("x", "backbone", (4,), ("h",)),))
+TOP = float(np.nextafter(np.float32(1.8446744e19), np.float32(0)))  # a float32 <= the bound
+
+
+def test_weights_are_rescaled_when_their_total_could_overflow_the_sum():
+    """2100 clients of 2**53 examples at the largest allowed value: the plain weighted
+    sum (1.9e19 * 1.8e19) overflowed float32, and aggregate() returned Inf with a warning."""
+    g = {"x": np.zeros(4, np.float32)}
+    ups = [
+        ClientUpdate(f"c{i}", {"x": np.full(4 if i % 2 else 2, TOP, np.float32)}, 2**53,
+                     WidthSpec(1.0 if i % 2 else 0.5))
+        for i in range(2100)
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = aggregate(g, ups, ONE, weighting="examples")
+    np.testing.assert_allclose(new["x"], TOP, rtol=1e-4)  # 2100 float32 additions
+
+
+def test_streaming_aggregator_refuses_a_weight_past_its_limit():
+    agg = Aggregator({"x": np.zeros(4, np.float32)}, ONE, weighting="examples")
+    assert agg.weight_limit == pytest.approx(2.0**63, rel=1e-6)  # sqrt(float32 max) / 2
+    for i in range(1023):
+        agg.add(ClientUpdate(f"c{i}", {"x": np.full(4, TOP, np.float32)}, 2**53))
+    with pytest.raises(StateValidationError, match="client 'c1023'.*total weight"):
+        agg.add(ClientUpdate("c1023", {"x": np.full(4, TOP, np.float32)}, 2**53))
+    assert agg.num_clients == 1023
+    np.testing.assert_allclose(agg.result()["x"], TOP, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2**62, 2**53 + 1, 10**400, True, 0, -3, 2.5])
+def test_example_weighting_refuses_absurd_counts(n):
+    """2**62 examples erased every other client (and 10**400 raised OverflowError)."""
+    with pytest.raises(StateValidationError, match=r"client 'z'.*num_examples.*2\*\*53"):
+        aggregate(global_state(), [client("a", 1.0, 1.0, 10), client("z", 1.0, 1.0, n)], SPEC,
+                  weighting="examples")  # fmt: skip
+
+
+def test_example_weighting_accepts_the_largest_count():
+    new = aggregate(global_state(), [client("a", 1.0, 1.0, 1), client("z", 1.0, 3.0, 2**53)],
+                    SPEC, weighting="examples")  # fmt: skip
+    np.testing.assert_allclose(new["v"], 3.0)
