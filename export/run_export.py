@@ -8,9 +8,11 @@
   (one SGD step of the head on frozen features); per client ``weights_{cid}.npz``
   (its deployable state at its width, state-dict keys: what the step graphs take)
   and, when its backbone differs from the shared one (Ditto/local personal models,
-  FedBN local norms), ``backbone_{cid}_w{width}.onnx``. FedAvg runs have one union
-  head: it is exported once per client as ``head_{cid}_union.onnx`` and every task
-  entry records its logit ``columns``.
+  FedBN local norms, static batch-norm statistics), ``backbone_{cid}_w{width}.onnx``.
+  Static batch norm is exported in eval mode with the client's statistics (computed on
+  the exported round's weights), so a prediction never depends on the rest of its
+  batch. FedAvg runs have one union head: it is exported once per client as
+  ``head_{cid}_union.onnx`` and every task entry records its logit ``columns``.
 * :func:`export_model` does the same for one :class:`MultiTaskModel` given directly.
 
 The bundle is built in a temp dir next to ``out_dir`` and renamed into place, so
@@ -323,6 +325,7 @@ def export_run(
     sim = Simulation(cfg, run_dir, progress=False)
     last = completed_rounds(run_dir)[-1]
     sim._restore(last)
+    sim.static_stats(last)  # static BN: the statistics of exactly this round's weights
     a = cfg.algorithm
 
     used = sorted({float(c.width) for c in sim.fed.clients}, reverse=True)
