@@ -303,7 +303,8 @@ def export_run(
     """Export the last completed round of ``run_dir`` into ``out_dir``; returns ``out_dir``.
 
     ``widths`` default to every width the run used (clients' widths, plus
-    ``algorithm.dynamic_widths`` under dynamic width assignment); ``clients`` to every
+    ``algorithm.dynamic_widths`` under dynamic width assignment, unless part of the
+    backbone is kept per client: then only clients' widths); ``clients`` to every
     client whose width is exported. A client's heads are exported at its own width.
     """
     from fmtl_lightning.checkpoint import completed_rounds
@@ -331,8 +332,12 @@ def export_run(
     used = sorted({float(c.width) for c in sim.fed.clients}, reverse=True)
     if a.width_assignment == "dynamic" and a.dynamic_widths:
         used = sorted(set(used) | {float(w) for w in a.dynamic_widths}, reverse=True)
+    # a width no client runs at has a backbone only if the server holds all of it (not with
+    # per-client norms, static batch-norm statistics or local training): skip it by default
+    per_client = [k for k in spec.local_keys() if spec[k].kind != "head"]
+    has_client = {w: any(abs(c.width - w) < WIDTH_TOL for c in sim.fed.clients) for w in used}
     if widths is None:
-        sel_w = list(used)
+        sel_w = [w for w in used if has_client[w] or not per_client]
     else:
         sel_w = []
         for w in widths:
@@ -341,6 +346,12 @@ def export_run(
                 raise RunExportError(
                     f"width {w:g} was never used by the run {run_dir}; "
                     f"widths available: {', '.join(f'{u:g}' for u in used)}"
+                )
+            if per_client and not has_client[m]:
+                raise RunExportError(
+                    f"width {w:g}: no client runs at this width, and part of the backbone is "
+                    f"kept per client (e.g. {per_client[0]!r}); export a client's width: "
+                    + ", ".join(f"{u:g}" for u in used if has_client[u])
                 )
             if m not in sel_w:
                 sel_w.append(m)

@@ -288,3 +288,14 @@ def test_deployed_lightning_node_evaluates_with_the_statistics_of_its_training_d
     for t, vals in want.items():
         assert got[f"loss/{t}"] == pytest.approx(vals["loss"], rel=1e-4), t
         assert got[f"acc/{t}"] == pytest.approx(vals["acc"]), t
+
+
+def test_export_refuses_a_width_no_client_holds_statistics_for(small_cfg, tmp_path):
+    from export.run_export import RunExportError, export_run
+
+    cfg = _cfg(small_cfg, width_assignment="dynamic", dynamic_widths=[1.0, 0.5, 0.25])
+    cfg["federation"]["rounds"] = 1
+    _sim(cfg, tmp_path / "run").run()
+    with pytest.raises(RunExportError, match=r"width 0.25: no client .*running_mean.* 1, 0.5$"):
+        export_run(tmp_path / "run", tmp_path / "bundle", widths=[0.25])
+    assert not (tmp_path / "bundle").exists()
