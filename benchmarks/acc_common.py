@@ -3,9 +3,9 @@
 * :func:`global_model_logits` evaluates the server's global model (any width) on a test
   set, outside the round loop: a ``MultiTaskModel`` at that width, loaded with the
   sliced global state. For ``static_batch`` models it follows HeteroFL's static batch
-  norm (sBN): the model is rebuilt with tracking batch norm, the statistics are
-  accumulated over training images (cumulative average) with the scaler off, then the
-  model is evaluated with those fixed statistics (so a test batch never normalises itself).
+  norm (sBN): the library's statistics pass (:func:`fmtl_lightning.static_bn.compute_static_stats`)
+  over pooled training images, then evaluation with those fixed statistics (so a test
+  batch never normalises itself).
 * :func:`round_curve` turns a simulation's metric rows into (round, mean, worst) points.
 * small formatting helpers for the markdown tables.
 
@@ -14,7 +14,6 @@ Not named ``bench_*`` on purpose: ``make bench`` runs every ``bench_*.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -45,35 +44,26 @@ def global_model_logits(
 ) -> np.ndarray:
     """Logits (N, outputs) of the global model sliced to ``width`` on images ``x``.
 
-    ``global_state`` must hold every key of the model (a FedAvg-style run: heads shared).
+    ``global_state`` must hold every trained key of the model (a FedAvg-style run: heads
+    shared); static batch-norm statistics are computed here, over ``stats_x``.
     ``stats_x``: images for the sBN statistics of ``static_batch`` models (required then).
     """
     import torch
 
-    from fmtl_lightning.models import MultiTaskModel, Scaler, head_name, load_arrays
+    from fmtl_lightning.models import MultiTaskModel, head_name, load_arrays
     from fmtl_lightning.roles import WidthSpec
     from fmtl_lightning.slicing import slice_state
+    from fmtl_lightning.static_bn import compute_static_stats
 
-    sbn = bcfg.norm == "static_batch"
-    cfg = dataclasses.replace(bcfg, norm="batch") if sbn else bcfg
-    model = MultiTaskModel(cfg, dict(model_tasks), width)
+    model = MultiTaskModel(bcfg, dict(model_tasks), width)
     state = slice_state(global_state, spec, WidthSpec(width))
     load_arrays(model, state)
     head = head or next(iter(model_tasks))
     with torch.no_grad():
-        if sbn:
+        if bcfg.norm == "static_batch":
             if stats_x is None:
                 raise ValueError("static_batch models need stats_x for the sBN statistics")
-            for m in model.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.momentum = None  # cumulative average over all stats batches
-                    m.reset_running_stats()
-            model.train()
-            for m in model.modules():
-                if isinstance(m, Scaler):
-                    m.eval()  # statistics of the unscaled activations, as used at inference
-            for i in range(0, stats_x.shape[0], batch):
-                model(stats_x[i : i + batch])
+            compute_static_stats(model, stats_x, chunk=batch)
         model.eval()
         out = [
             model.backbone(x[i : i + batch]) for i in range(0, x.shape[0], batch)

@@ -15,8 +15,9 @@ divided among the clients holding that class), so:
   of the classes the client does not hold masked out (HeteroFL's "local" metric),
   pooled over clients.
 
-Both use static batch norm as HeteroFL does: statistics accumulated over training
-images after the round, then fixed (see :func:`benchmarks.acc_common.global_model_logits`).
+Both use static batch norm as HeteroFL does: statistics computed over pooled training
+images after the round by the library's pass (:func:`fmtl_lightning.static_bn.compute_static_stats`
+via :func:`benchmarks.acc_common.global_model_logits`), then fixed.
 
 Part 3 compares, at equal rounds, the global model of a federation with fixed widths
 1, 1/2, 1/4, 1/8, 1/16 against a federation of only the width-1 clients (the others
@@ -494,8 +495,8 @@ def report_part2(results: list[dict[str, Any]], mode: str, budget_min: float | N
         "Global accuracy = full-width global model on the whole 10,000-image MNIST test set; "
         "local accuracy = the same model on each client's share of the test set with the "
         "logits of classes the client does not hold masked out, pooled over clients (HeteroFL's "
-        "definitions). Batch-norm statistics: HeteroFL's sBN, accumulated over 2,000 training "
-        "images of the clients after each round, then fixed.",
+        "definitions). Batch-norm statistics: HeteroFL's sBN, computed over 2,000 training "
+        "images of the clients after each round (`fmtl_lightning.static_bn`), then fixed.",
         "",
         *(
             [

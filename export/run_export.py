@@ -8,9 +8,11 @@
   (one SGD step of the head on frozen features); per client ``weights_{cid}.npz``
   (its deployable state at its width, state-dict keys: what the step graphs take)
   and, when its backbone differs from the shared one (Ditto/local personal models,
-  FedBN local norms), ``backbone_{cid}_w{width}.onnx``. FedAvg runs have one union
-  head: it is exported once per client as ``head_{cid}_union.onnx`` and every task
-  entry records its logit ``columns``.
+  FedBN local norms, static batch-norm statistics), ``backbone_{cid}_w{width}.onnx``.
+  Static batch norm is exported in eval mode with the client's statistics (computed on
+  the exported round's weights), so a prediction never depends on the rest of its
+  batch. FedAvg runs have one union head: it is exported once per client as
+  ``head_{cid}_union.onnx`` and every task entry records its logit ``columns``.
 * :func:`export_model` does the same for one :class:`MultiTaskModel` given directly.
 
 The bundle is built in a temp dir next to ``out_dir`` and renamed into place, so
@@ -301,7 +303,8 @@ def export_run(
     """Export the last completed round of ``run_dir`` into ``out_dir``; returns ``out_dir``.
 
     ``widths`` default to every width the run used (clients' widths, plus
-    ``algorithm.dynamic_widths`` under dynamic width assignment); ``clients`` to every
+    ``algorithm.dynamic_widths`` under dynamic width assignment, unless part of the
+    backbone is kept per client: then only clients' widths); ``clients`` to every
     client whose width is exported. A client's heads are exported at its own width.
     """
     from fmtl_lightning.checkpoint import completed_rounds
@@ -323,13 +326,18 @@ def export_run(
     sim = Simulation(cfg, run_dir, progress=False)
     last = completed_rounds(run_dir)[-1]
     sim._restore(last)
+    sim.static_stats(last)  # static BN: the statistics of exactly this round's weights
     a = cfg.algorithm
 
     used = sorted({float(c.width) for c in sim.fed.clients}, reverse=True)
     if a.width_assignment == "dynamic" and a.dynamic_widths:
         used = sorted(set(used) | {float(w) for w in a.dynamic_widths}, reverse=True)
+    # a width no client runs at has a backbone only if the server holds all of it (not with
+    # per-client norms, static batch-norm statistics or local training): skip it by default
+    per_client = [k for k in spec.local_keys() if spec[k].kind != "head"]
+    has_client = {w: any(abs(c.width - w) < WIDTH_TOL for c in sim.fed.clients) for w in used}
     if widths is None:
-        sel_w = list(used)
+        sel_w = [w for w in used if has_client[w] or not per_client]
     else:
         sel_w = []
         for w in widths:
@@ -338,6 +346,12 @@ def export_run(
                 raise RunExportError(
                     f"width {w:g} was never used by the run {run_dir}; "
                     f"widths available: {', '.join(f'{u:g}' for u in used)}"
+                )
+            if per_client and not has_client[m]:
+                raise RunExportError(
+                    f"width {w:g}: no client runs at this width, and part of the backbone is "
+                    f"kept per client (e.g. {per_client[0]!r}); export a client's width: "
+                    + ", ".join(f"{u:g}" for u in used if has_client[u])
                 )
             if m not in sel_w:
                 sel_w.append(m)

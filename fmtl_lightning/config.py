@@ -236,6 +236,12 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{where}: masked_ce and the scaler are not exported for edge clients"
             )
+        if cfg.model.norm == "static_batch":
+            raise ConfigError(
+                f"{where}: model.norm static_batch needs a statistics pass after every "
+                "aggregation, which the edge runtime does not run; use model.norm "
+                "batch, group or none"
+            )
     if a.label_split and not (a.masked_ce and a.name == "fedavg"):
         raise ConfigError(
             "algorithm.label_split: needs algorithm.name fedavg (a shared head) and "

@@ -5,6 +5,7 @@ Three backbone families, each buildable at any width r in (0, 1]:
 * ``mlp``:   Linear -> ReLU stacks over the flattened image;
 * ``cnn``:   3x3 conv -> [scaler] -> norm -> ReLU (-> 2x2 max-pool between blocks),
              then global average pooling (HeteroFL's CNN shape);
+             ``norm="static_batch"`` is HeteroFL's sBN (:mod:`fmtl_lightning.static_bn`);
 * ``dwcnn``: a MobileNet-style stem plus depthwise-separable blocks.
 
 Every layer is created through :class:`_Builder`, which records, at the moment the
@@ -29,6 +30,7 @@ from torch import nn
 
 from fmtl_lightning.errors import SpecError, StateValidationError
 from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, channels_at, check_width
+from fmtl_lightning.static_bn import StaticBatchNorm2d
 
 Family = Literal["mlp", "cnn", "dwcnn"]
 Norm = Literal["group", "batch", "static_batch", "none"]
@@ -124,8 +126,10 @@ class _Builder:
         self.decl[f"{name}.bias"] = ("norm", (g,))
         if norm == "group":
             return nn.GroupNorm(group_norm_groups(c), c)
-        if norm == "static_batch":
-            return nn.BatchNorm2d(c, track_running_stats=False)
+        if norm == "static_batch":  # statistics computed after aggregation, never trained
+            self.decl[f"{name}.running_mean"] = ("static_stat", (g,))
+            self.decl[f"{name}.running_var"] = ("static_stat", (g,))
+            return StaticBatchNorm2d(c)
         self.decl[f"{name}.running_mean"] = ("norm_stat", (g,))
         self.decl[f"{name}.running_var"] = ("norm_stat", (g,))
         self.decl[f"{name}.num_batches_tracked"] = ("counter", ())

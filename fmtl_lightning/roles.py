@@ -2,8 +2,11 @@
 
 A model declares, once, for every state-dict key:
 
-* its *kind* (``backbone``, ``norm``, ``norm_stat``, ``head``, ``counter``): what
-  the tensor is, independent of any algorithm;
+* its *kind* (``backbone``, ``norm``, ``norm_stat``, ``static_stat``, ``head``,
+  ``counter``): what the tensor is, independent of any algorithm. ``static_stat``
+  marks static batch-norm statistics (HeteroFL's sBN): computed by a statistics pass
+  after aggregation (:mod:`fmtl_lightning.static_bn`), never trained, never sent, so
+  no policy shares them;
 * its *axes*: for each dim, the name of the channel group it indexes (scaled by
   width) or ``None`` (never scaled);
 * its full-width shape and dtype.
@@ -28,11 +31,11 @@ import numpy as np
 from fmtl_lightning.errors import SpecError, WidthError
 
 Role = Literal["shared", "local"]
-Kind = Literal["backbone", "norm", "norm_stat", "head", "counter"]
+Kind = Literal["backbone", "norm", "norm_stat", "static_stat", "head", "counter"]
 SliceMode = Literal["heterofl", "fedrolex"]
 IntRule = Literal["max", "sum", "keep"]
 
-KINDS: tuple[str, ...] = ("backbone", "norm", "norm_stat", "head", "counter")
+KINDS: tuple[str, ...] = ("backbone", "norm", "norm_stat", "static_stat", "head", "counter")
 SPEC_FORMAT_VERSION = 1
 
 
@@ -138,8 +141,8 @@ POLICIES: dict[str, RolePolicy] = {
     "fedper": RolePolicy("fedper", frozenset({"backbone", "norm", "norm_stat", "counter"})),
     # FedBN: norm affine parameters and statistics stay local too
     "fedbn": RolePolicy("fedbn", frozenset({"backbone"})),
-    # one global model: everything is shared, including the (union) head
-    "fedavg": RolePolicy("fedavg", frozenset(KINDS)),
+    # one global model: everything trained is shared, including the (union) head
+    "fedavg": RolePolicy("fedavg", frozenset(KINDS) - {"static_stat"}),
     # nothing leaves the client
     "local": RolePolicy("local", frozenset()),
 }

@@ -6,7 +6,9 @@ One round::
     -> per client: slice the global shared state to its WidthSpec, load it with the
        client's own local state, run the algorithm's procedure (Lightning/Fabric)
     -> validate + aggregate the shared updates (pure numpy)
-    -> evaluate every client on its own test split -> checkpoint atomically.
+    -> when evaluation is due: static batch norm's statistics pass
+       (:meth:`Simulation.static_stats`), then every client on its own test split
+    -> checkpoint atomically.
 
 Clients keep their local state (heads, FedBN norms, Ditto's personal model) in
 full-width global coordinates, so a client whose width changes between rounds
@@ -262,6 +264,8 @@ class Simulation:
         t0 = time.perf_counter()
         f = self.cfg.federation
         due = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
+        if due:
+            self.static_stats(t + 1)
         rows = self.evaluate(t + 1) if due else []
         times.evaluate = time.perf_counter() - t0
         self.round_idx += 1
@@ -275,6 +279,34 @@ class Simulation:
         return {"round": self.round_idx, "clients": [self.fed.clients[i].cid for i in chosen]}
 
     # ------------------------------------------------------------------ evaluation
+    def eval_width(self, c: ClientData, round_no: int) -> WidthSpec:
+        """The WidthSpec a client is evaluated (and exported) with after round ``round_no``."""
+        return WidthSpec(c.width, self.cfg.algorithm.slicing, max(round_no - 1, 0))
+
+    def static_stats(self, round_no: int) -> None:
+        """HeteroFL's sBN statistics pass, after aggregation (no-op without static BN).
+
+        Every client computes the static batch-norm statistics of the model it is
+        evaluated with (:meth:`client_state`) at its width, over its own training data,
+        and keeps them with its local state (the personal model under Ditto/local), so
+        evaluation and checkpoints hold them. It runs before every evaluation (the
+        statistics do not affect training, so skipping it in other rounds changes no
+        trained value), and export runs it on the exported round's state. See
+        :mod:`fmtl_lightning.static_bn`.
+        """
+        from fmtl_lightning.models import load_arrays
+        from fmtl_lightning.static_bn import compute_static_stats
+
+        if not self.spec.keys_of_kind("static_stat"):
+            return
+        for c in self.fed.clients:
+            ws = self.eval_width(c, round_no)
+            m = self.module_for(c, c.width)
+            load_arrays(m.model, self.client_state(c, ws))
+            stats = compute_static_stats(m.model, c.x_train)
+            st = self.stores[c.cid]
+            self._embed(st.personal if EVAL_PERSONAL[self.alg] else st.local, stats, ws)
+
     def client_state(self, c: ClientData, ws: WidthSpec) -> dict[str, np.ndarray]:
         """The arrays a client would deploy at ``ws`` (personal, or global + local)."""
         st = self.stores[c.cid]
@@ -287,7 +319,7 @@ class Simulation:
 
         rows = []
         for c in self.fed.clients:
-            ws = WidthSpec(c.width, self.cfg.algorithm.slicing, max(round_no - 1, 0))
+            ws = self.eval_width(c, round_no)
             m = self.module_for(c, c.width)
             load_arrays(m.model, self.client_state(c, ws))
             for task, vals in m.evaluate(c.x_test, c.y_test).items():

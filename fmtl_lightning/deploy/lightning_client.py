@@ -108,13 +108,16 @@ class LightningNode:
         return res.shared, res.num_examples, metrics
 
     def evaluate(self, state: dict[str, np.ndarray], width: float) -> dict[str, float]:
-        """Loss/accuracy per task of ``state`` on this client's own test split."""
+        """Loss/accuracy per task of ``state`` on this client's own test split (static batch
+        norm: with the statistics of ``state`` over this client's training data)."""
         from fmtl_lightning.models import load_arrays
+        from fmtl_lightning.static_bn import compute_static_stats
 
         if self.client.x_test.shape[0] == 0:
             return {}
         m = self.sim.module_for(self.client, width)
         load_arrays(m.model, state)
+        compute_static_stats(m.model, self.client.x_train)  # static BN only: sBN pass
         out: dict[str, float] = {}
         losses = []
         for task, vals in m.evaluate(self.client.x_test, self.client.y_test).items():
