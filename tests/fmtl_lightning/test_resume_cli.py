@@ -115,3 +115,22 @@ def test_run_directory_contents(small_cfg, tmp_path):
     assert out["mean_acc"] == pytest.approx(np.mean(accs)) and out["worst_acc"] == min(accs)
     assert set(out["local_baseline"]["clients"]) == set(out["clients"])
     assert list((r / "lightning_logs").rglob("metrics.csv")), "Lightning's CSVLogger wrote nothing"
+
+
+def test_rounds_flag_overrides_the_config_and_is_validated(small_cfg, tmp_path, capsys):
+    from fmtl_lightning.cli import main
+    from fmtl_lightning.config import load_config
+
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(small_cfg))  # rounds: 2
+    run = tmp_path / "run"
+    argv = ["simulate", "--no-progress", "--config", str(p), "--run-dir", str(run)]
+    assert main([*argv, "--rounds", "3"]) == 0
+    assert completed_rounds(run) == [3]
+    assert load_config(run / "config.yaml").federation.rounds == 3  # a resume keeps it
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--rounds", "0"]) == 2
+    assert "federation.rounds" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(run), "--rounds", "5"]) == 2
+    assert "--rounds applies to a new run" in capsys.readouterr().err
+    assert completed_rounds(run) == [3]
