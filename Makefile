@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export FMTL_DATA_DIR ?= $(CURDIR)/.data
+# Datasets go to .data/ here: the default of every command run from this checkout
+# (fmtl_lightning.data.resolve_data_dir; FMTL_DATA_DIR overrides it, for make too).
 
 .PHONY: setup data test demo bench bench-accuracy deploy-local setup-flower-sim lint clean
 

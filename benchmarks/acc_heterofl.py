@@ -238,14 +238,6 @@ def _set_lr(sim: Any, lr: float) -> None:
         m.lr = lr
 
 
-def _prune_checkpoints(run_dir: Path, keep_round: int) -> None:
-    ck = run_dir / "checkpoints"
-    if ck.is_dir():
-        for d in ck.iterdir():
-            if d.name.startswith("round_") and d.name != f"round_{keep_round:04d}":
-                shutil.rmtree(d, ignore_errors=True)
-
-
 def evaluate_global(sim: Any, ev: dict[str, Any], stats_x: torch.Tensor, width: float = 1.0):
     """(global accuracy on the whole test set, pooled masked local accuracy)."""
     logits = sim_global_logits(sim, width, ev["x_test"], stats_x)
@@ -335,7 +327,6 @@ def run_setting(
             t0 = time.perf_counter()
             sim.run_round()
             round_s = time.perf_counter() - t0
-            _prune_checkpoints(tmp, sim.round_idx)
             out["rounds"] = sim.round_idx
             if sim.round_idx % eval_every == 0 or sim.round_idx == max_rounds:
                 eval_s = _eval_point(sim, ev, stats_x, out, clock, round_s, log)
@@ -437,7 +428,6 @@ def run_part3(
             t0 = time.perf_counter()
             for sim, _ in arms.values():
                 sim.run_round()
-                _prune_checkpoints(sim.run_dir, sim.round_idx)
             round_s = time.perf_counter() - t0
             out["rounds"] += 1
             sim_mix, sx = arms["mix"]

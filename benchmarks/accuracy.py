@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -317,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full" if args.full else "default"
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     parts = sorted(set(args.part or [1, 2, 3]))
-    os.environ.setdefault("FMTL_DATA_DIR", str(REPO_ROOT / ".data"))
     if args.threads:
         import torch
 

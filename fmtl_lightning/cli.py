@@ -23,6 +23,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from fmtl_lightning.simulation import resume_run, run_config
 
     t0 = time.perf_counter()
+    if args.resume and getattr(args, "rounds", None) is not None:
+        raise FMTLError("--rounds applies to a new run (--config); a resumed run keeps its rounds")
     if args.resume:
         summary = resume_run(args.resume, progress=not args.no_progress)
         run_dir = Path(args.resume)
@@ -30,6 +32,12 @@ def _simulate(args: argparse.Namespace) -> int:
         if not args.config:
             raise FMTLError("simulate needs --config FILE (or --resume RUN_DIR)")
         cfg = load_config(args.config)
+        if getattr(args, "rounds", None) is not None:
+            from fmtl_lightning.config import config_to_dict, parse_config
+
+            raw = config_to_dict(cfg)
+            raw["federation"]["rounds"] = args.rounds
+            cfg = parse_config(raw)  # validated like the file itself
         run_dir = Path(args.run_dir or Path("runs") / cfg.name)
         if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
             raise FMTLError(
@@ -76,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="where to write the run (default runs/<name>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="allow a non-empty --run-dir")
+    s.add_argument(
+        "--rounds", type=int, help="override federation.rounds of --config (e.g. 2 for a quick try)"
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_simulate)
     d = sub.add_parser("demo", help="the main job on real MNIST, in a few minutes")

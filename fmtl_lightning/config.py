@@ -36,7 +36,7 @@ class DataConfig:
     samples_per_client: int = 300  # train + test samples drawn for each client
     test_fraction: float = 0.25  # share of each client's own samples held out
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    data_dir: str | None = None  # default: $FMTL_DATA_DIR or ~/.cache/fmtl_lightning
+    data_dir: str | None = None  # default: fmtl_lightning.data.resolve_data_dir()
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,12 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    keep_last: int = 1  # newest complete rounds kept (>= 1: resume needs the last one)
+    keep_every: int = 0  # also keep every N-th round: 0 = none, 1 = every round
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -99,6 +105,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     compare_local: bool = True  # also run local-only with the same compute, for the report
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -128,6 +135,7 @@ _NESTED = {
     "AlgorithmConfig": AlgorithmConfig,
     "FederationConfig": FederationConfig,
     "OptimizerConfig": OptimizerConfig,
+    "CheckpointConfig": CheckpointConfig,
 }
 
 
@@ -290,6 +298,15 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"optimizer.lr: must be > 0, got {o.lr}")
     if o.momentum < 0 or o.weight_decay < 0:
         raise ConfigError("optimizer.momentum/weight_decay: must be >= 0")
+    if cfg.checkpoints.keep_last < 1:
+        raise ConfigError(
+            f"checkpoints.keep_last: must be >= 1 (resume needs the last round), "
+            f"got {cfg.checkpoints.keep_last}"
+        )
+    if cfg.checkpoints.keep_every < 0:
+        raise ConfigError(
+            f"checkpoints.keep_every: must be >= 0 (0 = none), got {cfg.checkpoints.keep_every}"
+        )
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

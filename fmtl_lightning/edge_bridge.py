@@ -36,6 +36,15 @@ class EdgeBridge:
         self.root = root
         self._bundles: dict[tuple[str, float], Path] = {}
 
+    def prune(self, keep: set[int]) -> None:
+        """Drop the exchange boxes of the rounds the checkpoint retention does not keep."""
+        from fmtl_lightning.checkpoint import prune_rounds
+
+        exchange = self.root / "exchange"
+        if exchange.is_dir():
+            for box in exchange.iterdir():
+                prune_rounds(box, keep)
+
     def bundle_for(self, sim: Simulation, idx: int, ws: WidthSpec) -> Path:
         from export.run_export import export_model
         from mobile_client.manifest import Normalisation

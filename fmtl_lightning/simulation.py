@@ -39,7 +39,15 @@ from tqdm.auto import tqdm
 
 from fmtl_lightning.aggregation import ClientUpdate, aggregate, aggregate_label_split
 from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
-from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
+from fmtl_lightning.checkpoint import (
+    append_history,
+    completed_rounds,
+    prune_rounds,
+    read_history,
+    read_round,
+    rounds_to_keep,
+    write_round,
+)
 from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
 from fmtl_lightning.edge_bridge import EdgeBridge
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
@@ -352,9 +360,20 @@ class Simulation:
             "clients_trained": [self.fed.clients[i].cid for i in chosen],
             "times": times.as_dict(),
         }
+        # history first: a record of a round that never completed is ignored on resume
+        record = {"round": self.round_idx, "times": times.as_dict(), "rows": rows}
+        append_history(self.run_dir, record, fresh=self.round_idx == 1)
         write_round(
             self.run_dir, self.round_idx, self.global_state, self._client_files(), meta, _csv(rows)
         )
+        self._prune()
+
+    def _prune(self) -> None:
+        """Checkpoint retention (``cfg.checkpoints``), once the newest round is in place."""
+        ck = self.cfg.checkpoints
+        keep = rounds_to_keep(self.round_idx, ck.keep_last, ck.keep_every)
+        prune_rounds(self.run_dir / "checkpoints", keep)
+        self.edge.prune(keep)
 
     def _restore(self, round_idx: int) -> None:
         g, clients, _, _ = read_round(self.run_dir, round_idx)
@@ -367,10 +386,9 @@ class Simulation:
             st.local = {k[6:]: v for k, v in arrays.items() if k.startswith("local/")}
             st.personal = {k[9:]: v for k, v in arrays.items() if k.startswith("personal/")}
         self.history = []
-        for r in range(1, round_idx + 1):
-            _, _, meta, text = read_round(self.run_dir, r)
-            self.history.extend(_parse_csv(text))
-            self.times.append(RoundTimes(**meta.get("times", {})))
+        for rec in read_history(self.run_dir, round_idx):
+            self.history.extend(rec["rows"])
+            self.times.append(RoundTimes(**rec["times"]))
         self.round_idx = round_idx
 
     def _log_round(self, rows: list[dict]) -> None:
@@ -391,6 +409,7 @@ class Simulation:
         )
         (self.run_dir / "spec.json").write_text(self.spec.to_json())
         (self.run_dir / "federation.txt").write_text(self.fed.summary + "\n")
+        self._prune()  # a fresh run drops stale rounds; a resumed one, leftovers of a kill
         logger = self.logger
         rounds = self.cfg.federation.rounds
         per_round = len(self.selected(0))
@@ -438,23 +457,6 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
-
-
-def _parse_csv(text: str) -> list[dict[str, Any]]:
-    rows = []
-    for r in csv.DictReader(io.StringIO(text)):
-        rows.append(
-            {
-                "round": int(r["round"]),
-                "client": r["client"],
-                "width": float(r["width"]),
-                "task": r["task"],
-                "loss": float(r["loss"]),
-                "acc": float(r["acc"]),
-                "f1": float(r["f1"]) if r["f1"] else "",
-            }
-        )
-    return rows
 
 
 def client_scores(rows: list[dict[str, Any]]) -> dict[str, float]:

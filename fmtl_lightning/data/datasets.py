@@ -1,10 +1,12 @@
 """Image datasets read from the local cache: where the cache is, what is pinned, how IDX parses.
 
-Owns the data-dir rule (argument, else ``$FMTL_DATA_DIR``, else ``~/.cache/fmtl_lightning``),
-the cache layout (``DATA/mnist/*.gz``, ``DATA/fashion_mnist/*.gz``), the sha256 of every
-cached file, the numpy-only IDX parser and the loaders that return an :class:`ImageDataset`.
-Getting the files into the cache is :mod:`fmtl_lightning.data.fetch`'s job; this module
-never downloads anything and raises :class:`DataMissingError` naming the fetch command.
+Owns the data-dir rule, the one every command and ``make data`` follow
+(:func:`resolve_data_dir`: argument, else ``$FMTL_DATA_DIR``, else ``.data/`` of the source
+checkout this package runs from, else ``~/.cache/fmtl_lightning``), the cache layout
+(``DATA/mnist/*.gz``, ``DATA/fashion_mnist/*.gz``), the sha256 of every cached file, the
+numpy-only IDX parser and the loaders that return an :class:`ImageDataset`. Getting the
+files into the cache is :mod:`fmtl_lightning.data.fetch`'s job; this module never
+downloads anything and raises :class:`DataMissingError` naming the fetch command.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shlex
+import sys
+import tomllib
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +32,9 @@ from fmtl_lightning.errors import (
 )
 
 DATA_DIR_ENV = "FMTL_DATA_DIR"
-DEFAULT_DATA_DIR = "~/.cache/fmtl_lightning"
+CHECKOUT_DATA_DIR = ".data"  # under the source checkout; what `make setup` fills
+USER_DATA_DIR = "~/.cache/fmtl_lightning"  # an installed package's default
+PROJECT_NAME = "fmtl-lightning"  # [project] name in the checkout's pyproject.toml
 SPLITS = ("train", "test")
 
 # Cache sub-directory -> {file name: sha256}. The MNIST files are byte-identical to the
@@ -124,16 +131,58 @@ class ImageDataset:
 # --- cache location and verification ---------------------------------------------------------
 
 
+def source_checkout() -> Path | None:
+    """The source checkout this package runs from (editable install, ``PYTHONPATH``), if any.
+
+    It is the package's parent directory when that holds this project's ``pyproject.toml``;
+    an installed (non-editable) package has none.
+    """
+    root = Path(__file__).resolve().parents[2]  # <root>/fmtl_lightning/data/datasets.py
+    try:
+        meta = tomllib.loads((root / "pyproject.toml").read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return root if meta.get("project", {}).get("name") == PROJECT_NAME else None
+
+
+def default_data_dir() -> Path:
+    """``<checkout>/.data`` when running from a source checkout, else ``~/.cache/fmtl_lightning``."""
+    root = source_checkout()
+    return root / CHECKOUT_DATA_DIR if root is not None else Path(USER_DATA_DIR).expanduser()
+
+
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The data dir: ``data_dir`` if given, else ``$FMTL_DATA_DIR``, else the default."""
-    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    return Path(chosen).expanduser()
+    """The data dir: ``data_dir`` if given, else ``$FMTL_DATA_DIR``, else :func:`default_data_dir`.
+
+    Every loader, ``fmtl`` command, benchmark and ``python -m fmtl_lightning.data.fetch``
+    (which ``make data`` runs) resolves it here, so setup and use always agree.
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else default_data_dir()
 
 
-def fetch_command(name: str) -> str:
-    """The shell command(s) that put dataset ``name`` into the cache."""
+def fetch_command(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The shell command(s) that put dataset ``name`` into ``resolve_data_dir(data_dir)``."""
     flag = "--" + name.replace("_", "-")
-    return f"`make data` or `python -m fmtl_lightning.data.fetch {flag}`"
+    cmd = f"{shlex.quote(sys.executable)} -m fmtl_lightning.data.fetch {flag}"
+    if data_dir is not None:  # a dir from the config or --data-dir: say it
+        return f"`{cmd} --data-dir {shlex.quote(str(resolve_data_dir(data_dir)))}`"
+    root = source_checkout()
+    if root is not None and (root / "Makefile").is_file():
+        return f"`make data` (in {root}) or `{cmd}`"
+    return f"`{cmd}`"
+
+
+def _data_dir_origin(data_dir: str | os.PathLike[str] | None) -> str:
+    if data_dir is not None:
+        return "given by data.data_dir / --data-dir"
+    if os.environ.get(DATA_DIR_ENV):
+        return f"from ${DATA_DIR_ENV}"
+    if source_checkout() is not None:
+        return f"the default of this source checkout; ${DATA_DIR_ENV} chooses another"
+    return f"the default, {USER_DATA_DIR}; ${DATA_DIR_ENV} chooses another"
 
 
 def sha256_file(path: Path) -> str:
@@ -157,9 +206,9 @@ def cached_file(name: str, filename: str, data_dir: str | os.PathLike[str] | Non
     path = resolve_data_dir(data_dir) / name / filename
     if not path.is_file():
         raise DataMissingError(
-            f"{name} is not in the data dir: {path} does not exist. "
-            f"Fetch it with {fetch_command(name)} "
-            f"(the data dir is --data-dir, else ${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR})."
+            f"{name} is not in the data dir {path.parent.parent} "
+            f"({_data_dir_origin(data_dir)}): {path} does not exist. "
+            f"Fetch it with {fetch_command(name, data_dir)}."
         )
     verify_sha256(path, expected)
     return path

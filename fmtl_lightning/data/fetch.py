@@ -162,7 +162,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fashion-mnist", action="store_true", help="Fashion-MNIST, from the Debian package"
     )
-    parser.add_argument("--data-dir", default=None, help="default: $FMTL_DATA_DIR or ~/.cache")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="default: $FMTL_DATA_DIR, else .data/ of the source checkout, else "
+        "~/.cache/fmtl_lightning (as every fmtl command)",
+    )
     args = parser.parse_args(argv)
     if not (args.all or args.mnist or args.fashion_mnist):
         parser.error("choose --all, --mnist or --fashion-mnist")

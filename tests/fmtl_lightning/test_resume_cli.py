@@ -44,18 +44,22 @@ def test_killed_run_resumes_to_the_identical_result(cfg_file, tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     proc = subprocess.Popen(_cmd("--config", str(cfg_file), "--run-dir", str(killed)))
     deadline = time.time() + 120
-    while len(completed_rounds(killed)) < 3 and time.time() < deadline and proc.poll() is None:
+    while completed_rounds(killed)[-1:] < [3] and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = completed_rounds(killed)
-    assert 3 <= len(done) < ROUNDS, f"kill landed outside the run: {done}"
+    assert 3 <= done[-1] < ROUNDS, f"kill landed outside the run: {done}"
+    # retention (default: the last round) is on; a kill between a write and its prune
+    # leaves the round before too
+    assert len(done) <= 2 and done == list(range(done[-1] - len(done) + 1, done[-1] + 1))
     assert not (killed / "summary.json").exists()
 
     subprocess.run(_cmd("--resume", str(killed)), check=True, capture_output=True)
     subprocess.run(
         _cmd("--config", str(cfg_file), "--run-dir", str(straight)), check=True, capture_output=True
     )
+    assert completed_rounds(killed) == completed_rounds(straight) == [ROUNDS]
     a, b = _final_arrays(killed), _final_arrays(straight)
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
@@ -75,6 +79,8 @@ def test_killed_run_resumes_to_the_identical_result(cfg_file, tmp_path):
         (lambda c: c["clients"][0].update(lam=-0.1), "clients[0].lam"),
         (lambda c: c["federation"].update(rounnds=3), "federation.rounnds"),
         (lambda c: c["clients"][0].update(count=100), "data.samples_per_client"),
+        (lambda c: c.update(checkpoints={"keep_last": 0}), "checkpoints.keep_last"),
+        (lambda c: c.update(checkpoints={"keep_every": -1}), "checkpoints.keep_every"),
     ],
 )
 def test_invalid_config_fails_before_training_naming_the_field(
@@ -104,8 +110,27 @@ def test_run_directory_contents(small_cfg, tmp_path):
     pngs = sorted(p.name for p in (r / "plots").glob("*.png"))
     assert pngs == ["accuracy_by_round.png", "final_vs_local.png"]
     assert all((r / "plots" / p).stat().st_size > 5000 for p in pngs)
-    assert completed_rounds(r) == [1, 2] and completed_rounds(r / "local_baseline") == [1, 2]
+    assert completed_rounds(r) == [2] and completed_rounds(r / "local_baseline") == [2]
     accs = [c["acc"] for c in out["clients"].values()]
     assert out["mean_acc"] == pytest.approx(np.mean(accs)) and out["worst_acc"] == min(accs)
     assert set(out["local_baseline"]["clients"]) == set(out["clients"])
     assert list((r / "lightning_logs").rglob("metrics.csv")), "Lightning's CSVLogger wrote nothing"
+
+
+def test_rounds_flag_overrides_the_config_and_is_validated(small_cfg, tmp_path, capsys):
+    from fmtl_lightning.cli import main
+    from fmtl_lightning.config import load_config
+
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(small_cfg))  # rounds: 2
+    run = tmp_path / "run"
+    argv = ["simulate", "--no-progress", "--config", str(p), "--run-dir", str(run)]
+    assert main([*argv, "--rounds", "3"]) == 0
+    assert completed_rounds(run) == [3]
+    assert load_config(run / "config.yaml").federation.rounds == 3  # a resume keeps it
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--rounds", "0"]) == 2
+    assert "federation.rounds" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(run), "--rounds", "5"]) == 2
+    assert "--rounds applies to a new run" in capsys.readouterr().err
+    assert completed_rounds(run) == [3]

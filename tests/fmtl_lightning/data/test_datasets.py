@@ -1,7 +1,7 @@
 """Cached MNIST / Fashion-MNIST and sklearn digits: checksums, parsing, shapes, counts, errors.
 
-Needs the cache in $FMTL_DATA_DIR (``make test`` fetches it first; by hand:
-``FMTL_DATA_DIR=$PWD/.data python -m fmtl_lightning.data.fetch --all``).
+Needs the cache in the data dir (``make test`` fetches it into ``.data/`` first; by hand:
+``python -m fmtl_lightning.data.fetch --all``; ``$FMTL_DATA_DIR`` chooses another dir).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmtl_lightning.data import datasets as datasets_mod
 from fmtl_lightning.data import fetch as fetch_mod
 from fmtl_lightning.data.datasets import (
     DATASET_NAMES,
-    DEFAULT_DATA_DIR,
     DIGITS_MEAN,
     DIGITS_STD,
     FASHION_MNIST_MEAN,
@@ -28,6 +28,7 @@ from fmtl_lightning.data.datasets import (
     MNIST_MEAN,
     MNIST_STD,
     PINNED_FILES,
+    default_data_dir,
     load_dataset,
     load_digits,
     load_fashion_mnist,
@@ -83,7 +84,26 @@ def test_data_dir_argument_beats_env_beats_default(monkeypatch, tmp_path):
     assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
     assert resolve_data_dir() == tmp_path / "env"
     monkeypatch.delenv("FMTL_DATA_DIR")
-    assert resolve_data_dir() == Path(DEFAULT_DATA_DIR).expanduser()
+    assert resolve_data_dir() == default_data_dir()
+
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_default_data_dir_is_the_checkouts_dot_data_else_the_user_cache(monkeypatch, tmp_path):
+    """The dir `make setup` fills (<checkout>/.data) is the default of every command there."""
+    assert (REPO / "pyproject.toml").is_file() and (REPO / "fmtl_lightning").is_dir()
+    assert default_data_dir() == REPO / ".data"
+    # an installed (non-editable) package: no pyproject.toml next to it
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(datasets_mod, "__file__", str(site / "fmtl_lightning/data/datasets.py"))
+    assert default_data_dir() == Path("~/.cache/fmtl_lightning").expanduser()
+    # next to another project's pyproject.toml: still not a checkout of this one
+    (site / "pyproject.toml").parent.mkdir(parents=True)
+    (site / "pyproject.toml").write_text('[project]\nname = "other"\n')
+    assert default_data_dir() == Path("~/.cache/fmtl_lightning").expanduser()
+    (site / "pyproject.toml").write_text('[project]\nname = "fmtl-lightning"\n')
+    assert default_data_dir() == site / ".data"
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_FILES))
@@ -117,9 +137,19 @@ def test_missing_data_names_the_fetch_command(tmp_path, monkeypatch, loader, fla
     with pytest.raises(DataMissingError) as info:
         loader("test")
     message = str(info.value)
-    assert f"python -m fmtl_lightning.data.fetch {flag}" in message
-    assert "make data" in message
+    assert f"python -m fmtl_lightning.data.fetch {flag}`" in message
+    assert f"`make data` (in {REPO})" in message and "from $FMTL_DATA_DIR" in message
     assert str(tmp_path / "nowhere") in message
+
+
+def test_missing_data_in_a_given_dir_names_a_fetch_into_that_dir(tmp_path):
+    """`make data` would fill the default dir, not this one: the message names --data-dir."""
+    with pytest.raises(DataMissingError) as info:
+        load_mnist("test", data_dir=tmp_path / "my data")
+    message = str(info.value)
+    assert "make data" not in message
+    want = f"-m fmtl_lightning.data.fetch --mnist --data-dir '{tmp_path / 'my data'}'`"
+    assert want in message
 
 
 # --- IDX parsing -----------------------------------------------------------------------------
