@@ -218,6 +218,7 @@ def _checkpoint(run_dir, round_no: int) -> dict[str, np.ndarray]:
 def test_checkpoint_resume_gives_the_uninterrupted_state(small_cfg, tmp_path):
     cfg = _cfg(small_cfg, width_assignment="dynamic", slicing="fedrolex")
     cfg["federation"].update(rounds=4, eval_every=2)  # statistics passes after rounds 2 and 4
+    cfg["checkpoints"] = {"keep_every": 1}  # rounds 3 and 4 are compared below
     straight = _sim(cfg, tmp_path / "a")
     straight.run()
 
