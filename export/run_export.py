@@ -120,7 +120,7 @@ class _Bundle:
     def weights(self, name: str, arrays: Mapping[str, np.ndarray]) -> FileEntry:
         path = self.dir / name
         with open(path, "wb") as f:
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+            np.savez(f, **{k: np.asarray(v, order="C") for k, v in arrays.items()})  # type: ignore[arg-type]
         specs = tuple(TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items())
         return FileEntry(
             path=name, sha256=sha256_file(path), kind="weights", outputs=specs,

@@ -45,6 +45,19 @@ class TrainResult:
     base_hash: str = ""  # state_hash of the shared arrays training started from
 
 
+def _store(state: dict[str, np.ndarray], f: FileEntry, res: Mapping[str, np.ndarray]) -> None:
+    """Write a step graph's new weights into ``state``; each keeps its shape and dtype
+    (a 0-d buffer such as ``num_batches_tracked`` stays 0-d, as the manifest declares)."""
+    for name, key in f.weight_outputs.items():
+        v, old = res[name], state[key]
+        if v.shape != old.shape or v.dtype != old.dtype:
+            raise ManifestError(
+                f"{f.path}: output {name!r} for key {key!r} is {v.dtype}{list(v.shape)}, "
+                f"the state holds {old.dtype}{list(old.shape)}"
+            )
+        state[key] = v
+
+
 def _fmt_widths(ws: list[float]) -> str:
     return ", ".join(f"{w:g}" for w in ws)
 
@@ -339,8 +352,7 @@ class EdgeClient:
                     feed[s.target_inputs["task"]] = ys[t][idx]
                     feed[s.lr_input or "lr"] = lr_arr
                     res = self._run(s, feed)
-                    for name, key in s.weight_outputs.items():
-                        state[key] = res[name]
+                    _store(state, s, res)
                     total += float(res[s.loss_output or "loss"])
                 losses.append(total)
                 report(i)
@@ -354,8 +366,7 @@ class EdgeClient:
                     feed[step.target_inputs[t]] = y[idx]
                 feed[step.lr_input or "lr"] = lr_arr
                 res = self._run(step, feed)
-                for name, key in step.weight_outputs.items():
-                    state[key] = res[name]
+                _store(state, step, res)
                 losses.append(float(res[step.loss_output or "loss"]))
                 report(i)
         for k, v in state.items():
