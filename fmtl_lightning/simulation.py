@@ -109,6 +109,7 @@ class Simulation:
         torch.manual_seed(cfg.seed)
         init = state_arrays(MultiTaskModel(self.bcfg, model_tasks, 1.0))
         self.global_state = {k: init[k] for k in self.shared_keys}
+        self._client_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.stores: dict[str, ClientStore] = {}
         for c in self.fed.clients:
             keys = self.client_keys(c)
@@ -127,14 +128,17 @@ class Simulation:
         self.edge = EdgeBridge(self.run_dir / "edge")
 
     # ------------------------------------------------------------------ helpers
+    def client_tasks(self, c: ClientData) -> dict[str, int]:
+        """The heads of a client's model: its own tasks (FedAvg: the one union head)."""
+        if self.union_slices is not None:
+            return dict(self.model_tasks)
+        return {t: self.task_outputs[t] for t in c.tasks}
+
     def client_keys(self, c: ClientData) -> tuple[str, ...]:
-        heads = [UNION_HEAD] if self.union_slices is not None else list(c.tasks)
-        head_keys = {
-            f"heads.{t.replace('/', '__').replace('.', '_')}.{p}"
-            for t in heads
-            for p in ("weight", "bias")
-        }
-        return tuple(k for k in self.spec.keys if k.startswith("backbone.") or k in head_keys)
+        """The keys of a client's model, as its ModelSpec declares them (no name matching)."""
+        if c.tasks not in self._client_keys:
+            self._client_keys[c.tasks] = model_spec(self.bcfg, self.client_tasks(c)).keys
+        return self._client_keys[c.tasks]
 
     def head_row_masks(self, c: ClientData) -> dict[str, np.ndarray]:
         """Rows of the union head a client holds: the classes it has, of its own tasks.
@@ -147,16 +151,12 @@ class Simulation:
             a, b = self.union_slices[t]
             m = c.label_masks.get(t)
             rows[a:b] = True if m is None else np.asarray(m, dtype=bool)
-        return {f"heads.{UNION_HEAD}.{p}": rows for p in ("weight", "bias")}
+        return {k: rows for k in self.spec.keys_of_kind("head")}  # the union head's rows
 
     def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
         key = (c.tasks, width)
         if key not in self._modules:
-            tasks = (
-                self.model_tasks
-                if self.union_slices is not None
-                else {t: self.task_outputs[t] for t in c.tasks}
-            )
+            tasks = self.client_tasks(c)
             o = self.cfg.optimizer
             self._modules[key] = MultiTaskModule(
                 MultiTaskModel(self.bcfg, tasks, width),

@@ -111,9 +111,8 @@ class EdgeClient:
 
     @property
     def shared_keys(self) -> tuple[str, ...]:
-        if self.entry.shared_keys:
-            return self.entry.shared_keys
-        return tuple(k for k in self.base_state() if k.startswith("backbone."))  # older bundles
+        """Keys that travel to the server: the manifest's, i.e. the run's declared roles."""
+        return self.entry.shared_keys
 
     def _width(self, width: float | None) -> float:
         if width is None:
@@ -329,16 +328,19 @@ class EdgeClient:
                 print(f"epoch {e}: {i} steps, loss {mean:.4f}", file=sys.stderr, flush=True)
 
         if head_only:
+            heads = {t: self.head(t) for t in self.entry.tasks}
+            stepped = {
+                k for h in heads.values() if h.head_step for k in h.head_step.weights.values()
+            }
+            base = self.base_state()
             if start_from is not None and any(
-                k.startswith("backbone.") and not np.array_equal(v, self.base_state()[k])
-                for k, v in start_from.items()
+                k not in stepped and not np.array_equal(v, base[k]) for k, v in start_from.items()
             ):
                 raise InputError(
                     "head-only training computes features with the bundle's backbone graph "
                     "(weights inside the graph); start_from holds a different backbone: "
                     "train the full model or export a bundle from that backbone"
                 )
-            heads = {t: self.head(t) for t in self.entry.tasks}
             ys = self.prepare_targets(targets, tuple(heads), n)
             feats = self.features(xs, w)
             for i, idx in enumerate(batch_order(n, batch_size, epochs, steps, seed), 1):

@@ -111,3 +111,19 @@ def test_state_hash_tells_a_zero_d_array_from_a_one_element_vector() -> None:
     n = np.array(3, dtype=np.int64)
     assert state_hash({"n": n}) != state_hash({"n": n.reshape(1)})
     assert state_hash({"n": n}) == state_hash({"n": np.array(3, dtype=">i8")})  # byte order
+
+
+def test_a_client_entry_without_shared_keys_is_refused_not_guessed(exported, tmp_path) -> None:
+    """The device never guesses roles from key names: the manifest must say what travels."""
+    import json
+
+    from mobile_client.errors import ManifestError
+    from mobile_client.manifest import load_manifest
+
+    _, bundle = exported
+    d = json.loads((bundle / "manifest.json").read_text())
+    assert d["clients"][0]["shared_keys"]  # written by export, from the spec
+    del d["clients"][0]["shared_keys"]
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=r"clients\[0\]\.shared_keys' is missing"):
+        load_manifest(tmp_path)
