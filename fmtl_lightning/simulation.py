@@ -19,6 +19,7 @@ remaining rounds exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -38,7 +39,13 @@ from tqdm.auto import tqdm
 from fmtl_lightning.aggregation import ClientUpdate, aggregate, aggregate_label_split
 from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
 from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
-from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
+from fmtl_lightning.config import (
+    RunConfig,
+    config_to_dict,
+    load_config,
+    parse_config,
+    validate_config,
+)
 from fmtl_lightning.edge_bridge import EdgeBridge
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
 from fmtl_lightning.local_fit import FitPlan
@@ -460,6 +467,25 @@ def summarize(rows: list[dict[str, Any]], algorithm: str, cfg: RunConfig) -> dic
     }
 
 
+def local_baseline(cfg: RunConfig, fed: Federation) -> tuple[RunConfig, Federation]:
+    """The local-only baseline of a run: every client trains alone, same data, same steps.
+
+    An edge client's baseline is the same client trained in-process: with no server
+    there is nothing to exchange, and the edge runtime's SGD steps equal Lightning's
+    (the edge parity tests). The baseline's config has ``edge: false`` everywhere and no
+    server-side label split, so it is a config the validator accepts (edge clients and the
+    label split need a server algorithm) and ``--resume`` can reload it.
+    """
+    local_cfg = cfg.replace(
+        algorithm=dataclasses.replace(cfg.algorithm, name="local", label_split=False),
+        clients=tuple(dataclasses.replace(g, edge=False) for g in cfg.clients),
+        compare_local=False,
+    )
+    validate_config(local_cfg)
+    clients = [dataclasses.replace(c, edge=False) for c in fed.clients]
+    return local_cfg, dataclasses.replace(fed, clients=clients)
+
+
 def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = True) -> dict:
     """Python API of ``fmtl simulate``: the run, then (optionally) its local-only baseline."""
     from fmtl_lightning.report import write_report
@@ -470,12 +496,9 @@ def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = T
     summary = sim.run()
     baseline = None
     if cfg.compare_local and cfg.algorithm.name != "local":
-        local_cfg = cfg.replace(
-            algorithm=cfg.algorithm.__class__(**{**cfg.algorithm.__dict__, "name": "local"}),
-            compare_local=False,
-        )
+        local_cfg, local_fed = local_baseline(cfg, sim.fed)
         bsim = Simulation(
-            local_cfg, run_dir / "local_baseline", progress=progress, federation=sim.fed
+            local_cfg, run_dir / "local_baseline", progress=progress, federation=local_fed
         )
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)
@@ -491,15 +514,10 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
     baseline = None
     bdir = run_dir / "local_baseline"
     if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
+        local_cfg, local_fed = local_baseline(sim.cfg, sim.fed)
         if bdir.is_dir() and (bdir / "config.yaml").exists():
-            bsim = Simulation.resume(bdir, progress=progress, federation=sim.fed)
+            bsim = Simulation.resume(bdir, progress=progress, federation=local_fed)
         else:
-            local_cfg = sim.cfg.replace(
-                algorithm=sim.cfg.algorithm.__class__(
-                    **{**sim.cfg.algorithm.__dict__, "name": "local"}
-                ),
-                compare_local=False,
-            )
-            bsim = Simulation(local_cfg, bdir, progress=progress, federation=sim.fed)
+            bsim = Simulation(local_cfg, bdir, progress=progress, federation=local_fed)
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)
