@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from mobile_client.manifest import (
     sha256_file,
     write_manifest,
 )
+
+if TYPE_CHECKING:
+    from fmtl_lightning.roles import RolePolicy
 
 WIDTH_TOL = 1e-9
 
@@ -122,7 +125,7 @@ class _Bundle:
     def weights(self, name: str, arrays: Mapping[str, np.ndarray]) -> FileEntry:
         path = self.dir / name
         with open(path, "wb") as f:
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+            np.savez(f, **{k: np.asarray(v, order="C") for k, v in arrays.items()})  # type: ignore[arg-type]
         specs = tuple(TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items())
         return FileEntry(
             path=name, sha256=sha256_file(path), kind="weights", outputs=specs,
@@ -180,6 +183,7 @@ def export_model(
     normalisation: Normalisation | Mapping[str, Any] | None = None,
     labels: Mapping[str, Sequence[str]] | None = None,
     client: str = "client",
+    policy: RolePolicy | str = "fedper",
     opset: int = 18,
     ort: bool = False,
     overwrite: bool = False,
@@ -189,9 +193,11 @@ def export_model(
     ``task_kinds``: task -> "multiclass"/"multilabel" for the model's heads to export
     (all must be heads of the model). ``labels`` default to the built-in task's
     output names (or ``"0".."n-1"``). ``normalisation`` defaults to mean 0, std 1 on
-    the backbone's input shape.
+    the backbone's input shape. ``policy`` (the run's :class:`RolePolicy`) turns the
+    model's declared kinds into roles: the client's ``shared_keys`` in the manifest
+    are the keys its ModelSpec shares (e.g. FedBN keeps norm keys off the list).
     """
-    from fmtl_lightning.models import head_name, state_arrays
+    from fmtl_lightning.models import head_name, model_spec, state_arrays
 
     heads = [k for k, v in model.declarations.items() if v[0] == "head"]
     if not heads or not model.task_outputs:
@@ -214,6 +220,7 @@ def export_model(
     width = float(model.width)
     example_x = torch.zeros(1, *shape)
     feat = model.backbone.feature_dim
+    spec = model_spec(cfg, model.task_outputs, policy)  # roles, declared by the model
 
     def label_of(t: str) -> tuple[str, ...]:
         if labels is not None and t in labels:
@@ -246,7 +253,7 @@ def export_model(
             )  # fmt: skip
         state = state_arrays(model)
         wts = b.weights(f"weights_{sanitize(client)}.npz", state)
-        shared = tuple(k for k in state if k.startswith("backbone."))
+        shared = tuple(k for k in state if spec.role(k) == "shared")
         m = Manifest(
             opset=opset,
             created=_created(),
@@ -390,8 +397,10 @@ def export_run(
             norms[d] = Normalisation(float(ds.mean), float(ds.std), shape, 1.0 / 255.0, d)
         return norms[d]
 
-    def bb_arrays(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    def bb_arrays(state: Mapping[str, np.ndarray], backbone: nn.Module) -> dict[str, np.ndarray]:
+        """The entries of ``state`` that the backbone module holds (the model's structure)."""
+        own = (f"backbone.{k}" for k in backbone.state_dict())
+        return {k.removeprefix("backbone."): state[k] for k in own if k in state}
 
     def build(staging: Path) -> None:
         b = _Bundle(staging, opset, ort)
@@ -399,15 +408,15 @@ def export_run(
         for w in sel_w:
             ws = ws_of(w)
             at_w = [c for c in sim.fed.clients if abs(c.width - w) < WIDTH_TOL]
-            shared_bb = bb_arrays(sim._sub(sim.global_state, ws))
             backbone = Backbone(sim.bcfg, w)
+            shared_bb = bb_arrays(sim._sub(sim.global_state, ws), backbone)
             n_bb = len(backbone.state_dict())
-            if len(shared_bb) < n_bb:  # no shared backbone (local training): first client's
+            if len(shared_bb) < n_bb:  # not all shared (local, FedBN norms): first client's
                 if not at_w:
                     raise RunExportError(
                         f"width {w:g}: the run shares no backbone and no client has this width"
                     )
-                shared_bb = bb_arrays(sim.client_state(at_w[0], ws))
+                shared_bb = bb_arrays(sim.client_state(at_w[0], ws), backbone)
             load_arrays(backbone, shared_bb)
             tag = _wtag(w)
             bb = b.graph(
@@ -433,7 +442,7 @@ def export_run(
                 feat = model.backbone.feature_dim
                 cid = sanitize(c.cid)
                 own_bb = None
-                mine = bb_arrays(state)
+                mine = bb_arrays(state, model.backbone)
                 if any(not np.array_equal(mine[k], shared_bb[k]) for k in shared_bb):
                     p = staging / f"backbone_{cid}_w{tag}.onnx"
                     own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset))

@@ -228,7 +228,10 @@ class Aggregator:
         acc = self._acc[key]
         g = np.asarray(self._global[key])
         if not self.spec[key].is_float:
-            return g.copy() if acc.int_value is None else acc.int_value.astype(g.dtype)
+            if acc.int_value is None:
+                return g.copy()
+            # an ndarray of the entry's own shape and dtype, 0-d included (never a numpy scalar)
+            return np.array(acc.int_value, dtype=g.dtype, copy=True).reshape(g.shape)
         if acc.total is None:
             return g.copy()
         out = acc.total if consume else np.empty_like(acc.total)
@@ -287,15 +290,18 @@ def _fold_blocks(total: np.ndarray, pieces: list[_Piece], *, first_writes: bool)
 
 
 def _fold_int(current: np.ndarray | None, x: np.ndarray, rule: str) -> np.ndarray | None:
-    """Integer buffers (e.g. BatchNorm's num_batches_tracked) are never averaged."""
+    """Integer buffers (e.g. BatchNorm's num_batches_tracked) are never averaged.
+
+    Always an ndarray of ``x``'s shape: numpy ufuncs turn 0-d inputs into scalars.
+    """
     if rule == "keep":
         return current
     if current is None:
-        return x.copy()
+        return np.array(x, copy=True)
     if rule == "max":
-        return np.maximum(current, x)
+        return np.asarray(np.maximum(current, x))
     if rule == "sum":
-        return current + x
+        return np.asarray(current + x)
     raise ValueError(f"unknown int_rule {rule!r}")
 
 

@@ -8,14 +8,15 @@ slicing, aggregation, evaluation and checkpoints; none of that is repeated here.
 * ``local``  - no federation: the personal model trains alone.
 * ``fedavg`` - one global model (union head shared); plain local SGD.
 * ``fedper`` - shared backbone + local heads, trained jointly.
-* ``fedrep`` - head epochs (body frozen), then body epochs (head frozen).
+* ``fedrep`` - head epochs (body frozen), then body epochs (head frozen); the head is
+  what the ModelSpec keeps local (heads, FedBN's norms), the body what it shares.
 * ``ditto``  - (a) train the global copy and return it; (b) train the personal
   model with lam/2 ||v - w_t||^2 on the shared keys, anchored at round start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import lightning as L
@@ -45,8 +46,11 @@ class ClientRound:
     rep_head_epochs: int = 1
     phases: list[str] | None = None  # filled with the phases run, in order (for tests)
 
-    def run(self, phase: str, part: str = "all", plan: FitPlan | None = None) -> None:
-        self.module.train_part = part  # type: ignore[assignment]
+    def run(
+        self, phase: str, keys: Iterable[str] | None = None, plan: FitPlan | None = None
+    ) -> None:
+        """One fit; ``keys``: the parameters it trains (``None``: all)."""
+        self.module.train_keys = None if keys is None else frozenset(keys)
         if self.phases is not None:
             self.phases.append(phase)
         c = self.client
@@ -58,7 +62,7 @@ class ClientRound:
             plan or self.plan,
             phase_seed(self.seed, self.round_idx, self.client_idx, phase),
         )
-        self.module.train_part = "all"
+        self.module.train_keys = None
 
 
 @dataclass
@@ -91,10 +95,12 @@ def _train_jointly(cr: ClientRound) -> ClientResult:
 
 def _fedrep(cr: ClientRound) -> ClientResult:
     _load(cr, cr.received, cr.local)
+    body = set(cr.shared_keys)  # the roles the ModelSpec declares, never layer names
+    names = [k for k, _ in cr.module.model.named_parameters()]
     if cr.rep_head_epochs > 0:
         head_plan = replace(cr.plan, epochs=cr.rep_head_epochs, steps=None)
-        cr.run("head", part="head", plan=head_plan)
-    cr.run("body", part="body")
+        cr.run("head", [k for k in names if k not in body], plan=head_plan)
+    cr.run("body", [k for k in names if k in body])
     shared, local = _split(cr, state_arrays(cr.module.model))
     return ClientResult(shared, local, None, cr.client.num_train)
 

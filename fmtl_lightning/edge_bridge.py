@@ -64,6 +64,7 @@ class EdgeBridge:
                 out,
                 normalisation=norm,
                 client=c.cid,
+                policy=sim.spec.policy,  # the manifest's shared_keys are the spec's
                 overwrite=True,
             )
             self._bundles[key] = out

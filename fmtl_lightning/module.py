@@ -7,15 +7,15 @@ extras, each a plain attribute a federation loop may set between fits:
 * ``prox``: a Ditto/FedProx-style pull ``lam/2 * ||w - anchor||^2`` over named
   parameters (the shared ones, by the model's role declaration);
 * ``label_masks``: masked cross-entropy over the classes a client holds (HeteroFL);
-* ``train_part``: ``"all" | "head" | "body"``, which parameters the optimiser steps
-  (FedRep's phases).
+* ``train_keys``: the names of the parameters the optimiser steps (``None``: all);
+  FedRep's phases pass the keys the ModelSpec makes local, then those it shares.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -63,7 +63,7 @@ class MultiTaskModule(L.LightningModule):
         self.union_slices = dict(union_slices) if union_slices else None
         self.prox: ProxTerm | None = None
         self.label_masks: dict[str, torch.Tensor] = {}
-        self.train_part: Literal["all", "head", "body"] = "all"
+        self.train_keys: frozenset[str] | None = None  # parameters the optimiser steps
         self.metrics = nn.ModuleDict(
             {_safe(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()}
         )
@@ -128,11 +128,11 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optim
     def trainable_parameters(self) -> list[nn.Parameter]:
-        if self.train_part == "all":
-            return list(self.model.parameters())
-        if self.train_part == "head":
-            return list(self.model.heads.parameters())
-        return list(self.model.backbone.parameters())
+        """The parameters named in ``train_keys`` (all when ``None``); buffers are skipped."""
+        named = self.model.named_parameters()
+        if self.train_keys is None:
+            return [p for _, p in named]
+        return [p for k, p in named if k in self.train_keys]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(

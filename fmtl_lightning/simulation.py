@@ -21,6 +21,7 @@ remaining rounds exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -48,7 +49,13 @@ from fmtl_lightning.checkpoint import (
     rounds_to_keep,
     write_round,
 )
-from fmtl_lightning.config import RunConfig, config_to_dict, load_config, parse_config
+from fmtl_lightning.config import (
+    RunConfig,
+    config_to_dict,
+    load_config,
+    parse_config,
+    validate_config,
+)
 from fmtl_lightning.edge_bridge import EdgeBridge
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
 from fmtl_lightning.local_fit import FitPlan
@@ -119,6 +126,7 @@ class Simulation:
         torch.manual_seed(cfg.seed)
         init = state_arrays(MultiTaskModel(self.bcfg, model_tasks, 1.0))
         self.global_state = {k: init[k] for k in self.shared_keys}
+        self._client_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.stores: dict[str, ClientStore] = {}
         for c in self.fed.clients:
             keys = self.client_keys(c)
@@ -137,14 +145,17 @@ class Simulation:
         self.edge = EdgeBridge(self.run_dir / "edge")
 
     # ------------------------------------------------------------------ helpers
+    def client_tasks(self, c: ClientData) -> dict[str, int]:
+        """The heads of a client's model: its own tasks (FedAvg: the one union head)."""
+        if self.union_slices is not None:
+            return dict(self.model_tasks)
+        return {t: self.task_outputs[t] for t in c.tasks}
+
     def client_keys(self, c: ClientData) -> tuple[str, ...]:
-        heads = [UNION_HEAD] if self.union_slices is not None else list(c.tasks)
-        head_keys = {
-            f"heads.{t.replace('/', '__').replace('.', '_')}.{p}"
-            for t in heads
-            for p in ("weight", "bias")
-        }
-        return tuple(k for k in self.spec.keys if k.startswith("backbone.") or k in head_keys)
+        """The keys of a client's model, as its ModelSpec declares them (no name matching)."""
+        if c.tasks not in self._client_keys:
+            self._client_keys[c.tasks] = model_spec(self.bcfg, self.client_tasks(c)).keys
+        return self._client_keys[c.tasks]
 
     def head_row_masks(self, c: ClientData) -> dict[str, np.ndarray]:
         """Rows of the union head a client holds: the classes it has, of its own tasks.
@@ -157,16 +168,12 @@ class Simulation:
             a, b = self.union_slices[t]
             m = c.label_masks.get(t)
             rows[a:b] = True if m is None else np.asarray(m, dtype=bool)
-        return {f"heads.{UNION_HEAD}.{p}": rows for p in ("weight", "bias")}
+        return {k: rows for k in self.spec.keys_of_kind("head")}  # the union head's rows
 
     def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
         key = (c.tasks, width)
         if key not in self._modules:
-            tasks = (
-                self.model_tasks
-                if self.union_slices is not None
-                else {t: self.task_outputs[t] for t in c.tasks}
-            )
+            tasks = self.client_tasks(c)
             o = self.cfg.optimizer
             self._modules[key] = MultiTaskModule(
                 MultiTaskModel(self.bcfg, tasks, width),
@@ -494,6 +501,25 @@ def summarize(rows: list[dict[str, Any]], algorithm: str, cfg: RunConfig) -> dic
     }
 
 
+def local_baseline(cfg: RunConfig, fed: Federation) -> tuple[RunConfig, Federation]:
+    """The local-only baseline of a run: every client trains alone, same data, same steps.
+
+    An edge client's baseline is the same client trained in-process: with no server
+    there is nothing to exchange, and the edge runtime's SGD steps equal Lightning's
+    (the edge parity tests). The baseline's config has ``edge: false`` everywhere and no
+    server-side label split, so it is a config the validator accepts (edge clients and the
+    label split need a server algorithm) and ``--resume`` can reload it.
+    """
+    local_cfg = cfg.replace(
+        algorithm=dataclasses.replace(cfg.algorithm, name="local", label_split=False),
+        clients=tuple(dataclasses.replace(g, edge=False) for g in cfg.clients),
+        compare_local=False,
+    )
+    validate_config(local_cfg)
+    clients = [dataclasses.replace(c, edge=False) for c in fed.clients]
+    return local_cfg, dataclasses.replace(fed, clients=clients)
+
+
 def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = True) -> dict:
     """Python API of ``fmtl simulate``: the run, then (optionally) its local-only baseline."""
     from fmtl_lightning.report import write_report
@@ -504,12 +530,9 @@ def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = T
     summary = sim.run()
     baseline = None
     if cfg.compare_local and cfg.algorithm.name != "local":
-        local_cfg = cfg.replace(
-            algorithm=cfg.algorithm.__class__(**{**cfg.algorithm.__dict__, "name": "local"}),
-            compare_local=False,
-        )
+        local_cfg, local_fed = local_baseline(cfg, sim.fed)
         bsim = Simulation(
-            local_cfg, run_dir / "local_baseline", progress=progress, federation=sim.fed
+            local_cfg, run_dir / "local_baseline", progress=progress, federation=local_fed
         )
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)
@@ -525,15 +548,10 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
     baseline = None
     bdir = run_dir / "local_baseline"
     if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
+        local_cfg, local_fed = local_baseline(sim.cfg, sim.fed)
         if bdir.is_dir() and (bdir / "config.yaml").exists():
-            bsim = Simulation.resume(bdir, progress=progress, federation=sim.fed)
+            bsim = Simulation.resume(bdir, progress=progress, federation=local_fed)
         else:
-            local_cfg = sim.cfg.replace(
-                algorithm=sim.cfg.algorithm.__class__(
-                    **{**sim.cfg.algorithm.__dict__, "name": "local"}
-                ),
-                compare_local=False,
-            )
-            bsim = Simulation(local_cfg, bdir, progress=progress, federation=sim.fed)
+            bsim = Simulation(local_cfg, bdir, progress=progress, federation=local_fed)
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)

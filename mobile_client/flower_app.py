@@ -64,8 +64,11 @@ class ProtocolError(MobileClientError, ValueError):
 
 # ----------------------------------------------------------------------------- arrays
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named numpy arrays -> ArrayRecord (keys kept; ``np.save`` bytes, never pickles)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """Named numpy arrays -> ArrayRecord (keys kept; ``np.save`` bytes, never pickles).
+
+    Shapes travel as they are: a 0-d array (e.g. ``num_batches_tracked``) stays 0-d.
+    """
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def from_record(record: Any, where: str = ARRAYS) -> dict[str, np.ndarray]:

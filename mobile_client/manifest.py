@@ -31,9 +31,11 @@ Input normalisation: ``x = (pixels * scale - mean) / std`` with shape
 per client) reads its task's logits as ``logits[:, start:end]``. A client entry's
 ``backbone`` is set only when the client's backbone differs from the width's
 shared one (personal models, local norms); its ``weights`` (``.npz``, state-dict
-keys, the client's width) feed the training-step graphs; its ``shared_keys`` (optional,
-empty in older bundles) are the state-dict keys the client sends back to the server
-in an update (the rest, e.g. its heads, stay on the device).
+keys, the client's width) feed the training-step graphs; its ``shared_keys`` (required;
+written by ``export`` from the run's ModelSpec, empty when nothing is shared) are the
+state-dict keys the client sends back to the server in an update (the rest, e.g. its
+heads or FedBN's local norms, stay on the device). The device never guesses a key's
+role from its name.
 """
 
 from __future__ import annotations
@@ -262,12 +264,12 @@ class ClientEntry:
     normalisation: Normalisation
     domain: str = ""
     backbone: FileEntry | None = None  # only when it differs from the width's shared one
-    shared_keys: tuple[str, ...] = ()  # keys that travel to the server (empty: older bundles)
+    shared_keys: tuple[str, ...] = ()  # keys that travel to the server (the spec's roles)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ClientEntry:
         bb = _get(d, "backbone", where, dict, optional=True)
-        shared = _get(d, "shared_keys", where, list, optional=True) or []
+        shared = _get(d, "shared_keys", where, list)
         for i, k in enumerate(shared):
             if not isinstance(k, str):
                 raise ManifestError(f"manifest field '{where}.shared_keys[{i}]' must be str")

@@ -45,6 +45,19 @@ class TrainResult:
     base_hash: str = ""  # state_hash of the shared arrays training started from
 
 
+def _store(state: dict[str, np.ndarray], f: FileEntry, res: Mapping[str, np.ndarray]) -> None:
+    """Write a step graph's new weights into ``state``; each keeps its shape and dtype
+    (a 0-d buffer such as ``num_batches_tracked`` stays 0-d, as the manifest declares)."""
+    for name, key in f.weight_outputs.items():
+        v, old = res[name], state[key]
+        if v.shape != old.shape or v.dtype != old.dtype:
+            raise ManifestError(
+                f"{f.path}: output {name!r} for key {key!r} is {v.dtype}{list(v.shape)}, "
+                f"the state holds {old.dtype}{list(old.shape)}"
+            )
+        state[key] = v
+
+
 def _fmt_widths(ws: list[float]) -> str:
     return ", ".join(f"{w:g}" for w in ws)
 
@@ -98,9 +111,8 @@ class EdgeClient:
 
     @property
     def shared_keys(self) -> tuple[str, ...]:
-        if self.entry.shared_keys:
-            return self.entry.shared_keys
-        return tuple(k for k in self.base_state() if k.startswith("backbone."))  # older bundles
+        """Keys that travel to the server: the manifest's, i.e. the run's declared roles."""
+        return self.entry.shared_keys
 
     def _width(self, width: float | None) -> float:
         if width is None:
@@ -316,16 +328,19 @@ class EdgeClient:
                 print(f"epoch {e}: {i} steps, loss {mean:.4f}", file=sys.stderr, flush=True)
 
         if head_only:
+            heads = {t: self.head(t) for t in self.entry.tasks}
+            stepped = {
+                k for h in heads.values() if h.head_step for k in h.head_step.weights.values()
+            }
+            base = self.base_state()
             if start_from is not None and any(
-                k.startswith("backbone.") and not np.array_equal(v, self.base_state()[k])
-                for k, v in start_from.items()
+                k not in stepped and not np.array_equal(v, base[k]) for k, v in start_from.items()
             ):
                 raise InputError(
                     "head-only training computes features with the bundle's backbone graph "
                     "(weights inside the graph); start_from holds a different backbone: "
                     "train the full model or export a bundle from that backbone"
                 )
-            heads = {t: self.head(t) for t in self.entry.tasks}
             ys = self.prepare_targets(targets, tuple(heads), n)
             feats = self.features(xs, w)
             for i, idx in enumerate(batch_order(n, batch_size, epochs, steps, seed), 1):
@@ -339,8 +354,7 @@ class EdgeClient:
                     feed[s.target_inputs["task"]] = ys[t][idx]
                     feed[s.lr_input or "lr"] = lr_arr
                     res = self._run(s, feed)
-                    for name, key in s.weight_outputs.items():
-                        state[key] = res[name]
+                    _store(state, s, res)
                     total += float(res[s.loss_output or "loss"])
                 losses.append(total)
                 report(i)
@@ -354,8 +368,7 @@ class EdgeClient:
                     feed[step.target_inputs[t]] = y[idx]
                 feed[step.lr_input or "lr"] = lr_arr
                 res = self._run(step, feed)
-                for name, key in step.weight_outputs.items():
-                    state[key] = res[name]
+                _store(state, step, res)
                 losses.append(float(res[step.loss_output or "loss"]))
                 report(i)
         for k, v in state.items():

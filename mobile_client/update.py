@@ -32,7 +32,7 @@ def state_hash(arrays: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for k in sorted(arrays):
         a = np.asarray(arrays[k])
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # 0-d stays 0-d
         h.update(k.encode() + b"\0")
         h.update(a.dtype.str.encode() + b"\0")
         h.update(json.dumps(list(a.shape)).encode() + b"\0")

@@ -65,3 +65,63 @@ def test_edge_client_config_limits_are_named(small_cfg, edit, words):
     with pytest.raises(ConfigError, match=r"clients\[1\]\.edge") as ei:
         parse_config(cfg)
     assert words in str(ei.value)
+
+
+def _fedbn_cfg(small_cfg: dict, edge: bool) -> dict:
+    cfg = copy.deepcopy(small_cfg)
+    cfg["model"] = {"family": "cnn", "hidden": [4], "norm": "batch"}  # one conv: fast export
+    cfg["algorithm"] = {"name": "fedper", "policy": "fedbn"}
+    cfg["data"]["samples_per_client"] = 40
+    cfg["clients"] = [
+        {"count": 1, "tasks": ["digits/digit"], "width": 1.0},
+        {"count": 1, "tasks": ["digits/parity"], "width": 0.5, "edge": edge},
+    ]
+    cfg["federation"].update(rounds=2, batch_size=8)
+    cfg["compare_local"] = True
+    return cfg
+
+
+def test_fedbn_edge_client_and_its_local_baseline_match_lightning(small_cfg, tmp_path):
+    """Issue 16 #3 and #4: FedBN with an edge client runs 2 rounds (its norms stay on the
+    device), and its local-only baseline is the same client trained alone, in-process."""
+    from fmtl_lightning.checkpoint import read_round
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.roles import ModelSpec
+    from fmtl_lightning.simulation import resume_run, run_config
+    from mobile_client.manifest import load_manifest
+    from mobile_client.safetensors_np import load_file
+
+    ref = run_config(_fedbn_cfg(small_cfg, False), tmp_path / "l", progress=False)
+    out = run_config(_fedbn_cfg(small_cfg, True), tmp_path / "e", progress=False)
+    g_ref, c_ref, _, _ = read_round(tmp_path / "l", 2)
+    g, clients, _, _ = read_round(tmp_path / "e", 2)
+    spec = ModelSpec.from_json((tmp_path / "e" / "spec.json").read_text())
+    shared, norms = spec.shared_keys(), spec.keys_of_kind("norm", "norm_stat", "counter")
+    assert norms and not set(norms) & set(shared) and set(g) == set(shared)
+    for k in shared:  # the edge client trained on ONNX Runtime, the server saw the same update
+        np.testing.assert_allclose(g[k], g_ref[k], rtol=0, atol=1e-5, err_msg=k)
+    local = clients["c01"]  # its norms and head, kept at home, trained as in Lightning
+    assert {k.removeprefix("local/") for k in local} >= set(norms)
+    for k, v in c_ref["c01"].items():
+        np.testing.assert_allclose(local[k], v, rtol=0, atol=1e-5, err_msg=k)
+
+    # the device was told, by the manifest, which keys travel; its update held only those
+    edge = tmp_path / "e" / "edge"
+    (bundle,) = (edge / "bundles").iterdir()
+    assert load_manifest(bundle).client("c01").shared_keys == shared
+    arrays, _ = load_file(edge / "exchange" / "c01" / "round_0002" / "update.safetensors")
+    assert set(arrays) == set(shared)
+
+    # the local-only baseline: no server, so no edge exchange; same numbers as Lightning's
+    base = tmp_path / "e" / "local_baseline"
+    assert not (base / "edge").exists()
+    assert out["local_baseline"] == ref["local_baseline"]
+    _, b_ref, _, _ = read_round(tmp_path / "l" / "local_baseline", 2)
+    _, b_edge, _, _ = read_round(base, 2)
+    for cid in ("c00", "c01"):
+        assert set(b_edge[cid]) == set(b_ref[cid])
+        for k, v in b_ref[cid].items():
+            np.testing.assert_array_equal(b_edge[cid][k], v, err_msg=f"{cid} {k}")
+    assert not load_config(base / "config.yaml").clients[1].edge  # a config the validator takes
+    # --resume of the finished run reloads both configs and changes nothing
+    assert resume_run(tmp_path / "e", progress=False)["local_baseline"] == out["local_baseline"]

@@ -54,18 +54,19 @@ def test_fedrep_trains_head_then_body(small_cfg, tmp_path):
     assert sim.phase_log == {c: ["head", "body", "head", "body"] for c in ("c00", "c01", "c02")}
 
 
-def test_train_part_head_only_moves_heads_and_body_only_moves_backbone(small_cfg, tmp_path):
+def test_train_keys_move_exactly_the_named_parameters(small_cfg, tmp_path):
     sim = _sim(small_cfg, tmp_path)
     c = sim.fed.clients[0]
-    for part, moved, frozen in (("head", "heads.", "backbone."), ("body", "backbone.", "heads.")):
+    local = [k for k in sim.client_keys(c) if sim.spec.role(k) == "local"]
+    for moved in (local, list(sim.shared_keys)):
         m = sim.module_for(c, 1.0)
         before = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
-        m.train_part = part
+        m.train_keys = frozenset(moved)
         fit(sim.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0)
         after = m.model.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(frozen))
-        assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith(moved))
-        m.train_part = "all"
+        assert all(torch.equal(before[k], after[k]) for k in before if k not in moved)
+        assert all(not torch.equal(before[k], after[k]) for k in moved)
+        m.train_keys = None
 
 
 def _personal(sim: Simulation) -> dict[str, dict[str, np.ndarray]]:
