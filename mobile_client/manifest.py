@@ -468,12 +468,12 @@ class Manifest:
         for i, w in enumerate(self.widths):
             if abs(w.width - c.width) >= 1e-9:
                 continue
-            for j, t in enumerate(w.train_steps):
-                if c.client in t.clients or set(t.tasks) == set(c.tasks):
+            for j, step in enumerate(w.train_steps):
+                if c.client in step.clients or set(step.tasks) == set(c.tasks):
                     at = f"widths[{i}].train_steps[{j}].file"
-                    need(t.file.weights.values(), f"{at}.weights")
-                    need(t.file.weight_outputs.values(), f"{at}.weight_outputs")
-                    _need_targets(t.file, tuple(t.file.task_kinds), at)
+                    need(step.file.weights.values(), f"{at}.weights")
+                    need(step.file.weight_outputs.values(), f"{at}.weight_outputs")
+                    _need_targets(step.file, tuple(step.file.task_kinds), at)
         for i, h in heads.values():
             if h.head_step is not None:
                 _need_targets(h.head_step, ("task",), f"heads[{i}].head_step")
