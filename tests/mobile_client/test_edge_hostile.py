@@ -343,3 +343,15 @@ def test_failed_local_write_leaves_no_update(
     argv = _train(bundle, tmp_path, out)
     assert "No space left on device" in _err(capsys, argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local.npz"]
+
+
+def test_images_without_pillow_name_the_extra(tmp_path: Path, monkeypatch) -> None:
+    """The base install has no Pillow: a PNG input says which extra to install."""
+    import sys
+
+    from mobile_client.inputs import read_inputs
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL -> ImportError
+    with pytest.raises(InputError, match=r"needs Pillow: pip install 'fmtl-lightning\[images\]'"):
+        read_inputs(tmp_path / "a.png")
