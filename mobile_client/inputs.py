@@ -53,6 +53,8 @@ def _read_npy_stream(fp: IO[bytes], size: int) -> np.ndarray:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
         raise ValueError(f"dtype {dtype} is not supported (numbers or bool only)")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
     count = 1
     for s in shape:
         count *= s
@@ -62,8 +64,7 @@ def _read_npy_stream(fp: IO[bytes], size: int) -> np.ndarray:
         raise ValueError(f"shape {shape} of {dtype} is {nbytes} bytes, more than {MAX_BYTES}")
     if header + nbytes != size:
         raise ValueError(
-            f"shape {shape} of {dtype} needs {nbytes} bytes of data, the file holds "
-            f"{size - header}"
+            f"shape {shape} of {dtype} needs {nbytes} bytes of data, the file holds {size - header}"
         )
     data = fp.read(nbytes)
     if len(data) != nbytes:
