@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel lies on local disk; anything unpinned pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[train,flower,dev]'
+	$(PY) -m pip install --quiet -e '.[train,flower,dev,images]'
 	touch $(STAMP)
 
 setup: $(STAMP) data

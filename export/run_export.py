@@ -16,12 +16,15 @@
 * :func:`export_model` does the same for one :class:`MultiTaskModel` given directly.
 
 The bundle is built in a temp dir next to ``out_dir`` and renamed into place, so
-``out_dir`` is either complete or absent. The manifest schema lives in
+``out_dir`` is either complete or absent. Temp dirs carry the exporting process's
+id (``.{name}.tmp-{pid}-*``); the next export to the same ``out_dir`` removes those
+of processes that no longer run (an export killed with ``kill -9``). The manifest schema lives in
 :mod:`mobile_client.manifest` (the ground floor owns the wire formats).
 """
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import shutil
@@ -141,18 +144,43 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
         raise RunExportError(f"output path {out_dir} exists and is not a directory")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # PermissionError: exists, owned by another user
+    return True
+
+
+def _sweep_stale(out_dir: Path) -> list[Path]:
+    """Remove temp dirs of exports to ``out_dir`` whose process is gone; returns them."""
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = f".{out_dir.name}.{kind}-"
+        for p in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = p.name[len(prefix) :].split("-", 1)[0]
+            if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 def _atomic(out_dir: Path, overwrite: bool, build) -> Path:
     """Run ``build(staging)`` in a temp dir next to ``out_dir``, then rename it into place."""
     out_dir = Path(out_dir).absolute()
     _check_out(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _sweep_stale(out_dir)
+    tag = f".{out_dir.name}.%s-{os.getpid()}-"
+    staging = Path(tempfile.mkdtemp(prefix=tag % "tmp", dir=out_dir.parent))
     try:
         build(staging)
         os.chmod(staging, 0o755)
         if out_dir.exists():
             _check_out(out_dir, overwrite)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=tag % "old", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
             os.replace(staging, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -224,7 +252,12 @@ def export_model(
 
     def label_of(t: str) -> tuple[str, ...]:
         if labels is not None and t in labels:
-            return tuple(labels[t])
+            if len(labels[t]) != model.task_outputs[t]:
+                raise RunExportError(
+                    f"labels[{t!r}]: {len(labels[t])} label(s) for a head with "
+                    f"{model.task_outputs[t]} outputs"
+                )
+            return tuple(str(x) for x in labels[t])
         try:
             return _labels(t)
         except Exception:  # noqa: BLE001 - not a built-in task: numbered outputs

@@ -1,7 +1,9 @@
 """The ``fmtl`` command line: ``simulate``, ``demo`` (and ``export`` once installed).
 
-Errors a user can cause (bad config, missing data, bad run dir) print one clear
-line and exit with status 2; they never print a traceback.
+Errors a user can cause (bad config, missing data, bad run dir, a bad update or
+bundle: every :class:`~fmtl_lightning.errors.FMTLError`) print one clear line and
+exit with status 2; they never print a traceback. Any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fmtl_lightning.errors import FMTLError
+from fmtl_lightning.errors import FMTLError, error_line
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except FMTLError as exc:
-        print(f"fmtl: error: {exc}", file=sys.stderr)
+        print(f"fmtl: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

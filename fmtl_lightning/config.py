@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,7 +117,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(str(k) for k in set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {sorted(fields)})")
     kwargs = {}
@@ -170,8 +171,12 @@ def _scalar(py: type, value: Any, where: str) -> Any:
     if py is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not (-MAX_NUMBER <= value <= MAX_NUMBER):  # also NaN, inf, 10**400
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if py is int:
+        if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_NUMBER:
+            raise ConfigError(f"{where}: expected an integer, got {value!r} (write {int(value)})")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
@@ -188,14 +193,27 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """Read, parse and validate a YAML config file; every error names the file."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {str(p)!r} does not exist") from exc
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-    return parse_config(raw or {})
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from exc
+    if raw is None:
+        raise ConfigError(f"config file {str(p)!r} is empty (or truncated before any field)")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config file {str(p)!r}: expected a mapping of fields, got {type(raw).__name__}"
+        )
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(p)!r}: {exc}") from exc
 
 
 def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
@@ -203,13 +221,83 @@ def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
 
 
+# Bounds: far above any real run, low enough that nothing tries to allocate the impossible
+# (hidden: [1e9] would ask for 256 GB) or loop for ever. Field paths as in error messages.
+MAX_NUMBER = 1e300  # any float field: finite
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "seed": (0, 2**32 - 1),  # numpy / torch seeds
+    "clients[].count": (1, 10_000),
+    "model.hidden[]": (1, 4096),
+    "algorithm.rep_head_epochs": (0, 10_000),
+    "data.samples_per_client": (4, 10_000_000),
+    "data.partition.classes_per_client": (1, 100_000),
+    "federation.rounds": (1, 1_000_000),
+    "federation.local_epochs": (0, 10_000),
+    "federation.local_steps": (1, 10_000_000),
+    "federation.batch_size": (1, 1_000_000),
+    "federation.eval_every": (1, 1_000_000),
+    "checkpoints.keep_last": (1, 1_000_000),  # resume needs the last round
+    "checkpoints.keep_every": (0, 1_000_000),  # 0 = none
+}
+DEFAULT_INT_RANGE = (-(2**31), 2**31 - 1)  # an int field not listed above
+MAX_CLIENTS = 10_000  # all groups together
+MAX_HIDDEN_LAYERS = 32
+MAX_PARAMS = 100_000_000  # rough backbone size at full width (400 MB of float32)
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,99}")
+
+
+def _check_numbers(obj: Any, where: str) -> None:
+    """Every float field finite, every int field inside its range (bools excluded)."""
+    for f in dataclasses.fields(obj):
+        _check_value(getattr(obj, f.name), f"{where}.{f.name}" if where else f.name)
+
+
+def _check_value(v: Any, where: str) -> None:
+    if dataclasses.is_dataclass(v):
+        _check_numbers(v, where)
+    elif isinstance(v, tuple):
+        for i, x in enumerate(v):
+            _check_value(x, f"{where}[{i}]")
+    elif isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{where}: must be a finite number, got {v}")
+    elif isinstance(v, int) and not isinstance(v, bool):
+        lo, hi = INT_RANGES.get(re.sub(r"\[\d+\]", "[]", where), DEFAULT_INT_RANGE)
+        if not lo <= v <= hi:
+            raise ConfigError(f"{where}: must be in [{lo}, {hi}], got {v}")
+
+
+def _approx_params(hidden: tuple[int, ...], family: str) -> int:
+    """Backbone weights at full width, roughly: 28x28 inputs into an MLP, 3x3 kernels in a
+    CNN (depthwise-separable blocks: mostly their 1x1 convs)."""
+    k = {"mlp": 1, "cnn": 9}.get(family, 1)
+    sizes = [28 * 28 if family == "mlp" else 1, *hidden]
+    return sum(k * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Every semantic check that can fail before training starts."""
     from fmtl_lightning.errors import FMTLError as _Base
     from fmtl_lightning.tasks import get_task
 
+    if not isinstance(cfg.name, str) or not NAME_RE.fullmatch(cfg.name):
+        raise ConfigError(
+            f"name: {cfg.name!r} is not a valid run name (it names the directory runs/<name>): "
+            "1-100 letters, digits or _ . + = @ -, not starting with '.' or '-', no '/'"
+        )
+    _check_numbers(cfg, "")
     if not cfg.clients:
         raise ConfigError("clients: at least one client group is required")
+    n_clients = sum(g.count for g in cfg.clients)
+    if n_clients > MAX_CLIENTS:
+        raise ConfigError(f"clients: {n_clients} clients in all, more than {MAX_CLIENTS}")
+    hidden = cfg.model.hidden
+    if len(hidden) > MAX_HIDDEN_LAYERS:
+        raise ConfigError(f"model.hidden: {len(hidden)} layers, more than {MAX_HIDDEN_LAYERS}")
+    if _approx_params(hidden, cfg.model.family) > MAX_PARAMS:
+        raise ConfigError(
+            f"model.hidden: {list(hidden)} gives a {cfg.model.family} of about "
+            f"{_approx_params(hidden, cfg.model.family):,} weights, more than {MAX_PARAMS:,}"
+        )
     for i, g in enumerate(cfg.clients):
         where = f"clients[{i}]"
         if not g.tasks:
@@ -296,17 +384,10 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"federation.batch_size: must be >= 1, got {f.batch_size}")
     if not o.lr > 0:
         raise ConfigError(f"optimizer.lr: must be > 0, got {o.lr}")
-    if o.momentum < 0 or o.weight_decay < 0:
-        raise ConfigError("optimizer.momentum/weight_decay: must be >= 0")
-    if cfg.checkpoints.keep_last < 1:
-        raise ConfigError(
-            f"checkpoints.keep_last: must be >= 1 (resume needs the last round), "
-            f"got {cfg.checkpoints.keep_last}"
-        )
-    if cfg.checkpoints.keep_every < 0:
-        raise ConfigError(
-            f"checkpoints.keep_every: must be >= 0 (0 = none), got {cfg.checkpoints.keep_every}"
-        )
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
+    if not 0 <= o.weight_decay < 1:
+        raise ConfigError(f"optimizer.weight_decay: must be in [0, 1), got {o.weight_decay}")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

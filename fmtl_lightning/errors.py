@@ -1,14 +1,17 @@
 """Typed errors of fmtl-lightning.
 
 Every error that a user can cause (bad config, bad data, a malformed client
-update) is one of these, and its message names the key, field or file.
+update) is one of these, and its message names the key, field or file. The base,
+:class:`FMTLError`, is defined once on the ground floor (:mod:`mobile_client.errors`,
+with the wire-format errors) and re-exported here, so one ``except FMTLError``
+catches the errors of every package.
 """
 
 from __future__ import annotations
 
-
-class FMTLError(Exception):
-    """Base class of every error raised on purpose by fmtl-lightning."""
+# the one base of every package (``X as X``: an explicit re-export)
+from mobile_client.errors import FMTLError as FMTLError
+from mobile_client.errors import error_line as error_line
 
 
 class StateValidationError(FMTLError, ValueError):

@@ -64,6 +64,7 @@ from fmtl_lightning.module import MultiTaskModule
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
+from mobile_client.fileio import atomic_write_text
 
 UNION_HEAD = "union"
 METRIC_FIELDS = ("round", "client", "width", "task", "loss", "acc", "f1")
@@ -411,11 +412,11 @@ class Simulation:
     def run(self, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Run the remaining rounds; writes metrics.csv, summary.json and plots."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
-        )
-        (self.run_dir / "spec.json").write_text(self.spec.to_json())
-        (self.run_dir / "federation.txt").write_text(self.fed.summary + "\n")
+        # atomic: a run killed mid-write never leaves a truncated config.yaml behind
+        config = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+        atomic_write_text(self.run_dir / "config.yaml", config)
+        atomic_write_text(self.run_dir / "spec.json", self.spec.to_json())
+        atomic_write_text(self.run_dir / "federation.txt", self.fed.summary + "\n")
         self._prune()  # a fresh run drops stale rounds; a resumed one, leftovers of a kill
         logger = self.logger
         rounds = self.cfg.federation.rounds
@@ -439,10 +440,10 @@ class Simulation:
             self._bar.close()
             self._bar = None
         logger.finalize("success")
-        (self.run_dir / "metrics.csv").write_text(_csv(self.history))
+        atomic_write_text(self.run_dir / "metrics.csv", _csv(self.history))
         summary = summarize(self.history, self.alg, self.cfg)
         summary["times"] = [t.as_dict() for t in self.times]
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
     @classmethod

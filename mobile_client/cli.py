@@ -7,11 +7,14 @@
                     [--round N] [--out update.safetensors] [--client C]
 
 Inputs for ``predict``: ``.npy`` (one image (H, W)/(C, H, W) or a batch), ``.npz``
-(key ``x``), binary PGM (P5, 8-bit) and 8-bit grayscale PNG. ``train`` reads
-``x`` and one ``y__<task, '/' -> '__'>`` per task from ``--data``; it writes the
-update (shared arrays + metadata) to ``--out`` and the client's local arrays
-(heads) to ``--out`` with suffix ``.local.safetensors``. Errors print one line
-``fmtl-edge: error: ...`` and exit with status 2.
+(key ``x``), and with Pillow installed (``pip install 'fmtl-lightning[images]'``)
+PNG and PGM images, 8-bit grayscale or RGB (see :mod:`mobile_client.inputs`).
+``train`` reads ``x`` and one ``y__<task, '/' -> '__'>`` per task from ``--data``;
+it writes the update (shared arrays + metadata) to ``--out`` and the client's local
+arrays (heads) to ``--out`` with suffix ``.local.safetensors``; both paths are
+checked before training starts, and both files are written atomically (after a
+failure neither is left). Errors print one line ``fmtl-edge: error: ...`` and exit
+with status 2.
 
 Memory rule (``info --memory-mb``), per width, in bytes::
 
@@ -25,142 +28,23 @@ The training step graphs are not counted: ``info`` answers "can it predict".
 from __future__ import annotations
 
 import argparse
-import struct
+import os
 import sys
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mobile_client.batching import label_key
-from mobile_client.errors import MobileClientError
+from mobile_client.errors import FMTLError, InputError, error_line
+from mobile_client.inputs import read_client_data, read_inputs
 
 TRAIN_BATCH = 32
 ACT_FACTOR = 4  # intermediate activations per input/feature element, rough upper bound
 RUNTIME_MB = 70  # measured peak RSS of a torch-free predict+train process: ~68 MB
 
 
-class CLIError(MobileClientError):
+class CLIError(FMTLError):
     """A bad argument or input file for ``fmtl-edge`` (the message says which)."""
-
-
-# ----------------------------------------------------------------------------- images
-def read_pgm(path: Path) -> np.ndarray:
-    """Binary PGM (P5, maxval <= 255) -> uint8 (H, W)."""
-    data = path.read_bytes()
-    tokens: list[bytes] = []
-    i = 0
-    while len(tokens) < 4:
-        while i < len(data) and data[i : i + 1].isspace():
-            i += 1
-        if data[i : i + 1] == b"#":
-            while i < len(data) and data[i : i + 1] not in (b"\n", b"\r"):
-                i += 1
-            continue
-        j = i
-        while j < len(data) and not data[j : j + 1].isspace():
-            j += 1
-        if j == i:
-            raise CLIError(f"{path}: truncated PGM header")
-        tokens.append(data[i:j])
-        i = j
-    if tokens[0] != b"P5":
-        raise CLIError(f"{path}: not a binary PGM (magic {tokens[0]!r}, expected b'P5')")
-    try:
-        w, h, maxval = (int(t) for t in tokens[1:])
-    except ValueError as exc:
-        raise CLIError(f"{path}: bad PGM header {tokens!r}") from exc
-    if not 0 < maxval <= 255:
-        raise CLIError(f"{path}: PGM maxval {maxval}; only 8-bit (<= 255) is supported")
-    px = data[i + 1 : i + 1 + w * h]
-    if len(px) != w * h:
-        raise CLIError(f"{path}: PGM has {len(px)} pixel bytes, expected {w}x{h}={w * h}")
-    return np.frombuffer(px, dtype=np.uint8).reshape(h, w).copy()
-
-
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-def read_png(path: Path) -> np.ndarray:
-    """8-bit grayscale, non-interlaced PNG -> uint8 (H, W) (zlib + struct only)."""
-    data = path.read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise CLIError(f"{path}: not a PNG file")
-    pos, idat, ihdr = 8, [], None
-    while pos + 8 <= len(data):
-        (n,) = struct.unpack(">I", data[pos : pos + 4])
-        ctype = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + n]
-        pos += 12 + n
-        if ctype == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", body)
-        elif ctype == b"IDAT":
-            idat.append(body)
-        elif ctype == b"IEND":
-            break
-    if ihdr is None:
-        raise CLIError(f"{path}: PNG without IHDR")
-    w, h, depth, color, _, _, interlace = ihdr
-    if depth != 8 or color != 0:
-        raise CLIError(
-            f"{path}: PNG is bit depth {depth}, color type {color}; only 8-bit grayscale "
-            "(depth 8, color type 0) is supported"
-        )
-    if interlace:
-        raise CLIError(f"{path}: interlaced PNG is not supported")
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise CLIError(f"{path}: corrupt PNG data: {exc}") from exc
-    if len(raw) != h * (w + 1):
-        raise CLIError(f"{path}: PNG data has {len(raw)} bytes, expected {h * (w + 1)}")
-    out = np.zeros((h, w), dtype=np.uint8)
-    prev = np.zeros(w, dtype=np.int32)
-    for r in range(h):
-        f = raw[r * (w + 1)]
-        line = np.frombuffer(raw, np.uint8, w, r * (w + 1) + 1).astype(np.int32)
-        if f == 0:
-            cur = line
-        elif f == 2:
-            cur = (line + prev) & 0xFF
-        elif f in (1, 3, 4):  # depend on the left neighbour: row loop
-            cur = np.zeros(w, dtype=np.int32)
-            for i in range(w):
-                a = int(cur[i - 1]) if i else 0
-                b = int(prev[i])
-                c = int(prev[i - 1]) if i else 0
-                pred = a if f == 1 else ((a + b) // 2 if f == 3 else _paeth(a, b, c))
-                cur[i] = (int(line[i]) + pred) & 0xFF
-        else:
-            raise CLIError(f"{path}: PNG row {r} has unknown filter type {f}")
-        out[r] = cur
-        prev = cur
-    return out
-
-
-def read_inputs(path: Path) -> np.ndarray:
-    """One input file -> a batch (B, ...) of uint8 pixels or float32 normalised inputs."""
-    if not path.is_file():
-        raise CLIError(f"{path}: no such input file")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        x = np.load(path, allow_pickle=False)
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "x" not in z.files:
-                raise CLIError(f"{path}: .npz has no key 'x' (keys: {', '.join(z.files)})")
-            x = z["x"]
-    elif suffix in (".pgm", ".pnm"):
-        x = read_pgm(path)
-    elif suffix == ".png":
-        x = read_png(path)
-    else:
-        raise CLIError(f"{path}: unknown input type {suffix!r} (.npy, .npz, .pgm, .png)")
-    return x
 
 
 def _as_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -234,17 +118,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for p in args.inputs:
         path = Path(p)
         x = _as_batch(read_inputs(path), shape)
-        logits = client.predict(args.task, x, args.width)
-        if head.kind == "multiclass":
-            z = logits - logits.max(axis=1, keepdims=True)
-            probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        else:
-            probs = 1.0 / (1.0 + np.exp(-logits))
+        try:
+            logits = client.predict(args.task, x, args.width)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from exc
+        with np.errstate(over="ignore"):  # exp(-logit) of a very negative logit: inf -> p = 0
+            if head.kind == "multiclass":
+                z = logits - logits.max(axis=1, keepdims=True)
+                probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            else:
+                probs = 1.0 / (1.0 + np.exp(-logits))
         for i in range(len(logits)):
             name = f"{path}[{i}]" if len(logits) > 1 else str(path)
             if head.kind == "multiclass":
-                k = int(np.argmax(logits[i]))
-                pred = head.labels[k] if k < len(head.labels) else str(k)
+                pred = head.labels[int(np.argmax(logits[i]))]  # the manifest has one per column
             else:
                 on = [head.labels[j] for j in range(logits.shape[1]) if logits[i, j] > 0]
                 pred = ",".join(on) or "-"
@@ -255,29 +142,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _targets(data: np.lib.npyio.NpzFile, tasks: Sequence[str], path: Path) -> dict:
-    out = {}
-    for t in tasks:
-        key = label_key(t)
-        if key not in data.files:
-            raise CLIError(f"{path}: no key {key!r} for task {t!r} (keys: {', '.join(data.files)})")
-        out[t] = data[key]
-    return out
+def _check_output(path: Path, what: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise CLIError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{what} {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CLIError(f"{what} {path} is not writable")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mobile_client.safetensors_np import load_file
     from mobile_client.update import UpdateMeta, write_update
 
+    if args.round is not None and args.round < 0:
+        raise CLIError(f"--round must be >= 0, got {args.round}")
+    out = Path(args.out)
+    local = local_path(out)
+    _check_output(out, "--out")
+    _check_output(local, "local-state file")
     client = _client(args)
     data_path = Path(args.data)
     if not data_path.is_file():
         raise CLIError(f"{data_path}: no such data file")
-    with np.load(data_path, allow_pickle=False) as z:
-        if "x" not in z.files:
-            raise CLIError(f"{data_path}: no key 'x' (keys: {', '.join(z.files)})")
-        x = z["x"]
-        ys = _targets(z, client.entry.tasks, data_path)
+    x, ys = read_client_data(data_path, client.entry.tasks)
     start = None
     rnd = client.manifest.round
     if args.start_from:
@@ -287,17 +179,26 @@ def cmd_train(args: argparse.Namespace) -> int:
                 rnd = int(md["round"])
             except ValueError as exc:
                 raise CLIError(f"{args.start_from}: metadata 'round' is {md['round']!r}") from exc
+            if rnd < 0:
+                raise CLIError(f"{args.start_from}: metadata 'round' is {rnd}, must be >= 0")
+        try:
+            client.start_state(start)
+        except InputError as exc:
+            raise InputError(f"--start-from {args.start_from}: {exc}") from exc
     if args.round is not None:
         rnd = args.round
     res = client.train(
         x, ys, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_only=args.head_only, start_from=start, progress=True, seed=args.seed,
     )  # fmt: skip
-    out = Path(args.out)
     meta = UpdateMeta(client.client_id, rnd, client.entry.width, res.num_examples,
                       res.base_hash, res.metrics)  # fmt: skip
     write_update(out, res.shared, meta)
-    local = client.save_local(local_path(out))
+    try:
+        client.save_local(local)
+    except BaseException:
+        out.unlink(missing_ok=True)  # never an update without the heads it was trained with
+        raise
     print(f"wrote {out} ({len(res.shared)} shared arrays, {res.num_examples} examples, "
           f"loss {res.metrics.get('loss', float('nan')):.4f}) and {local}")  # fmt: skip
     return 0
@@ -347,9 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"info": cmd_info, "predict": cmd_predict, "train": cmd_train}[args.cmd](args)
-    except (MobileClientError, OSError, ValueError) as exc:
-        msg = " ".join(str(exc).split())
-        print(f"fmtl-edge: error: {msg}", file=sys.stderr)
+    except (FMTLError, OSError) as exc:  # anything else is a bug: keep its traceback
+        print(f"fmtl-edge: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

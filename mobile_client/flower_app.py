@@ -44,8 +44,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SType
 
-from mobile_client.batching import label_key
-from mobile_client.errors import InputError, MobileClientError
+from mobile_client.errors import FMTLError, InputError
+from mobile_client.inputs import read_client_data
 from mobile_client.update import state_hash
 
 INFO_MESSAGE = "query.fmtl_info"
@@ -54,11 +54,11 @@ RUNTIMES = ("lightning", "edge")
 PROTOCOL_VERSION = 1
 
 
-class NodeConfigError(MobileClientError, ValueError):
+class NodeConfigError(FMTLError, ValueError):
     """A SuperNode's ``--node-config`` is missing a key or holds a bad value (names it)."""
 
 
-class ProtocolError(MobileClientError, ValueError):
+class ProtocolError(FMTLError, ValueError):
     """A message lacks a record or field, or holds one of the wrong type (names it)."""
 
 
@@ -293,16 +293,7 @@ def info_reply(msg: Message, context: Context) -> Message:
 def _edge_data(path: Path, tasks: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if not path.is_file():
         raise InputError(f"node config 'data': {path} is not a file")
-    with np.load(path, allow_pickle=False) as z:
-        if "x" not in z.files:
-            raise InputError(f"{path}: no key 'x' (keys: {', '.join(z.files)})")
-        ys = {}
-        for t in tasks:
-            key = label_key(t)
-            if key not in z.files:
-                raise InputError(f"{path}: no key {key!r} for task {t!r}")
-            ys[t] = z[key]
-        return z["x"], ys
+    return read_client_data(path, tasks)
 
 
 def edge_train(msg: Message, context: Context) -> Message:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SUPPORTED_VERSIONS = (1,)
 BATCH = "batch"
+MAX_DIM = 1 << 20  # bound on a declared input / feature dimension
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -85,6 +88,36 @@ def _str_map(d: Any, key: str, where: str) -> dict[str, str]:
 
 def _list(d: Any, key: str, where: str) -> list:
     return list(_get(d, key, where, list))
+
+
+def _str_list(d: Any, key: str, where: str, optional: bool = False) -> tuple[str, ...]:
+    v = _get(d, key, where, list, optional=optional) or []
+    for i, s in enumerate(v):
+        if not isinstance(s, str):
+            raise ManifestError(f"manifest field '{where}.{key}[{i}]' must be str")
+    return tuple(v)
+
+
+def _num(d: Any, key: str, where: str, optional: bool = False) -> float | None:
+    """A finite number (JSON allows NaN, Infinity and integers too big for a float)."""
+    v = _get(d, key, where, (int, float), optional=optional)
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise ManifestError(f"manifest field '{where}.{key}' must be a finite number, got {v!r}")
+    return f
+
+
+def _width(d: Any, key: str, where: str) -> float:
+    w = _num(d, key, where)
+    assert w is not None
+    if not 0 < w <= 1:
+        raise ManifestError(f"manifest field '{where}.{key}' must be in (0, 1], got {w}")
+    return w
 
 
 # ----------------------------------------------------------------------------- records
@@ -172,16 +205,24 @@ class Normalisation:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Normalisation:
         shape = _list(d, "input_shape", where)
-        if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ManifestError(f"manifest field '{where}.input_shape' must be [C, H, W]")
-        std = float(_get(d, "std", where, (int, float)))
+        if len(shape) != 3 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_DIM for s in shape
+        ):
+            raise ManifestError(
+                f"manifest field '{where}.input_shape' must be [C, H, W] (each in 1..{MAX_DIM})"
+            )
+        std = _num(d, "std", where)
+        assert std is not None
         if std <= 0:
             raise ManifestError(f"manifest field '{where}.std' must be > 0, got {std}")
+        scale = _num(d, "scale", where, optional=True)
+        if scale is not None and scale <= 0:
+            raise ManifestError(f"manifest field '{where}.scale' must be > 0, got {scale}")
         return cls(
-            mean=float(_get(d, "mean", where, (int, float))),
+            mean=_num(d, "mean", where),  # type: ignore[arg-type]
             std=std,
             input_shape=tuple(shape),
-            scale=float(_get(d, "scale", where, (int, float), optional=True) or 1.0 / 255.0),
+            scale=scale or 1.0 / 255.0,
             domain=_get(d, "domain", where, str, optional=True) or "",
         )
 
@@ -197,8 +238,8 @@ class TrainStepEntry:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> TrainStepEntry:
         return cls(
-            tuple(_list(d, "tasks", where)),
-            tuple(_list(d, "clients", where)),
+            _str_list(d, "tasks", where),
+            _str_list(d, "clients", where),
             FileEntry.from_dict(_get(d, "file", where, dict), f"{where}.file"),
         )
 
@@ -212,9 +253,12 @@ class WidthEntry:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> WidthEntry:
+        fdim = _get(d, "feature_dim", where, int)
+        if not 0 < fdim <= MAX_DIM:
+            raise ManifestError(f"manifest field '{where}.feature_dim' must be in 1..{MAX_DIM}")
         return cls(
-            width=float(_get(d, "width", where, (int, float))),
-            feature_dim=_get(d, "feature_dim", where, int),
+            width=_width(d, "width", where),
+            feature_dim=fdim,
             backbone=FileEntry.from_dict(_get(d, "backbone", where, dict), f"{where}.backbone"),
             train_steps=tuple(
                 TrainStepEntry.from_dict(t, f"{where}.train_steps[{i}]")
@@ -238,8 +282,14 @@ class HeadEntry:
     def from_dict(cls, d: Any, where: str) -> HeadEntry:
         step = _get(d, "head_step", where, dict, optional=True)
         cols = _get(d, "columns", where, list, optional=True)
-        if cols is not None and (len(cols) != 2 or not all(isinstance(c, int) for c in cols)):
-            raise ManifestError(f"manifest field '{where}.columns' must be [start, end]")
+        if cols is not None and (
+            len(cols) != 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in cols)
+            or not 0 <= cols[0] < cols[1]
+        ):
+            raise ManifestError(
+                f"manifest field '{where}.columns' must be [start, end], 0 <= start < end"
+            )
         kind = _get(d, "kind", where, str)
         if kind not in ("multiclass", "multilabel"):
             raise ManifestError(f"manifest field '{where}.kind' has unknown value {kind!r}")
@@ -247,8 +297,8 @@ class HeadEntry:
             client=_get(d, "client", where, str),
             task=_get(d, "task", where, str),
             kind=kind,
-            labels=tuple(_list(d, "labels", where)),
-            width=float(_get(d, "width", where, (int, float))),
+            labels=_str_list(d, "labels", where),
+            width=_width(d, "width", where),
             file=FileEntry.from_dict(_get(d, "file", where, dict), f"{where}.file"),
             head_step=None if step is None else FileEntry.from_dict(step, f"{where}.head_step"),
             columns=None if cols is None else (cols[0], cols[1]),
@@ -269,21 +319,18 @@ class ClientEntry:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ClientEntry:
         bb = _get(d, "backbone", where, dict, optional=True)
-        shared = _get(d, "shared_keys", where, list)
-        for i, k in enumerate(shared):
-            if not isinstance(k, str):
-                raise ManifestError(f"manifest field '{where}.shared_keys[{i}]' must be str")
+        shared = _str_list(d, "shared_keys", where)  # required: roles come from the spec
         return cls(
             client=_get(d, "client", where, str),
-            width=float(_get(d, "width", where, (int, float))),
-            tasks=tuple(_list(d, "tasks", where)),
+            width=_width(d, "width", where),
+            tasks=_str_list(d, "tasks", where),
             weights=FileEntry.from_dict(_get(d, "weights", where, dict), f"{where}.weights"),
             normalisation=Normalisation.from_dict(
                 _get(d, "normalisation", where, dict), f"{where}.normalisation"
             ),
             domain=_get(d, "domain", where, str, optional=True) or "",
             backbone=None if bb is None else FileEntry.from_dict(bb, f"{where}.backbone"),
-            shared_keys=tuple(shared),
+            shared_keys=shared,
         )
 
 
@@ -318,7 +365,7 @@ class Manifest:
                 f"manifest field 'format_version' has unsupported value {v!r} "
                 f"(supported: {SUPPORTED_VERSIONS})"
             )
-        return cls(
+        m = cls(
             format_version=v,
             opset=_get(d, "opset", "", int),
             created=_get(d, "created", "", str),
@@ -340,6 +387,98 @@ class Manifest:
             source_run=_get(d, "source_run", "", str, optional=True) or "",
             round=_get(d, "round", "", int, optional=True) or 0,
         )
+        m.check_references()
+        return m
+
+    def check_references(self) -> None:
+        """Every name one entry gives another resolves: clients, widths, heads, keys.
+
+        A client's ``shared_keys`` and every state-dict key a graph of that client
+        reads or writes (``weights`` / ``weight_outputs``) must be a key of the
+        client's weights file; each client task has a head; each head has one label
+        per output column. Raises :class:`ManifestError` naming the field and the key.
+        """
+        if self.round < 0:
+            raise ManifestError(f"manifest field 'round' must be >= 0, got {self.round}")
+        widths = [w.width for w in self.widths]
+        if not widths:
+            raise ManifestError("manifest field 'widths' names no width")
+        if len({round(w, 9) for w in widths}) != len(widths):
+            raise ManifestError(f"manifest field 'widths' repeats a width: {widths}")
+        ids = [c.client for c in self.clients]
+        if len(set(ids)) != len(ids):
+            raise ManifestError(f"manifest field 'clients' repeats a client id: {ids}")
+
+        def has_width(w: float) -> bool:
+            return any(abs(w - x) < 1e-9 for x in widths)
+
+        for i, h in enumerate(self.heads):
+            where = f"heads[{i}]"
+            if self.clients and h.client not in ids:
+                raise ManifestError(
+                    f"manifest field '{where}.client': {h.client!r} is not a client"
+                )
+            if not has_width(h.width):
+                raise ManifestError(
+                    f"manifest field '{where}.width': {h.width:g} is not in 'widths'"
+                )
+            outs = h.file.outputs[0].shape if h.file.outputs else ()
+            n = outs[-1] if outs and isinstance(outs[-1], int) else None
+            if h.columns is not None:
+                if n is not None and h.columns[1] > n:
+                    raise ManifestError(
+                        f"manifest field '{where}.columns': {list(h.columns)} exceeds the "
+                        f"head's {n} outputs"
+                    )
+                n = h.columns[1] - h.columns[0]
+            if not h.labels or (n is not None and len(h.labels) != n):
+                raise ManifestError(
+                    f"manifest field '{where}.labels': {len(h.labels)} label(s) for a head "
+                    f"with {n if n is not None else 'at least one'} output(s)"
+                )
+        for i, c in enumerate(self.clients):
+            self._check_client(c, f"clients[{i}]")
+
+    def _check_client(self, c: ClientEntry, where: str) -> None:
+        if not any(abs(c.width - w.width) < 1e-9 for w in self.widths):
+            raise ManifestError(f"manifest field '{where}.width': {c.width:g} is not in 'widths'")
+        keys = set(c.weights.weights.values())
+        if not keys:
+            raise ManifestError(f"manifest field '{where}.weights.weights' names no key")
+        src = c.weights.path
+
+        def need(names, field: str) -> None:
+            for k in names:
+                if k not in keys:
+                    raise ManifestError(
+                        f"manifest field {field!r} names key {k!r}, which is not in the "
+                        f"client's weights {src!r}"
+                    )
+
+        need(c.shared_keys, f"{where}.shared_keys")
+        heads = {h.task: (i, h) for i, h in enumerate(self.heads) if h.client == c.client}
+        for t in c.tasks:
+            if t not in heads:
+                raise ManifestError(f"manifest field '{where}.tasks': task {t!r} has no head")
+        for i, h in heads.values():
+            for f, name in ((h.file, "file"), (h.head_step, "head_step")):
+                if f is not None:
+                    need(f.weights.values(), f"heads[{i}].{name}.weights")
+                    need(f.weight_outputs.values(), f"heads[{i}].{name}.weight_outputs")
+        if c.backbone is not None:
+            need(c.backbone.weights.values(), f"{where}.backbone.weights")
+        for i, w in enumerate(self.widths):
+            if abs(w.width - c.width) >= 1e-9:
+                continue
+            for j, step in enumerate(w.train_steps):
+                if c.client in step.clients or set(step.tasks) == set(c.tasks):
+                    at = f"widths[{i}].train_steps[{j}].file"
+                    need(step.file.weights.values(), f"{at}.weights")
+                    need(step.file.weight_outputs.values(), f"{at}.weight_outputs")
+                    _need_targets(step.file, tuple(step.file.task_kinds), at)
+        for i, h in heads.values():
+            if h.head_step is not None:
+                _need_targets(h.head_step, ("task",), f"heads[{i}].head_step")
 
     # ------------------------------------------------------------------ lookups
     def width(self, width: float) -> WidthEntry:
@@ -378,6 +517,20 @@ class Manifest:
         return out
 
 
+def _need_targets(f: FileEntry, tasks: tuple[str, ...], where: str) -> None:
+    """A training-step graph names a target input for each task it trains."""
+    if not tasks:
+        raise ManifestError(f"manifest field '{where}.task_kinds' names no task")
+    for t in tasks:
+        if t not in f.target_inputs:
+            raise ManifestError(f"manifest field '{where}.target_inputs' has no entry {t!r}")
+    for t, kind in f.task_kinds.items():
+        if kind not in ("multiclass", "multilabel"):
+            raise ManifestError(
+                f"manifest field '{where}.task_kinds.{t}' has unknown value {kind!r}"
+            )
+
+
 # ----------------------------------------------------------------------------- I/O
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
@@ -402,10 +555,14 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
     path = p if p.is_file() else p / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"no manifest at {path}")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot be read: {exc}") from exc
     return Manifest.from_dict(data)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from mobile_client.batching import batch_order
 from mobile_client.errors import InputError, ManifestError
+from mobile_client.inputs import read_npz
 from mobile_client.manifest import (
     ClientEntry,
     FileEntry,
@@ -60,6 +61,24 @@ def _store(state: dict[str, np.ndarray], f: FileEntry, res: Mapping[str, np.ndar
 
 def _fmt_widths(ws: list[float]) -> str:
     return ", ".join(f"{w:g}" for w in ws)
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """What onnxruntime raises for a file that is no model or a graph that cannot run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+
+    own = (e for e in vars(st).values() if isinstance(e, type) and issubclass(e, Exception))
+    return (RuntimeError, ValueError, *own)
+
+
+def _check_finite(name: str, a: np.ndarray) -> np.ndarray:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise InputError(
+            f"{name} has {int(bad.sum())} NaN/Inf values (first at {np.argwhere(bad)[0].tolist()}): "
+            "the input is outside the range the model can compute on"
+        )
+    return a
 
 
 class EdgeClient:
@@ -158,24 +177,47 @@ class EdgeClient:
             if self.threads is not None:
                 opts.intra_op_num_threads = self.threads
                 opts.inter_op_num_threads = 1
-            self._sessions[f.path] = ort.InferenceSession(
-                str(p), opts, providers=["CPUExecutionProvider"]
-            )
+            try:
+                self._sessions[f.path] = ort.InferenceSession(
+                    str(p), opts, providers=["CPUExecutionProvider"]
+                )
+            except _ort_errors() as exc:
+                raise ManifestError(f"file {f.path!r}: not a loadable ONNX model: {exc}") from exc
         return self._sessions[f.path]
 
+    def _outputs(self, f: FileEntry, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        sess = self.session(f)
+        try:
+            return sess.run(None, dict(feeds))
+        except _ort_errors() as exc:
+            raise ManifestError(f"file {f.path!r}: the graph does not run: {exc}") from exc
+
     def _run(self, f: FileEntry, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.session(f).run(None, dict(feeds))
+        out = self._outputs(f, feeds)
+        if len(out) != len(f.outputs):
+            raise ManifestError(f"file {f.path!r}: {len(out)} outputs, the manifest lists "
+                                f"{len(f.outputs)}")  # fmt: skip
         return dict(zip([o.name for o in f.outputs], out, strict=True))
 
     # ------------------------------------------------------------------ state
     def base_state(self) -> dict[str, np.ndarray]:
         """The client's weights from the bundle, overlaid with heads loaded locally."""
         if self._weights is None:
-            p = self.dir / self.entry.weights.path
+            f = self.entry.weights
+            p = self.dir / f.path
             if not p.is_file():
-                raise ManifestError(f"file {self.entry.weights.path!r} is missing ({p})")
-            with np.load(p, allow_pickle=False) as z:
-                self._weights = {k: z[k] for k in z.files}
+                raise ManifestError(f"file {f.path!r} is missing ({p})")
+            keys = list(dict.fromkeys(f.weights.values()))
+            arrays = read_npz(p, keys, error=ManifestError)
+            specs = {t.name: t for t in f.outputs}
+            for k, a in arrays.items():
+                t = specs.get(k)
+                if t is not None and (list(a.shape) != list(t.shape) or str(a.dtype) != t.dtype):
+                    raise ManifestError(f"file {f.path!r}: key {k!r} is {a.dtype}{list(a.shape)}, "
+                                        f"the manifest says {t.dtype}{list(t.shape)}")  # fmt: skip
+                if a.dtype.kind == "f" and not np.isfinite(a).all():
+                    raise ManifestError(f"file {f.path!r}: key {k!r} has NaN/Inf")
+            self._weights = arrays
         return {**self._weights, **self._local}
 
     def _overlay(
@@ -212,6 +254,22 @@ class EdgeClient:
         shared = set(self.shared_keys)
         local = {k: v for k, v in state.items() if k not in shared}
         return save_file(local, path, {"client_id": self.client_id, "kind": "local"})
+
+    def start_state(self, start_from: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The state training starts from: the base state overlaid with ``start_from``
+        (the server's shared arrays), which must hold every shared key."""
+        state = self.base_state()
+        if start_from is None:
+            return state
+        state = self._overlay(state, start_from, "start_from")
+        missing = [k for k in self.shared_keys if k not in start_from]
+        if missing:
+            raise InputError(
+                f"start_from lacks {len(missing)} shared key(s) {missing[:3]}"
+                f"{' ...' if len(missing) > 3 else ''}: training would silently start "
+                "those from the bundle's weights"
+            )
+        return state
 
     # ------------------------------------------------------------------ inputs
     def prepare_x(self, x: Any) -> np.ndarray:
@@ -273,17 +331,20 @@ class EdgeClient:
     # ------------------------------------------------------------------ inference
     def features(self, x: np.ndarray, width: float | None = None) -> np.ndarray:
         f = self.backbone_file(width)
-        xin = f.x_input or f.inputs[0].name
-        return self.session(f).run(None, {xin: self.prepare_x(x)})[0]  # (B, F)
+        xin = f.x_input or (f.inputs[0].name if f.inputs else "x")
+        return _check_finite("features", self._outputs(f, {xin: self.prepare_x(x)})[0])  # (B, F)
 
     def predict(self, task: str, x: Any, width: float | None = None) -> np.ndarray:
         """Logits ``(B, n_labels)`` of ``task`` for a batch ``x``."""
         head = self.head(task)
         feats = self.features(x, width)
-        fin = head.file.features_input or head.file.inputs[0].name
-        logits = self.session(head.file).run(None, {fin: feats})[0]
+        fin = head.file.features_input or (head.file.inputs[0].name if head.file.inputs else "")
+        logits = _check_finite("logits", self._outputs(head.file, {fin: feats})[0])
         if head.columns is not None:
             logits = logits[:, head.columns[0] : head.columns[1]]
+        if logits.ndim != 2 or logits.shape[1] != len(head.labels):
+            raise ManifestError(f"file {head.file.path!r}: logits of shape {logits.shape}, "
+                                f"expected (B, {len(head.labels)}) (one per label)")  # fmt: skip
         return logits
 
     # ------------------------------------------------------------------ training
@@ -309,13 +370,11 @@ class EdgeClient:
         n = xs.shape[0]
         if not (lr > 0 and np.isfinite(lr)):
             raise InputError(f"lr must be a finite number > 0, got {lr}")
-        if batch_size <= 0 or epochs < 0 or (steps is not None and steps < 0):
-            raise InputError(f"batch_size must be > 0 and epochs/steps >= 0, got "
-                             f"{batch_size}/{epochs}/{steps}")  # fmt: skip
+        if batch_size <= 0 or epochs < 0 or (steps is not None and steps < 0) or seed < 0:
+            raise InputError(f"batch_size must be > 0 and epochs/steps/seed >= 0, got "
+                             f"{batch_size}/{epochs}/{steps}/{seed}")  # fmt: skip
         shared = self.shared_keys
-        state = self.base_state()
-        if start_from is not None:
-            state = self._overlay(state, start_from, "start_from")
+        state = self.start_state(start_from)
         base_hash = state_hash({k: state[k] for k in shared})
         lr_arr = np.asarray(lr, dtype=np.float32)
         per_epoch = -(-n // batch_size)

@@ -70,15 +70,27 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
             raise UpdateError(f"{where}: key {k!r} has {int((~np.isfinite(a)).sum())} NaN/Inf")
 
 
+def _check_meta(meta: UpdateMeta, where: str) -> None:
+    """The rules every update's metadata obeys (the writer and the reader share them)."""
+    if not meta.client_id:
+        raise UpdateError(f"{where}: metadata field 'client_id' is empty")
+    if meta.num_examples <= 0 or meta.round < 0 or not 0 < meta.width <= 1:
+        raise UpdateError(
+            f"{where}: metadata fields out of range: num_examples={meta.num_examples}, "
+            f"round={meta.round}, width={meta.width}"
+        )
+    for m, v in meta.metrics.items():
+        if not math.isfinite(float(v)):
+            raise UpdateError(f"{where}: metadata field 'metrics.{m}' is not finite: {v}")
+
+
 def write_update(
     path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: UpdateMeta
 ) -> Path:
     """Validate and write an update atomically (temp file + ``os.replace``)."""
     arrs = {k: np.asarray(v) for k, v in arrays.items()}
     _check_arrays(arrs, str(path))
-    for m, v in meta.metrics.items():
-        if not math.isfinite(float(v)):
-            raise UpdateError(f"{path}: metadata field 'metrics.{m}' is not finite: {v}")
+    _check_meta(meta, str(path))
     return save_file(arrs, path, meta.to_strings())
 
 
@@ -87,7 +99,7 @@ def _field(md: Mapping[str, str], name: str, conv, where: str):
         raise UpdateError(f"{where}: metadata field {name!r} is missing")
     try:
         return conv(md[name])
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise UpdateError(f"{where}: metadata field {name!r} is malformed: {md[name]!r}") from exc
 
 
@@ -124,13 +136,7 @@ def read_update(
         base_hash=_field(md, "base_hash", str, where),
         metrics=_field(md, "metrics", _metrics, where),
     )
-    if not meta.client_id:
-        raise UpdateError(f"{where}: metadata field 'client_id' is empty")
-    if meta.num_examples <= 0 or meta.round < 0 or not 0 < meta.width <= 1:
-        raise UpdateError(
-            f"{where}: metadata fields out of range: num_examples={meta.num_examples}, "
-            f"round={meta.round}, width={meta.width}"
-        )
+    _check_meta(meta, where)
     _check_arrays(arrays, where)
     if expected_base_hash is not None and meta.base_hash != expected_base_hash:
         raise UpdateError(

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fmtl_lightning.errors import FMTLError
+from fmtl_lightning.errors import FMTLError, error_line
 
 PYPROJECT = """\
 [build-system]
@@ -236,5 +236,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except FMTLError as exc:
-        print(f"fmtl deploy: error: {exc}", file=sys.stderr)
+        print(f"fmtl deploy: error: {error_line(exc)}", file=sys.stderr)
         return 2

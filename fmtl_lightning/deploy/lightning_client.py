@@ -138,6 +138,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     from fmtl_lightning.federation import ClientSpec
     from fmtl_lightning.tasks import get_task
     from mobile_client.batching import label_key
+    from mobile_client.inputs import read_npz
 
     planned = planned_clients(cfg)
     me = client_by_id(planned, client_id)
@@ -149,8 +150,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     size = IMAGE_SIZE[domain]
     if not data.is_file():
         raise NodeConfigError(f"node config 'data': {data} is not a file")
-    with np.load(data, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_npz(data, error=NodeConfigError)  # checked headers, never unpickles
 
     def xs(key: str) -> torch.Tensor:
         x = arrays.get(key, np.zeros((0, 1, size, size), np.float32))
@@ -172,7 +172,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
                 y = y.astype(np.int64 if get_task(t).kind == "multiclass" else np.float32)
             else:
                 y = arrays[key]
-            if len(y) != n:
+            if y.ndim == 0 or len(y) != n:
                 raise NodeConfigError(f"{data}: {key!r} has {len(y)} rows, x has {n}")
             out[t] = torch.from_numpy(np.ascontiguousarray(y))
         return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edge_helpers import MLP_CFG, client_model, digits, run_and_export, torch_sgd
+from edge_helpers import client_model, digits, torch_sgd
 
 from mobile_client.batching import batch_order
 from mobile_client.cli import main, memory_estimate
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return run_and_export(MLP_CFG, tmp_path_factory.mktemp("edge"))
+def exported(mlp_export: tuple[Path, Path]) -> tuple[Path, Path]:
+    return mlp_export
 
 
 @pytest.fixture(scope="module")
@@ -251,14 +251,14 @@ def _err(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
 
 
 def test_cli_errors(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "rgb.png").write_bytes(
-        _png(np.zeros((8, 8), np.uint8)).replace(
-            struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0),
-            struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0),
-        )
-    )
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8), "RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(tmp_path / "la.png")
     p = ["predict", str(bundle), "--client", "c00", "--task", "digits/digit"]
-    assert "color type 2; only 8-bit grayscale" in _err(capsys, [*p, str(tmp_path / "rgb.png")])
+    err = _err(capsys, [*p, str(tmp_path / "rgb.png")])  # 3 channels, never 3 gray images
+    assert "x has shape (1, 3, 8, 8); expected (B, 1, 8, 8)" in err
+    assert "image mode 'LA'; only 8-bit grayscale" in _err(capsys, [*p, str(tmp_path / "la.png")])
     np.save(tmp_path / "f64.npy", np.zeros((8, 8)))
     assert "dtype float64" in _err(capsys, [*p, str(tmp_path / "f64.npy")])
     assert "2 clients" in _err(capsys, ["predict", str(bundle), "--task", "x", "a.npy"])

@@ -1,0 +1,196 @@
+"""Reading the files a device is handed: ``.npy``/``.npz`` arrays and PNG/PGM images.
+
+Every reader takes untrusted bytes and either returns arrays or raises one typed
+error (``error``, :class:`~mobile_client.errors.InputError` unless the caller says
+otherwise) naming the file and, where there is one, the key. Never unpickles.
+
+* ``.npy`` and ``.npz``: numpy parses the header (magic, version, dict); the
+  declared shape and dtype (plain numbers or bool only) must account for exactly the
+  bytes the file (or zip member) holds, checked *before* anything is allocated, and
+  at most :data:`MAX_BYTES`.
+* images: Pillow (the ``[images]`` extra) decodes PNG and binary/plain PGM; 8-bit
+  grayscale (mode ``L``) gives ``(1, H, W)``, RGB gives ``(1, 3, H, W)``: always a
+  batch of one, so an RGB image is never taken for three gray ones. The size is
+  checked (at most :data:`MAX_PIXELS`) before the pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tokenize
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from mobile_client.batching import label_key
+from mobile_client.errors import FMTLError, InputError
+
+MAX_BYTES = 1 << 30  # one array read from a file: 1 GiB
+MAX_PIXELS = 4096 * 4096
+IMAGE_FORMATS = {".png": "PNG", ".pgm": "PPM", ".pnm": "PPM"}
+INPUT_SUFFIXES = (".npy", ".npz", *IMAGE_FORMATS)
+# what a damaged file or zip member makes numpy (its header parser tokenizes and
+# literal_evals the header), zipfile and zlib raise
+_READ_ERRORS = (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, struct.error,
+                NotImplementedError, RuntimeError, SyntaxError, tokenize.TokenError,
+                RecursionError)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- .npy / .npz
+def _read_npy_stream(fp: IO[bytes], size: int) -> np.ndarray:
+    """One ``.npy`` of ``size`` bytes from ``fp``; ValueError (plain) when malformed."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+        raise ValueError(f"dtype {dtype} is not supported (numbers or bool only)")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    count = 1
+    for s in shape:
+        count *= s
+    nbytes = count * dtype.itemsize
+    header = fp.tell()
+    if nbytes > MAX_BYTES:
+        raise ValueError(f"shape {shape} of {dtype} is {nbytes} bytes, more than {MAX_BYTES}")
+    if header + nbytes != size:
+        raise ValueError(
+            f"shape {shape} of {dtype} needs {nbytes} bytes of data, the file holds {size - header}"
+        )
+    data = fp.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"truncated: {len(data)} of {nbytes} bytes of data")
+    a = np.frombuffer(data, dtype=dtype, count=count)
+    return a.reshape(shape, order="F" if fortran else "C").copy(order="C")
+
+
+def _file(path: str | os.PathLike[str], error: type[FMTLError]) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p}: no such file")
+    return p
+
+
+def read_npy(path: str | os.PathLike[str], *, error: type[FMTLError] = InputError) -> np.ndarray:
+    """The array in a ``.npy`` file."""
+    p = _file(path, error)
+    try:
+        with open(p, "rb") as f:
+            return _read_npy_stream(f, os.fstat(f.fileno()).st_size)
+    except _READ_ERRORS as exc:
+        raise error(f"{p}: not a readable .npy file: {exc}") from exc
+
+
+def npz_keys(path: str | os.PathLike[str], *, error: type[FMTLError] = InputError) -> list[str]:
+    """The array names in a ``.npz`` file (its ``*.npy`` members, without the suffix)."""
+    p = _file(path, error)
+    try:
+        with zipfile.ZipFile(p) as z:
+            return [n.removesuffix(".npy") for n in z.namelist() if n.endswith(".npy")]
+    except _READ_ERRORS as exc:
+        raise error(f"{p}: not a readable .npz file: {exc}") from exc
+
+
+def read_npz(
+    path: str | os.PathLike[str],
+    keys: Sequence[str] | None = None,
+    *,
+    error: type[FMTLError] = InputError,
+) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` (default: all) of a ``.npz`` file; a missing key raises naming it."""
+    p = _file(path, error)
+    out: dict[str, np.ndarray] = {}
+    key = ""
+    try:
+        with zipfile.ZipFile(p) as z:
+            have = {n.removesuffix(".npy"): n for n in z.namelist() if n.endswith(".npy")}
+            for key in have if keys is None else keys:
+                if key not in have:
+                    raise error(f"{p}: no key {key!r} (keys: {', '.join(have) or 'none'})")
+                info = z.getinfo(have[key])
+                if info.file_size > MAX_BYTES + 4096:
+                    raise ValueError(f"{info.file_size} bytes, more than {MAX_BYTES}")
+                with z.open(info) as f:
+                    out[key] = _read_npy_stream(f, info.file_size)
+    except FMTLError:
+        raise
+    except _READ_ERRORS as exc:
+        where = f"key {key!r}: " if key else ""
+        raise error(f"{p}: not a readable .npz file: {where}{exc}") from exc
+    return out
+
+
+def read_client_data(
+    path: str | os.PathLike[str], tasks: Sequence[str]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A client's training data file: ``x`` and one ``label_key(task)`` per task."""
+    p = Path(path)
+    have = npz_keys(p)
+    want = ["x", *(label_key(t) for t in tasks)]
+    for k, t in zip(want, [None, *tasks], strict=True):
+        if k not in have:
+            of = f" for task {t!r}" if t is not None else ""
+            raise InputError(f"{p}: no key {k!r}{of} (keys: {', '.join(have) or 'none'})")
+    arrays = read_npz(p, want)
+    return arrays["x"], {t: arrays[label_key(t)] for t in tasks}
+
+
+# ----------------------------------------------------------------------------- images
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """A PNG/PGM image -> uint8 ``(1, H, W)`` (grayscale) or ``(1, 3, H, W)`` (RGB)."""
+    p = _file(path, InputError)
+    fmt = IMAGE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{p}: unknown image type {p.suffix!r} ({', '.join(IMAGE_FORMATS)})")
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise InputError(
+            f"{p}: reading {p.suffix} images needs Pillow: pip install 'fmtl-lightning[images]'"
+        ) from exc
+    try:
+        with Image.open(p, formats=[fmt]) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise InputError(f"{p}: image is {w}x{h} pixels, more than {MAX_PIXELS}")
+            if im.mode not in ("L", "RGB"):
+                raise InputError(
+                    f"{p}: image mode {im.mode!r}; only 8-bit grayscale ('L') or RGB is "
+                    "supported (convert it first)"
+                )
+            im.load()
+            px = np.asarray(im, dtype=np.uint8)
+    except InputError:
+        raise
+    except (*_READ_ERRORS, Image.DecompressionBombError) as exc:
+        raise InputError(f"{p}: not a readable {fmt} image: {exc}") from exc
+    if px.shape[:2] != (h, w) or px.ndim not in (2, 3):
+        raise InputError(f"{p}: decoded to shape {px.shape}, expected ({h}, {w}[, 3])")
+    return px[None] if px.ndim == 2 else px.transpose(2, 0, 1)[None].copy()
+
+
+def read_inputs(path: str | os.PathLike[str]) -> np.ndarray:
+    """One input file -> an array: uint8 pixels or float32 normalised inputs.
+
+    ``.npy``: the array; ``.npz``: its key ``x``; an image: a batch of one.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such input file")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        return read_npy(p)
+    if suffix == ".npz":
+        return read_npz(p, ["x"])["x"]
+    if suffix in IMAGE_FORMATS:
+        return read_image(p)
+    raise InputError(f"{p}: unknown input type {suffix!r} ({', '.join(INPUT_SUFFIXES)})")
