@@ -29,9 +29,7 @@ federation ``fmtl_lightning.deploy.client_app:app`` dispatches on ``runtime``.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -45,7 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SType
 
 from mobile_client.errors import FMTLError, InputError
-from mobile_client.inputs import read_client_data
+from mobile_client.inputs import read_client_data, read_npy_bytes
 from mobile_client.update import state_hash
 
 INFO_MESSAGE = "query.fmtl_info"
@@ -81,34 +79,11 @@ def from_record(record: Any, where: str = ARRAYS) -> dict[str, np.ndarray]:
 
 
 def _decode(a: Any, where: str) -> np.ndarray:
-    """One ``Array`` -> ndarray. The ``.npy`` header is checked against the bytes that
-    follow it before numpy allocates anything, so a lying header costs nothing."""
+    """One ``Array`` -> ndarray, through the checked ``.npy`` reader (the header must
+    account for exactly the bytes that follow it, checked before numpy allocates)."""
     if not isinstance(a, Array) or a.stype != SType.NUMPY or not isinstance(a.data, bytes):
         raise ProtocolError(f"{where}: not a numpy-serialised Array")
-    fp = io.BytesIO(a.data)
-    try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-    except ValueError as exc:  # EOF, bad magic or header (numpy raises ValueError)
-        raise ProtocolError(f"{where}: not an .npy array ({len(a.data)} bytes): {exc}") from exc
-    if dtype.hasobject:
-        raise ProtocolError(f"{where}: dtype {dtype} holds Python objects")
-    if any(n < 0 for n in shape):
-        raise ProtocolError(f"{where}: negative dimension in shape {shape}")
-    want, got = math.prod(shape) * dtype.itemsize, len(a.data) - fp.tell()
-    if want != got:
-        raise ProtocolError(
-            f"{where}: header declares {dtype} {list(shape)} ({want} bytes), {got} bytes follow"
-        )
-    try:
-        return np.load(io.BytesIO(a.data), allow_pickle=False)
-    except (ValueError, TypeError, EOFError, OSError) as exc:  # belt and braces
-        raise ProtocolError(f"{where}: not an .npy array: {exc}") from exc
+    return read_npy_bytes(a.data, where, error=ProtocolError)
 
 
 # ----------------------------------------------------------------------------- node config

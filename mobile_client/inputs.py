@@ -16,6 +16,7 @@ otherwise) naming the file and, where there is one, the key. Never unpickles.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import tokenize
@@ -71,6 +72,14 @@ def _read_npy_stream(fp: IO[bytes], size: int) -> np.ndarray:
         raise ValueError(f"truncated: {len(data)} of {nbytes} bytes of data")
     a = np.frombuffer(data, dtype=dtype, count=count)
     return a.reshape(shape, order="F" if fortran else "C").copy(order="C")
+
+
+def read_npy_bytes(data: bytes, where: str, *, error: type[FMTLError] = InputError) -> np.ndarray:
+    """The array in one serialised ``.npy`` (e.g. a Flower ``Array``'s bytes)."""
+    try:
+        return _read_npy_stream(io.BytesIO(data), len(data))
+    except _READ_ERRORS as exc:
+        raise error(f"{where}: not an .npy array ({len(data)} bytes): {exc}") from exc
 
 
 def _file(path: str | os.PathLike[str], error: type[FMTLError]) -> Path:
