@@ -294,8 +294,8 @@ def test_plan_starts_from_the_simulators_initial_state():
 
 def test_plan_refuses_label_split_it_cannot_honour():
     raw = copy.deepcopy(CFG)
-    raw["algorithm"] = {"name": "fedavg", "masked_ce": True, "label_split": True}
-    with pytest.raises(ConfigError, match="algorithm.label_split"):
+    raw["algorithm"] = {"name": "fedavg", "masked_ce": True, "aggregator": "label_split"}
+    with pytest.raises(ConfigError, match="algorithm.aggregator: label_split needs each client"):
         server_plan(parse_config(raw))
 
 
@@ -668,13 +668,13 @@ def test_the_round_loss_of_huge_finite_losses_is_finite(plan):
 
 
 def test_a_non_finite_aggregate_is_never_adopted_or_written(tmp_path, monkeypatch):
-    """Defence in depth: should aggregate() ever return NaN, the server keeps its state."""
-    import fmtl_lightning.deploy.strategy as strategy_mod
+    """Defence in depth: should the aggregator ever return NaN, the server keeps its state."""
+    import fmtl_lightning.aggregators.mean as mean_mod  # the default aggregator's math
 
     def broken(g, ups, spec, **kw):
         return {k: np.full_like(v, np.nan) for k, v in g.items()}
 
-    monkeypatch.setattr(strategy_mod, "aggregate", broken)
+    monkeypatch.setattr(mean_mod, "aggregate", broken)
     cfg = parse_config(copy.deepcopy(CFG))
     grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
     run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)

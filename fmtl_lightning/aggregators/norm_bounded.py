@@ -1,0 +1,147 @@
+"""Norm-bounded mean: clip each client's delta from the global state, then the mean.
+
+Client ``i`` sent ``x_i`` for the slice ``S_i`` it was given (its width). Its delta is
+``d_i = x_i - g[S_i]`` over all its shared float entries together (one L2 norm per
+client, as in Sun et al., 2019, "Can you really backdoor federated learning?"), and it
+is clipped to the client's bound ``b_i``::
+
+    d_i <- d_i * min(1, b_i / ||d_i||)
+
+The new global state is the mean over holders (:func:`~fmtl_lightning.aggregation.aggregate`,
+uniform or example-weighted) of the clipped states ``g[S_i] + d_i``, i.e. ``g`` plus the
+mean of the clipped deltas of the clients that hold each element. Integer entries are
+not clipped (they follow their ``int_rule``).
+
+The rule for a width-r slice: ``b_i = clip_norm * sqrt(n_i / N)``, where ``n_i`` is the
+number of float elements the client holds and ``N`` the number in the full shared state
+(so a full-width client's bound is ``clip_norm``). ``clip_norm / sqrt(N)`` is then a bound
+on the root-mean-square change per element that is the same for every width. Why not
+``clip_norm`` for every slice as is: a width-1/4 client holds about 1/16 of the elements,
+so the same total norm on 1/16 of the elements would let it move each element it holds
+about 4x as far as a full-width client may, and those are exactly the prefix (or window)
+elements that every client shares. With the scaled bound, a narrow client has no more
+leverage per element than a wide one; with equal per-element updates, clients of every
+width are clipped alike.
+
+Memory: clipping works one entry at a time, holding at most one clipped copy of that
+entry per clipped client (clients within their bound are used as they are).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from fmtl_lightning.aggregation import ClientUpdate, Weighting, aggregate
+from fmtl_lightning.aggregators.base import (
+    AggregatorParamError,
+    RowMasks,
+    carried,
+    check_call,
+    validate_all,
+)
+from fmtl_lightning.roles import ModelSpec
+from fmtl_lightning.slicing import slice_array
+from fmtl_lightning.validation import max_abs
+
+
+def client_bound(
+    spec: ModelSpec, update: ClientUpdate, clip_norm: float, keys: Sequence[str]
+) -> float:
+    """``clip_norm * sqrt(n_i / N)``: the bound on the delta norm of a client's slice."""
+    full = sum(math.prod(spec[k].shape) for k in keys)
+    held = sum(math.prod(spec.shape_at(k, update.width)) for k in keys)
+    return clip_norm * math.sqrt(held / full) if full else clip_norm
+
+
+def delta_norm(
+    global_state: Mapping[str, np.ndarray], update: ClientUpdate, spec: ModelSpec,
+    keys: Sequence[str],
+) -> float:  # fmt: skip
+    """L2 norm of ``x - g[S]`` over ``keys`` (float64; scaled per entry, never overflows)."""
+    norms = []
+    for k in keys:
+        gs = slice_array(spec, k, np.asarray(global_state[k]), update.width)
+        d = np.asarray(update.state[k], np.float64) - gs.astype(np.float64)
+        m = float(np.abs(d).max(initial=0.0))
+        if m > 0:
+            d /= m
+            norms.append(m * math.sqrt(float(np.vdot(d, d))))
+    return math.hypot(*norms)
+
+
+def aggregate_norm_bounded(
+    global_state: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    spec: ModelSpec,
+    clip_norm: float,
+    *,
+    weighting: Weighting = "uniform",
+    keys: Iterable[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """New global state: the mean over holders of the clients' clipped states (see the
+    module docstring for the rule). Validates every update before any arithmetic."""
+    NormBounded(clip_norm)  # the parameter check
+    keys = tuple(spec.shared_keys() if keys is None else keys)
+    validate_all(global_state, updates, spec, keys, weighting)
+    fkeys = [k for k in keys if spec[k].is_float]
+    scales = []
+    for u in updates:
+        norm = delta_norm(global_state, u, spec, fkeys)
+        bound = client_bound(spec, u, clip_norm, fkeys)
+        scales.append(1.0 if norm <= bound else bound / norm)
+    new = carried(global_state, keys)
+    for k in keys:  # one entry at a time: at most one clipped copy of it per client
+        sub = [
+            ClientUpdate(u.client_id, {k: _clipped(spec, k, global_state[k], u, s)},
+                         u.num_examples, u.width)
+            for u, s in zip(updates, scales, strict=True)
+        ]  # fmt: skip
+        new.update(aggregate({k: global_state[k]}, sub, spec, weighting=weighting, keys=[k]))
+    return new
+
+
+def _clipped(spec: ModelSpec, key: str, g: np.ndarray, u: ClientUpdate, s: float) -> np.ndarray:
+    x = u.state[key]
+    if s >= 1.0 or not spec[key].is_float:
+        return x
+    gs = slice_array(spec, key, np.asarray(g), u.width).astype(np.float64)
+    y = gs + s * (np.asarray(x, np.float64) - gs)  # between g and x: within the bound
+    bound = max_abs(x.dtype)
+    return np.clip(y, -bound, bound).astype(x.dtype)  # the clip only undoes rounding
+
+
+@dataclass(frozen=True)
+class NormBounded:
+    """Mean of client deltas clipped to ``clip_norm`` (scaled by width, see the module)."""
+
+    clip_norm: float  # bound on a full-width client's delta norm; > 0, finite
+
+    name: ClassVar[str] = "norm_bounded"
+    weighted: ClassVar[bool] = True
+    needs_label_masks: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        c = self.clip_norm
+        if isinstance(c, bool) or not isinstance(c, int | float):
+            raise AggregatorParamError("clip_norm", f"expected a number, got {c!r}")
+        if not 0.0 < c < math.inf:
+            raise AggregatorParamError("clip_norm", f"must be a finite number > 0, got {c}")
+
+    def __call__(
+        self,
+        global_state: Mapping[str, np.ndarray],
+        updates: Sequence[ClientUpdate],
+        spec: ModelSpec,
+        *,
+        weighting: Weighting = "uniform",
+        row_masks: RowMasks | None = None,
+    ) -> dict[str, np.ndarray]:
+        check_call(self, weighting, row_masks)
+        return aggregate_norm_bounded(
+            global_state, updates, spec, self.clip_norm, weighting=weighting
+        )
