@@ -59,18 +59,27 @@ def client_bound(
 
 
 def delta_norm(
-    global_state: Mapping[str, np.ndarray], update: ClientUpdate, spec: ModelSpec,
+    global_state: Mapping[str, np.ndarray],
+    update: ClientUpdate,
+    spec: ModelSpec,
     keys: Sequence[str],
-) -> float:  # fmt: skip
-    """L2 norm of ``x - g[S]`` over ``keys`` (float64; scaled per entry, never overflows)."""
+) -> float:
+    """L2 norm of ``x - g[S]`` over ``keys``; never overflows.
+
+    The difference is taken in the entry's dtype (both sides are within
+    :func:`~fmtl_lightning.validation.max_abs`, so it is at most twice that, far from
+    overflow); each entry's differences are scaled by their largest magnitude before
+    squaring, and the squares summed in float64.
+    """
     norms = []
     for k in keys:
-        gs = slice_array(spec, k, np.asarray(global_state[k]), update.width)
-        d = np.asarray(update.state[k], np.float64) - gs.astype(np.float64)
-        m = float(np.abs(d).max(initial=0.0))
+        d = slice_array(spec, k, global_state[k], update.width)  # a new array: reused
+        np.subtract(update.state[k], d, out=d)
+        m = float(max(d.max(initial=0.0), -d.min(initial=0.0)))
         if m > 0:
-            d /= m
-            norms.append(m * math.sqrt(float(np.vdot(d, d))))
+            np.divide(d, m, out=d)  # in [-1, 1]
+            np.multiply(d, d, out=d)
+            norms.append(m * math.sqrt(float(d.sum(dtype=np.float64))))
     return math.hypot(*norms)
 
 
@@ -106,13 +115,16 @@ def aggregate_norm_bounded(
 
 
 def _clipped(spec: ModelSpec, key: str, g: np.ndarray, u: ClientUpdate, s: float) -> np.ndarray:
+    """``g[S] + s * (x - g[S])``, in the entry's dtype (no overflow, as in :func:`delta_norm`)."""
     x = u.state[key]
     if s >= 1.0 or not spec[key].is_float:
         return x
-    gs = slice_array(spec, key, np.asarray(g), u.width).astype(np.float64)
-    y = gs + s * (np.asarray(x, np.float64) - gs)  # between g and x: within the bound
-    bound = max_abs(x.dtype)
-    return np.clip(y, -bound, bound).astype(x.dtype)  # the clip only undoes rounding
+    gs = slice_array(spec, key, g, u.width)
+    y = np.subtract(x, gs)
+    y *= y.dtype.type(s)
+    y += gs  # between g and x: within the bound up to rounding, which the clip undoes
+    bound = y.dtype.type(max_abs(y.dtype))
+    return np.clip(y, -bound, bound, out=y)
 
 
 @dataclass(frozen=True)

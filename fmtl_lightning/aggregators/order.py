@@ -84,20 +84,24 @@ def _entry(
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         blk = (r1 - r0, *o.shape[1:])
-        stack = np.full((*blk, n_cl), np.nan, dtype=o.dtype)  # (rows, ..., clients)
-        held = np.zeros(blk, dtype=np.int64)
+        # clients first, so that each client's rows are written contiguously
+        by_client = np.full((n_cl, *blk), np.nan, dtype=o.dtype)
+        held = np.zeros(blk, dtype=np.int32)
+        whole = 0
         for i, (x, pl) in enumerate(zip(xs, places, strict=True)):
             if pl is None:
-                stack[..., i] = x[r0:r1]
-                held += 1
+                by_client[i] = x[r0:r1]
+                whole += 1
                 continue
             for g0, g1, l0, g_rest, l_rest in pl:
                 a, b = max(g0, r0), min(g1, r1)
                 if a < b:
                     at = (slice(a - r0, b - r0), *g_rest)
-                    stack[(*at, i)] = x[(slice(l0 + a - g0, l0 + b - g0), *l_rest)]
+                    by_client[(i, *at)] = x[(slice(l0 + a - g0, l0 + b - g0), *l_rest)]
                     held[at] += 1
-        flat, n = stack.reshape(-1, n_cl), held.reshape(-1)
+        held += whole
+        # (elements, clients), C-contiguous: each element's values side by side
+        flat, n = np.ascontiguousarray(by_client.reshape(n_cl, -1).T), held.reshape(-1)
         flat.sort(axis=-1)
         with np.errstate(invalid="ignore", divide="ignore"):  # elements nobody holds
             val = reduce(flat, n)

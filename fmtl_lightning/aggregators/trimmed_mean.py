@@ -31,7 +31,7 @@ _EPS = 1e-9
 
 def trimmed_count(beta: float, n: np.ndarray) -> np.ndarray:
     """``k = floor(beta * n)``: how many values are dropped from each end."""
-    return np.floor(beta * n + _EPS).astype(np.int64)
+    return np.floor(beta * n + _EPS).astype(n.dtype)
 
 
 def aggregate_trimmed_mean(
@@ -46,9 +46,10 @@ def aggregate_trimmed_mean(
 
     def reduce(s: np.ndarray, n: np.ndarray) -> np.ndarray:
         k = trimmed_count(beta, n)
-        j = np.arange(s.shape[-1])
+        j = np.arange(s.shape[-1], dtype=k.dtype)
         keep = (j >= k[:, None]) & (j < (n - k)[:, None])  # (M, K): the middle n - 2k
-        return np.where(keep, s, 0).sum(axis=-1, dtype=np.float64) / (n - 2 * k)
+        total = np.add.reduce(s, axis=-1, dtype=np.float64, where=keep, initial=0.0)
+        return total / (n - 2 * k)
 
     return aggregate_order_statistic(global_state, updates, spec, reduce)
 

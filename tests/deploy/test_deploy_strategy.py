@@ -197,6 +197,37 @@ def test_aggregate_equals_the_pure_function_on_the_same_updates(plan):
     assert metrics["accepted"] == 3 and metrics["failed"] == 0 and metrics["loss"] == 1.0
 
 
+@pytest.mark.parametrize(
+    "aggregator",
+    ["median", {"name": "trimmed_mean", "beta": 0.34}, {"name": "norm_bounded", "clip_norm": 0.3}],
+)
+def test_the_strategy_runs_the_configured_aggregator(aggregator):
+    """The strategy folds replies with ``algorithm.aggregator``: its result is that rule
+    on the same updates, and differs from the mean (a width-1/4 client sends +100)."""
+    raw = copy.deepcopy(CFG)
+    raw["algorithm"]["aggregator"] = aggregator
+    plan = server_plan(parse_config(raw))
+    deltas = (1.0, 2.0, 100.0)
+    grid = FakeGrid({n: good_node(n, delta=d) for n, d in zip(NODE_CONFIG, deltas, strict=True)})
+    s = _strategy(plan, grid)
+    arrays, metrics = _round(s, grid)
+    ups = []
+    for cid, w, d in zip(("c00", "c01", "c02"), (1.0, 0.5, 0.25), deltas, strict=True):
+        ws = WidthSpec(w, "heterofl", 0)
+        sub = slice_state(plan.initial_state, plan.spec, ws)
+        ups.append(ClientUpdate(cid, {k: v + d for k, v in sub.items()}, 10, ws))
+    rule = plan.cfg.algorithm.aggregator
+    want = rule(plan.initial_state, ups, plan.spec, weighting="uniform")
+    mean = aggregate(plan.initial_state, ups, plan.spec, weighting="uniform")
+    got = from_record(arrays)
+    assert metrics["accepted"] == 3
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    k0 = sorted(want)[0]  # its first element is held by all three: the outlier moves
+    g0 = plan.initial_state[k0].flat[0]  # the mean, not the robust rule
+    assert abs(want[k0].flat[0] - g0) < 3.0 < abs(mean[k0].flat[0] - g0)
+
+
 def _bad(kind: str) -> Handler:
     base = good_node(102)
 
