@@ -3,7 +3,8 @@
 ``aggregate(global_state, updates, spec)`` averages every entry over the clients
 that hold it (HeteroFL), uniformly (as in the HeteroFL authors' code) or weighted
 by sample count. Entries nobody holds keep their value. Plain FedAvg is the case
-where every client is at width 1.
+where every client is at width 1. The server's choice of rule (this mean, the label
+split below, median, trimmed mean, norm-bounded mean) is :mod:`fmtl_lightning.aggregators`.
 
 Memory stays bounded: one running weighted sum per entry (plus a per-element
 weight array only for entries that some client held partially), never a stack

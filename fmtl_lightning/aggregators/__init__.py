@@ -37,7 +37,8 @@ AGGREGATORS: dict[str, type[Any]] = {
 
 def is_aggregator(obj: object) -> bool:
     """True for an instance of a registered aggregator."""
-    return AGGREGATORS.get(getattr(type(obj), "name", None)) is type(obj)  # type: ignore[arg-type]
+    name = getattr(type(obj), "name", None)
+    return isinstance(name, str) and AGGREGATORS.get(name) is type(obj)
 
 
 __all__ = [

@@ -96,8 +96,9 @@ def _entry(
             for g0, g1, l0, g_rest, l_rest in pl:
                 a, b = max(g0, r0), min(g1, r1)
                 if a < b:
-                    at = (slice(a - r0, b - r0), *g_rest)
-                    by_client[(i, *at)] = x[(slice(l0 + a - g0, l0 + b - g0), *l_rest)]
+                    at: tuple[slice, ...] = (slice(a - r0, b - r0), *g_rest)
+                    dst: tuple[int | slice, ...] = (i, *at)
+                    by_client[dst] = x[(slice(l0 + a - g0, l0 + b - g0), *l_rest)]
                     held[at] += 1
         held += whole
         # (elements, clients), C-contiguous: each element's values side by side
