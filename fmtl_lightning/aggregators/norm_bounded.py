@@ -120,11 +120,12 @@ def _clipped(spec: ModelSpec, key: str, g: np.ndarray, u: ClientUpdate, s: float
     if s >= 1.0 or not spec[key].is_float:
         return x
     gs = slice_array(spec, key, g, u.width)
-    y = np.subtract(x, gs)
-    y *= y.dtype.type(s)
-    y += gs  # between g and x: within the bound up to rounding, which the clip undoes
-    bound = y.dtype.type(max_abs(y.dtype))
-    return np.clip(y, -bound, bound, out=y)
+    y = np.empty_like(gs)  # an array even when 0-d (ufuncs return scalars for those)
+    np.subtract(x, gs, out=y)
+    np.multiply(y, s, out=y)
+    np.add(y, gs, out=y)  # between g and x: within the bound up to rounding...
+    bound = max_abs(y.dtype)
+    return np.clip(y, -bound, bound, out=y)  # ...which the clip undoes
 
 
 @dataclass(frozen=True)

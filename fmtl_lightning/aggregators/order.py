@@ -69,7 +69,7 @@ def _places(spec: ModelSpec, key: str, width: WidthSpec) -> _Places:
 def _entry(
     spec: ModelSpec, key: str, g: np.ndarray, updates: Sequence[ClientUpdate], reduce: Reduce
 ) -> np.ndarray:
-    out = np.array(g, copy=True)  # C-contiguous: a block of rows is a flat view
+    out = np.array(g, copy=True, order="C")  # a block of rows is then a flat view
     if not updates:
         return out
     o = out.reshape(1) if out.ndim == 0 else out

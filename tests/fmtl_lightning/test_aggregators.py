@@ -34,6 +34,7 @@ from fmtl_lightning.roles import POLICIES, ModelSpec, ParamSpec, WidthSpec
 from tests.fmtl_lightning.test_aggregation_property import (
     CORRUPTIONS,
     SETTINGS,
+    check_equal,
     corrupt,
     kept,
     rounds,
@@ -204,6 +205,15 @@ def test_mean_and_label_split_are_the_existing_functions_bit_for_bit():
     got = LabelSplit()(hg, hu, spec, row_masks=masks)
     np.testing.assert_array_equal(got["hw"], aggregate_label_split(hg, hu, spec, masks)["hw"])
     np.testing.assert_array_equal(got["hw"][:, 0], [1.0, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("rule", [Median(), TrimmedMean(0.25)])
+def test_a_global_state_in_fortran_order_aggregates_the_same(rule):
+    g = global_state()
+    want = rule(g, four_clients(), SPEC)
+    g["w"] = np.asfortranarray(g["w"])
+    got = rule(g, four_clients(), SPEC)
+    np.testing.assert_array_equal(got["w"], want["w"])
 
 
 def test_no_updates_keep_the_global_state():
@@ -538,4 +548,36 @@ def test_order_statistics_refuse_every_bad_value(case, how, pos, which, name):
         assert how in ("big_count", "zero_count", "bool_count")
         stat = statistics.median if name == "median" else trimmed(0.25)
         check_against(spec, g, ups, new, naive_holders(spec, g, ups, stat), exact=name == "median")
+    assert snapshot(g, ups) == before
+
+
+def positions(spec: ModelSpec, key: str, ws: WidthSpec) -> tuple:
+    """Where a client's array lands in the global one (from ``kept``, not the slicing module)."""
+    p = spec[key]
+    idx = [list(range(n)) if ax is None else kept(spec.groups[ax], ws)
+           for n, ax in zip(p.shape, p.axes, strict=True)]  # fmt: skip
+    return np.ix_(*idx) if p.shape else ()
+
+
+@SETTINGS
+@given(rounds(), st.sampled_from([1e-3, 0.5, 3.0, 1e9]))
+def test_norm_bounded_is_the_mean_of_deltas_clipped_by_the_width_rule(case, clip):
+    """Independently: each client's float64 delta over the positions it holds, its norm,
+    its bound ``clip * sqrt(held / N)``; the mean over holders of ``g + clipped delta``."""
+    spec, g, ups, weighting = case
+    before = snapshot(g, ups)
+    fkeys = [k for k in spec.shared_keys() if spec[k].is_float]
+    total = sum(math.prod(spec[k].shape) for k in fkeys)
+    clipped = []
+    for u in ups:
+        d = {k: u.state[k].astype(np.float64) - g[k].astype(np.float64)[positions(spec, k, u.width)]
+             for k in fkeys}  # fmt: skip
+        norm = math.sqrt(sum(float((v**2).sum()) for v in d.values()))
+        bound = clip * math.sqrt(sum(v.size for v in d.values()) / total)
+        s = min(1.0, bound / norm) if norm > 0 else 1.0
+        st_ = {k: g[k].astype(np.float64)[positions(spec, k, u.width)] + s * d[k] for k in fkeys}
+        clipped.append(ClientUpdate(u.client_id, {**st_, "count": u.state["count"]},
+                                    u.num_examples, u.width))  # fmt: skip
+    new = NormBounded(clip)(g, ups, spec, weighting=weighting)
+    check_equal(spec, g, clipped, weighting, new)
     assert snapshot(g, ups) == before
