@@ -20,6 +20,7 @@ from fmtl_lightning.aggregators import (
     AggregationRule,
     AggregatorParamError,
     Mean,
+    build_aggregator,
     is_aggregator,
 )
 from fmtl_lightning.errors import FMTLError
@@ -194,34 +195,11 @@ def _migrate_algorithm(raw: Any, where: str) -> Any:
 
 def _aggregator(value: Any, where: str) -> Any:
     """``name`` or ``{name: ..., <parameter>: ...}`` -> the registered aggregator."""
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict):
-        raise ConfigError(
-            f"{where}: expected an aggregator name or a mapping with 'name', got {value!r}"
-        )
-    params = dict(value)
-    if "name" not in params:
-        raise ConfigError(f"{where}.name: required (registered: {sorted(AGGREGATORS)})")
-    name = params.pop("name")
-    cls = AGGREGATORS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ConfigError(
-            f"{where}.name: unknown aggregator {name!r} (registered: {sorted(AGGREGATORS)})"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: not a parameter of the {name} aggregator "
-                          f"(its parameters: {sorted(fields)})")  # fmt: skip
-    for f in fields.values():
-        if f.name not in params and f.default is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{f.name}: required by the {name} aggregator")
-    kwargs = {k: _convert(fields[k].type, v, f"{where}.{k}") for k, v in params.items()}
     try:
-        return cls(**kwargs)
+        return build_aggregator(value)
     except AggregatorParamError as exc:
-        raise ConfigError(f"{where}.{exc.field}: {exc.message}") from exc
+        field = f"{where}.{exc.field}" if exc.field else where
+        raise ConfigError(f"{field}: {exc.message}") from exc
 
 
 def _scalar(py: type, value: Any, where: str) -> Any:

@@ -22,6 +22,8 @@ Pure numpy: importing this package never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from fmtl_lightning.aggregators.base import AggregationRule, AggregatorParamError, RowMasks
@@ -33,6 +35,36 @@ from fmtl_lightning.aggregators.trimmed_mean import TrimmedMean, aggregate_trimm
 AGGREGATORS: dict[str, type[Any]] = {
     cls.name: cls for cls in (Mean, LabelSplit, Median, TrimmedMean, NormBounded)
 }
+
+
+def build_aggregator(value: str | Mapping[str, Any]) -> AggregationRule:
+    """A registered aggregator from its config form: a name, or a mapping of ``name`` and
+    that aggregator's parameters. Raises :class:`AggregatorParamError` naming the field
+    (``name`` or the parameter; empty when the value is neither form)."""
+    raw = {"name": value} if isinstance(value, str) else value
+    if not isinstance(raw, Mapping):
+        raise AggregatorParamError(
+            "", f"expected an aggregator name or a mapping with 'name', got {value!r}"
+        )
+    params = dict(raw)
+    if "name" not in params:
+        raise AggregatorParamError("name", f"required (registered: {sorted(AGGREGATORS)})")
+    name = params.pop("name")
+    cls = AGGREGATORS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise AggregatorParamError(
+            "name", f"unknown aggregator {name!r} (registered: {sorted(AGGREGATORS)})"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for p in sorted(params, key=str):
+        if not isinstance(p, str) or p not in fields:
+            raise AggregatorParamError(str(p), f"not a parameter of the {name} aggregator "
+                                       f"(its parameters: {sorted(fields)})")  # fmt: skip
+    for f in fields.values():
+        if f.name not in params and f.default is dataclasses.MISSING:
+            raise AggregatorParamError(f.name, f"required by the {name} aggregator")
+    rule: AggregationRule = cls(**params)
+    return rule
 
 
 def is_aggregator(obj: object) -> bool:
@@ -54,5 +86,6 @@ __all__ = [
     "aggregate_median",
     "aggregate_norm_bounded",
     "aggregate_trimmed_mean",
+    "build_aggregator",
     "is_aggregator",
 ]

@@ -42,10 +42,11 @@ RowMasks = Mapping[str, Mapping[str, np.ndarray]]
 
 
 class AggregatorParamError(FMTLError, ValueError):
-    """An aggregator parameter out of its range; ``field`` names the parameter."""
+    """A bad aggregator choice or parameter; ``field`` names the parameter (or ``name``;
+    empty when the whole value is wrong)."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
 
@@ -66,6 +67,16 @@ class AggregationRule(Protocol):
         weighting: Weighting = "uniform",
         row_masks: RowMasks | None = None,
     ) -> dict[str, np.ndarray]: ...
+
+
+def number_param(obj: object, field: str) -> float:
+    """A float parameter of a frozen dataclass, converted from an int if given one
+    (YAML ``beta: 0``); anything else (bools, strings) raises naming ``field``."""
+    v = getattr(obj, field)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise AggregatorParamError(field, f"expected a number, got {v!r}")
+    object.__setattr__(obj, field, float(v))
+    return float(v)
 
 
 def check_call(rule: AggregationRule, weighting: str, row_masks: RowMasks | None) -> None:

@@ -42,6 +42,7 @@ from fmtl_lightning.aggregators.base import (
     RowMasks,
     carried,
     check_call,
+    number_param,
     validate_all,
 )
 from fmtl_lightning.roles import ModelSpec
@@ -139,9 +140,7 @@ class NormBounded:
     needs_label_masks: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        c = self.clip_norm
-        if isinstance(c, bool) or not isinstance(c, int | float):
-            raise AggregatorParamError("clip_norm", f"expected a number, got {c!r}")
+        c = number_param(self, "clip_norm")
         if not 0.0 < c < math.inf:
             raise AggregatorParamError("clip_norm", f"must be a finite number > 0, got {c}")
 

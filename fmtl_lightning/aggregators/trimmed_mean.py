@@ -21,7 +21,12 @@ from typing import ClassVar
 import numpy as np
 
 from fmtl_lightning.aggregation import ClientUpdate, Weighting
-from fmtl_lightning.aggregators.base import AggregatorParamError, RowMasks, check_call
+from fmtl_lightning.aggregators.base import (
+    AggregatorParamError,
+    RowMasks,
+    check_call,
+    number_param,
+)
 from fmtl_lightning.aggregators.order import aggregate_order_statistic
 from fmtl_lightning.roles import ModelSpec
 
@@ -65,9 +70,7 @@ class TrimmedMean:
     needs_label_masks: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, int | float):
-            raise AggregatorParamError("beta", f"expected a number, got {self.beta!r}")
-        if not 0.0 <= self.beta < 0.5:
+        if not 0.0 <= number_param(self, "beta") < 0.5:
             raise AggregatorParamError("beta", f"must be in [0, 0.5), got {self.beta}")
 
     def __call__(

@@ -27,6 +27,7 @@ from fmtl_lightning.aggregators import (
     Median,
     NormBounded,
     TrimmedMean,
+    build_aggregator,
 )
 from fmtl_lightning.config import ConfigError, config_to_dict, parse_config, validate_config
 from fmtl_lightning.errors import StateValidationError
@@ -352,6 +353,12 @@ def test_the_registry_holds_every_rule_by_name():
         assert cls.__dataclass_params__.frozen
     assert [n for n, c in AGGREGATORS.items() if c.needs_label_masks] == ["label_split"]
     assert sorted(n for n, c in AGGREGATORS.items() if not c.weighted) == ["median", "trimmed_mean"]
+    rule = build_aggregator({"name": "trimmed_mean", "beta": 0})
+    assert rule == TrimmedMean(0.0) and type(rule.beta) is float  # dumped as 0.0
+    assert build_aggregator("median") == Median()
+    with pytest.raises(AggregatorParamError) as ei:
+        build_aggregator({"name": "norm_bounded"})
+    assert ei.value.field == "clip_norm"
 
 
 @pytest.mark.parametrize(
@@ -387,6 +394,8 @@ def test_config_reads_the_aggregator_and_round_trips(alg, want):
          "['label_split', 'mean', 'median', 'norm_bounded', 'trimmed_mean'])"),
         ({"aggregator": {"beta": 0.1}}, "algorithm.aggregator.name: required"),
         ({"aggregator": 3}, "algorithm.aggregator: expected an aggregator name or a mapping"),
+        ({"aggregator": {"name": "median", 1: 2}, "weighting": "uniform"},
+         "algorithm.aggregator.1: not a parameter of the median aggregator"),
         ({"aggregator": {"name": "trimmed_mean", "gamma": 1}, "weighting": "uniform"},
          "algorithm.aggregator.gamma: not a parameter of the trimmed_mean aggregator "
          "(its parameters: ['beta'])"),
