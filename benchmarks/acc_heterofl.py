@@ -185,7 +185,7 @@ def heterofl_config(
     alg: dict[str, Any] = {
         "name": "fedavg",
         "masked_ce": True,
-        "label_split": True,
+        "aggregator": "label_split",
         "weighting": "uniform",
     }
     if dynamic:
@@ -501,7 +501,7 @@ def report_part2(results: list[dict[str, Any]], mode: str, budget_min: float | N
             if r0.get("fraction", 1.0) < 1.0
             else []
         ),
-        "Head aggregation: HeteroFL's label split (`algorithm.label_split: true`): each "
+        "Head aggregation: HeteroFL's label split (`algorithm.aggregator: label_split`): each "
         "class's output row is averaged only over the clients whose labels include that "
         "class; a row no sampled client holds keeps its value.",
         "",

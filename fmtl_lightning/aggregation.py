@@ -3,7 +3,8 @@
 ``aggregate(global_state, updates, spec)`` averages every entry over the clients
 that hold it (HeteroFL), uniformly (as in the HeteroFL authors' code) or weighted
 by sample count. Entries nobody holds keep their value. Plain FedAvg is the case
-where every client is at width 1.
+where every client is at width 1. The server's choice of rule (this mean, the label
+split below, median, trimmed mean, norm-bounded mean) is :mod:`fmtl_lightning.aggregators`.
 
 Memory stays bounded: one running weighted sum per entry (plus a per-element
 weight array only for entries that some client held partially), never a stack
@@ -156,15 +157,7 @@ class Aggregator:
         self.num_clients += len(updates)
 
     def _weight(self, update: ClientUpdate) -> float:
-        if self.weighting == "uniform":
-            return 1.0
-        n = update.num_examples
-        if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
-            raise StateValidationError(
-                f"num_examples must be an integer in [1, 2**53] for example weighting, got {n!r}",
-                client=update.client_id,
-            )
-        return float(n)
+        return client_weight(update, self.weighting)
 
     def _fold_entry(
         self, key: str, updates: Sequence[ClientUpdate], weights: Sequence[float]
@@ -287,6 +280,32 @@ def _fold_blocks(total: np.ndarray, pieces: list[_Piece], *, first_writes: bool)
                 s = scratch[: xv.size].reshape(xv.shape)
                 np.multiply(xv, dtype(pc.w), out=s)
                 np.add(tv, s, out=tv)
+
+
+def client_weight(update: ClientUpdate, weighting: Weighting) -> float:
+    """An update's aggregation weight: 1, or its sample count under example weighting
+    (an integer in ``[1, MAX_EXAMPLES]``, else :class:`StateValidationError`)."""
+    if weighting == "uniform":
+        return 1.0
+    n = update.num_examples
+    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
+        raise StateValidationError(
+            f"num_examples must be an integer in [1, 2**53] for example weighting, got {n!r}",
+            client=update.client_id,
+        )
+    return float(n)
+
+
+def fold_ints(global_value: np.ndarray, values: Iterable[np.ndarray], rule: str) -> np.ndarray:
+    """An integer entry over its clients' values by its ``int_rule`` (never averaged); the
+    global value when no client sent one. An ndarray of the entry's shape and dtype."""
+    g = np.asarray(global_value)
+    acc = None
+    for x in values:
+        acc = _fold_int(acc, np.asarray(x), rule)
+    if acc is None:
+        return g.copy()
+    return np.array(acc, dtype=g.dtype, copy=True).reshape(g.shape)
 
 
 def _fold_int(current: np.ndarray | None, x: np.ndarray, rule: str) -> np.ndarray | None:

@@ -16,6 +16,14 @@ from typing import Any, Literal
 
 import yaml
 
+from fmtl_lightning.aggregators import (
+    AGGREGATORS,
+    AggregationRule,
+    AggregatorParamError,
+    Mean,
+    build_aggregator,
+    is_aggregator,
+)
 from fmtl_lightning.errors import FMTLError
 
 ALGORITHMS = ("local", "fedavg", "fedper", "fedrep", "ditto")
@@ -64,7 +72,8 @@ class AlgorithmConfig:
     rep_head_epochs: int = 1  # FedRep: head-only epochs before the body epochs
     policy: Literal["fedper", "fedbn"] = "fedper"  # fedbn keeps norm params/stats local
     masked_ce: bool = False  # cross-entropy over the labels the client holds
-    label_split: bool = False  # HeteroFL: average each class's head row over its holders
+    # the server's rule (fmtl_lightning.aggregators); YAML: a name or {name: ..., params}
+    aggregator: AggregationRule = field(default_factory=Mean)
     slicing: Literal["heterofl", "fedrolex"] = "heterofl"
     width_assignment: Literal["fixed", "dynamic"] = "fixed"
     dynamic_widths: tuple[float, ...] = ()  # () = the widths the clients declare
@@ -142,8 +151,12 @@ _NESTED = {
 
 def _convert(type_str: Any, value: Any, where: str) -> Any:
     t = str(type_str)
+    if t == "AlgorithmConfig":
+        return _build(AlgorithmConfig, _migrate_algorithm(value, where), where)
     if t in _NESTED:
         return _build(_NESTED[t], value, where)
+    if t == "AggregationRule":
+        return _aggregator(value, where)
     if t.startswith("tuple[ClientGroup"):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list of client groups")
@@ -161,6 +174,33 @@ def _convert(type_str: Any, value: Any, where: str) -> Any:
         if t == name or t.startswith(f"{name} |") or t.startswith("Literal") and name == "str":
             return _scalar(py, value, where)
     return value
+
+
+def _migrate_algorithm(raw: Any, where: str) -> Any:
+    """Older configs say ``label_split: true``: that is ``aggregator: label_split``."""
+    if not isinstance(raw, dict) or "label_split" not in raw:
+        return raw
+    raw = dict(raw)
+    split = _scalar(bool, raw.pop("label_split"), f"{where}.label_split")
+    if split:
+        agg = raw.get("aggregator", "label_split")
+        name = agg.get("name") if isinstance(agg, dict) else agg
+        if name != "label_split":
+            raise ConfigError(
+                f"{where}.label_split: true means aggregator label_split, but "
+                f"{where}.aggregator is {name!r}; keep only {where}.aggregator"
+            )
+        raw["aggregator"] = agg
+    return raw
+
+
+def _aggregator(value: Any, where: str) -> Any:
+    """``name`` or ``{name: ..., <parameter>: ...}`` -> the registered aggregator."""
+    try:
+        return build_aggregator(value)
+    except AggregatorParamError as exc:
+        field = f"{where}.{exc.field}" if exc.field else where
+        raise ConfigError(f"{field}: {exc.message}") from exc
 
 
 def _scalar(py: type, value: Any, where: str) -> Any:
@@ -338,10 +378,20 @@ def validate_config(cfg: RunConfig) -> None:
                 "aggregation, which the edge runtime does not run; use model.norm "
                 "batch, group or none"
             )
-    if a.label_split and not (a.masked_ce and a.name == "fedavg"):
+    agg = a.aggregator
+    if not is_aggregator(agg):
+        raise ConfigError(f"algorithm.aggregator: {agg!r} is not a registered aggregator "
+                          f"(registered: {sorted(AGGREGATORS)})")  # fmt: skip
+    if agg.needs_label_masks and not (a.masked_ce and a.name == "fedavg"):
         raise ConfigError(
-            "algorithm.label_split: needs algorithm.name fedavg (a shared head) and "
-            f"algorithm.masked_ce true (got name {a.name!r}, masked_ce {a.masked_ce})"
+            f"algorithm.aggregator: {agg.name} needs each client's label set: "
+            "algorithm.name fedavg (a shared head) and algorithm.masked_ce true "
+            f"(got name {a.name!r}, masked_ce {a.masked_ce})"
+        )
+    if not agg.weighted and a.weighting != "uniform":
+        raise ConfigError(
+            f"algorithm.weighting: the {agg.name} aggregator counts each client once "
+            "(an order statistic, not a weighted mean); set algorithm.weighting: uniform"
         )
     _check_choice(a.name, ALGORITHMS, "algorithm.name")
     _check_choice(a.policy, ("fedper", "fedbn"), "algorithm.policy")
@@ -394,6 +444,8 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain-data form (lists, not tuples) for run directories and YAML."""
 
     def conv(v: Any) -> Any:
+        if is_aggregator(v):  # its name, then its parameters
+            return {"name": v.name, **{f.name: getattr(v, f.name) for f in dataclasses.fields(v)}}
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple | list):

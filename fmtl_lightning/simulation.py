@@ -5,7 +5,7 @@ One round::
     select clients (seeded fraction) -> width per client (fixed or dynamic draw)
     -> per client: slice the global shared state to its WidthSpec, load it with the
        client's own local state, run the algorithm's procedure (Lightning/Fabric)
-    -> validate + aggregate the shared updates (pure numpy)
+    -> validate + aggregate the shared updates (the configured aggregator, pure numpy)
     -> when evaluation is due: static batch norm's statistics pass
        (:meth:`Simulation.static_stats`), then every client on its own test split
     -> checkpoint atomically.
@@ -38,7 +38,8 @@ import yaml
 from lightning.fabric.loggers import CSVLogger
 from tqdm.auto import tqdm
 
-from fmtl_lightning.aggregation import ClientUpdate, aggregate, aggregate_label_split
+from fmtl_lightning.aggregation import ClientUpdate
+from fmtl_lightning.aggregators import Mean
 from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
 from fmtl_lightning.checkpoint import (
     append_history,
@@ -264,17 +265,18 @@ class Simulation:
             if self._bar is not None:
                 self._bar.update(1)
         t0 = time.perf_counter()
-        if updates and self.cfg.algorithm.label_split:
-            self.global_state = aggregate_label_split(
+        if updates:
+            agg = self.cfg.algorithm.aggregator
+            masks = None
+            if agg.needs_label_masks:
+                masks = {self.fed.clients[i].cid: self.head_row_masks(self.fed.clients[i])
+                         for i in chosen}  # fmt: skip
+            self.global_state = agg(
                 self.global_state,
                 updates,
                 self.spec,
-                {self.fed.clients[i].cid: self.head_row_masks(self.fed.clients[i]) for i in chosen},
                 weighting=self.cfg.algorithm.weighting,
-            )
-        elif updates:
-            self.global_state = aggregate(
-                self.global_state, updates, self.spec, weighting=self.cfg.algorithm.weighting
+                row_masks=masks,
             )
         times.aggregate = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -507,12 +509,12 @@ def local_baseline(cfg: RunConfig, fed: Federation) -> tuple[RunConfig, Federati
 
     An edge client's baseline is the same client trained in-process: with no server
     there is nothing to exchange, and the edge runtime's SGD steps equal Lightning's
-    (the edge parity tests). The baseline's config has ``edge: false`` everywhere and no
-    server-side label split, so it is a config the validator accepts (edge clients and the
-    label split need a server algorithm) and ``--resume`` can reload it.
+    (the edge parity tests). The baseline's config has ``edge: false`` everywhere and the
+    default aggregator (nothing is aggregated), so it is a config the validator accepts
+    (edge clients and the label split need a server algorithm) and ``--resume`` can reload it.
     """
     local_cfg = cfg.replace(
-        algorithm=dataclasses.replace(cfg.algorithm, name="local", label_split=False),
+        algorithm=dataclasses.replace(cfg.algorithm, name="local", aggregator=Mean()),
         clients=tuple(dataclasses.replace(g, edge=False) for g in cfg.clients),
         compare_local=False,
     )

@@ -86,11 +86,13 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
     from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
     from fmtl_lightning.simulation import backbone_config
 
-    if cfg.algorithm.label_split:
+    agg = cfg.algorithm.aggregator
+    if agg.needs_label_masks:
         # the server would need each client's label set; a deployed client keeps it private
         raise ConfigError(
-            "algorithm.label_split: not supported by the Flower deployment (only in "
-            "`fmtl simulate`); set it to false"
+            f"algorithm.aggregator: {agg.name} needs each client's label set, which a "
+            "deployed client keeps private: not supported by the Flower deployment (only in "
+            "`fmtl simulate`); choose an aggregator without label masks"
         )
     clients = planned_clients(cfg)
     task_outputs: dict[str, int] = {}

@@ -15,7 +15,8 @@
   ``num-examples`` must be an int in ``[1, max_examples]`` (default: the YAML's
   ``data.samples_per_client``, the most a client's shard holds; a node training on
   its own larger data needs the ServerApp's ``max-examples`` raised), every metric a
-  finite number. It folds the good replies in with :func:`aggregate`. A malformed reply
+  finite number. It folds the good replies in with the run's aggregator
+  (``algorithm.aggregator``, :mod:`fmtl_lightning.aggregators`). A malformed reply
   (any record or array, however broken) is rejected with :class:`ReplyRejected` and
   logged, a missing one recorded as a failure; neither aborts the round. Entries no
   accepted client holds keep their value, and a global state that is not finite is
@@ -39,7 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fmtl_lightning.aggregation import MAX_EXAMPLES, ClientUpdate, aggregate
+from fmtl_lightning.aggregation import MAX_EXAMPLES, ClientUpdate
 from fmtl_lightning.config import ConfigError
 from fmtl_lightning.deploy.plan import PlannedClient, ServerPlan
 from fmtl_lightning.errors import FMTLError, StateValidationError
@@ -343,13 +344,13 @@ class FMTLStrategy(Strategy):
                     server_round, cid, nid, self.reply_timeout)  # fmt: skip
         updates.sort(key=lambda t: t[0])  # the simulator's order: client index
         if updates:
-            new = aggregate(
+            new = self.plan.cfg.algorithm.aggregator(
                 self.global_state,
                 [u for _, u in updates],
                 self.plan.spec,
                 weighting=self.plan.cfg.algorithm.weighting,
             )
-            try:  # aggregate() cannot return NaN/Inf from checked replies; never adopt one
+            try:  # an aggregator cannot return NaN/Inf from checked replies; never adopt one
                 check_finite(new, self.plan.spec, self.plan.shared_keys, client="<aggregate>")
                 self.global_state = new
             except StateValidationError as exc:
@@ -385,8 +386,9 @@ class FMTLStrategy(Strategy):
 
     def summary(self) -> None:
         a = self.plan.cfg.algorithm
-        log(INFO, "\t├── fmtl %s, slicing %s, weighting %s, %d planned clients, reply timeout %g s",
-            a.name, a.slicing, a.weighting, len(self.plan.clients), self.reply_timeout)  # fmt: skip
+        log(INFO, "\t├── fmtl %s, aggregator %s, slicing %s, weighting %s, %d planned clients, "
+            "reply timeout %g s", a.name, a.aggregator, a.slicing, a.weighting,
+            len(self.plan.clients), self.reply_timeout)  # fmt: skip
 
 
 def _number(v: object, what: str) -> float:

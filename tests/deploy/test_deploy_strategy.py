@@ -197,6 +197,37 @@ def test_aggregate_equals_the_pure_function_on_the_same_updates(plan):
     assert metrics["accepted"] == 3 and metrics["failed"] == 0 and metrics["loss"] == 1.0
 
 
+@pytest.mark.parametrize(
+    "aggregator",
+    ["median", {"name": "trimmed_mean", "beta": 0.34}, {"name": "norm_bounded", "clip_norm": 0.3}],
+)
+def test_the_strategy_runs_the_configured_aggregator(aggregator):
+    """The strategy folds replies with ``algorithm.aggregator``: its result is that rule
+    on the same updates, and differs from the mean (a width-1/4 client sends +100)."""
+    raw = copy.deepcopy(CFG)
+    raw["algorithm"]["aggregator"] = aggregator
+    plan = server_plan(parse_config(raw))
+    deltas = (1.0, 2.0, 100.0)
+    grid = FakeGrid({n: good_node(n, delta=d) for n, d in zip(NODE_CONFIG, deltas, strict=True)})
+    s = _strategy(plan, grid)
+    arrays, metrics = _round(s, grid)
+    ups = []
+    for cid, w, d in zip(("c00", "c01", "c02"), (1.0, 0.5, 0.25), deltas, strict=True):
+        ws = WidthSpec(w, "heterofl", 0)
+        sub = slice_state(plan.initial_state, plan.spec, ws)
+        ups.append(ClientUpdate(cid, {k: v + d for k, v in sub.items()}, 10, ws))
+    rule = plan.cfg.algorithm.aggregator
+    want = rule(plan.initial_state, ups, plan.spec, weighting="uniform")
+    mean = aggregate(plan.initial_state, ups, plan.spec, weighting="uniform")
+    got = from_record(arrays)
+    assert metrics["accepted"] == 3
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    k0 = sorted(want)[0]  # its first element is held by all three: the outlier moves
+    g0 = plan.initial_state[k0].flat[0]  # the mean, not the robust rule
+    assert abs(want[k0].flat[0] - g0) < 3.0 < abs(mean[k0].flat[0] - g0)
+
+
 def _bad(kind: str) -> Handler:
     base = good_node(102)
 
@@ -294,8 +325,8 @@ def test_plan_starts_from_the_simulators_initial_state():
 
 def test_plan_refuses_label_split_it_cannot_honour():
     raw = copy.deepcopy(CFG)
-    raw["algorithm"] = {"name": "fedavg", "masked_ce": True, "label_split": True}
-    with pytest.raises(ConfigError, match="algorithm.label_split"):
+    raw["algorithm"] = {"name": "fedavg", "masked_ce": True, "aggregator": "label_split"}
+    with pytest.raises(ConfigError, match="algorithm.aggregator: label_split needs each client"):
         server_plan(parse_config(raw))
 
 
@@ -668,13 +699,13 @@ def test_the_round_loss_of_huge_finite_losses_is_finite(plan):
 
 
 def test_a_non_finite_aggregate_is_never_adopted_or_written(tmp_path, monkeypatch):
-    """Defence in depth: should aggregate() ever return NaN, the server keeps its state."""
-    import fmtl_lightning.deploy.strategy as strategy_mod
+    """Defence in depth: should the aggregator ever return NaN, the server keeps its state."""
+    import fmtl_lightning.aggregators.mean as mean_mod  # the default aggregator's math
 
     def broken(g, ups, spec, **kw):
         return {k: np.full_like(v, np.nan) for k, v in g.items()}
 
-    monkeypatch.setattr(strategy_mod, "aggregate", broken)
+    monkeypatch.setattr(mean_mod, "aggregate", broken)
     cfg = parse_config(copy.deepcopy(CFG))
     grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
     run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)

@@ -108,14 +108,15 @@ def _raw(**alg) -> dict:
 @pytest.mark.parametrize(
     "alg",
     [
-        {"name": "fedavg", "label_split": True},  # masked_ce off
-        {"name": "fedper", "label_split": True, "masked_ce": True},  # heads not shared
+        {"name": "fedavg", "aggregator": "label_split"},  # masked_ce off
+        {"name": "fedper", "aggregator": "label_split", "masked_ce": True},  # heads not shared
     ],
 )
 def test_label_split_config_needs_fedavg_and_masked_ce(alg):
-    with pytest.raises(ConfigError, match="algorithm.label_split"):
+    with pytest.raises(ConfigError, match="algorithm.aggregator: label_split needs"):
         parse_config(_raw(**alg))
-    assert parse_config(_raw(name="fedavg", label_split=True, masked_ce=True)).algorithm.label_split
+    cfg = parse_config(_raw(name="fedavg", aggregator="label_split", masked_ce=True))
+    assert cfg.algorithm.aggregator.needs_label_masks
 
 
 def test_simulation_label_split_rescales_each_row_to_its_holders(small_cfg, tmp_path):
@@ -136,7 +137,7 @@ def test_simulation_label_split_rescales_each_row_to_its_holders(small_cfg, tmp_
     small_cfg["algorithm"] = {"name": "fedavg", "masked_ce": True, "weighting": "uniform"}
     sims = {}
     for split in (False, True):
-        small_cfg["algorithm"]["label_split"] = split
+        small_cfg["algorithm"]["aggregator"] = "label_split" if split else "mean"
         sims[split] = Simulation(parse_config(small_cfg), tmp_path / str(split), progress=False)
         init = {k: v.copy() for k, v in sims[split].global_state.items()}
         sims[split].run()

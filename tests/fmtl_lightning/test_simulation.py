@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-import fmtl_lightning.simulation as simulation
+import fmtl_lightning.aggregators.mean as aggregators_mean
 from fmtl_lightning.config import parse_config
 from fmtl_lightning.local_fit import FitPlan, batch_indices, fit, phase_seed
 from fmtl_lightning.models import MultiTaskModel, load_arrays
@@ -20,13 +20,13 @@ def _sim(cfg: dict, tmp_path, name="run") -> Simulation:
 
 def test_fedper_heads_never_leave_the_client(small_cfg, tmp_path, monkeypatch):
     seen: list[set[str]] = []
-    real = simulation.aggregate
+    real = aggregators_mean.aggregate  # what the default aggregator (mean) calls
 
     def spy(global_state, updates, spec, **kw):
         seen.extend(set(u.state) for u in updates)
         return real(global_state, updates, spec, **kw)
 
-    monkeypatch.setattr(simulation, "aggregate", spy)
+    monkeypatch.setattr(aggregators_mean, "aggregate", spy)
     sim = _sim(small_cfg, tmp_path)
     heads_before = {c: dict(s.local) for c, s in sim.stores.items()}
     sim.run()
