@@ -115,7 +115,7 @@ class Ctx:
             if isinstance(v, bytes):
                 v = Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=v)
             elif isinstance(v, np.ndarray):
-                v = Array(np.ascontiguousarray(v))
+                v = Array(np.asarray(v, order="C"))  # 0-d stays 0-d
             rec[k] = v
         return ArrayRecord(rec)
 
@@ -401,7 +401,16 @@ MUTATIONS: list[Mut] = [
     *[Mut(f"metric loss {v!r}", _m(loss=v), MUST) for v in (math.nan, math.inf, -math.inf)],
     Mut("metric list with NaN", _m(acc=[1.0, math.nan]), MUST),
     Mut("metric empty list", _m(acc=[]), MUST),
-    *[Mut(f"config client-id {v!r}", _c(client_id=v), MUST) for v in ("c00", "", 1, ...)],
+    Mut(
+        "config client-id of another client",
+        _one(
+            lambda c: c.reply(
+                config=c.config(client_id="c01" if c.ins.client_id == "c00" else "c00")
+            )
+        ),
+        MUST,
+    ),
+    *[Mut(f"config client-id {v!r}", _c(client_id=v), MUST) for v in ("", 1, ...)],
     *[Mut(f"config round {v!r}", _c(round=v), MUST) for v in (2, 0, -1, "1", ...)],
     Mut("config round 1.0", _c(round=1.0), EITHER),
     *[Mut(f"config base-hash {v!r}", _c(base_hash=v), MUST) for v in ("0" * 64, "", b"x", ...)],

@@ -27,7 +27,10 @@ def _check(cases) -> None:
 @pytest.mark.parametrize("surface,n", [("updates", 60), ("replies", 40), ("configs", 40)])
 def test_hostile_inputs_are_refused_or_work(surface, n, tmp_path):
     # configs: one accepted mutated config is also run for a round (accepted == runs)
-    _check(run_surface(surface, n, SEED, tmp_path, log=lambda s: None, runs=1, run_timeout=20))
+    cases = run_surface(surface, n, SEED, tmp_path, log=lambda s: None, runs=1, run_timeout=20)
+    _check(cases)
+    if surface == "configs":
+        assert [c.outcome for c in cases if c.mutation.startswith("run 1 round")] == ["ok"]
 
 
 def test_hostile_edge_inputs_and_bundles_are_refused_or_work(tmp_path):
