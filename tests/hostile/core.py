@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,16 @@ def judge_exception(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, error_bases()) and str(exc).strip():
         return "refused", f"{name}: {one_line(str(exc))}"
     return "traceback", f"{name} (not a typed error): {one_line(str(exc))}"
+
+
+_NAMES = re.compile(r"'[^']+'|\"[^\"]+\"|--[a-z]|/\S+|\w+\.\w+|\w+\[\d+\]")
+
+
+def names_something(message: str) -> bool:
+    """Whether a refusal names what is wrong: a quoted key or field, an option, a path, a
+    dotted or indexed field. (Reported by the sweep as a list, not counted as a failure.)"""
+    text = re.sub(r"^(fmtl-edge: error: |\w+: )", "", message)
+    return bool(_NAMES.search(text))
 
 
 def judge_accepted(

@@ -518,6 +518,7 @@ class ReplySurface:
             if not same_arrays(s.global_state, want):
                 wrong.append("global state differs from aggregate() over the good replies")
             why = rep.rejected.get(cid) or rep.failed.get(cid) or "(not recorded)"
+            why = why if repr(cid) in why else f"{cid!r} (report key): {why}"
             if wrong:
                 return Case(self.name, label, "silently_wrong", "; ".join(wrong[:3]))
             outcome = "valid_refused" if mut.expect is VALID else "refused"

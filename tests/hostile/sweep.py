@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.hostile.core import BAD, OUTCOMES, Case, judge_exception
+from tests.hostile.core import BAD, OUTCOMES, Case, judge_exception, names_something
 
 SURFACES = ("updates", "replies", "edge", "configs")
 
@@ -175,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{time.perf_counter() - t0:.0f} s\n"
     )
     print(table(res))
+    vague = [c for cs in res.values() for c in cs if c.outcome == "refused"
+             and not names_something(c.detail)]  # fmt: skip
+    if vague:
+        print(f"\n{len(vague)} refusal(s) whose message names no key, field, option or file:")
+        for c in vague:
+            print(f"  [{c.surface}] {c.mutation}: {c.detail}")
     if bad:
         print(f"\n{len(bad)} case(s) neither ok nor refused, grouped by what went wrong:")
         for (surface, outcome, _), group in grouped(bad).items():
