@@ -101,6 +101,7 @@ def kill_cases(k: int, seed: int, work: Path, log: Callable[[str], None] = print
         "error": "traceback",
         "leftover": "silently_wrong",
     }
+    work.mkdir(parents=True, exist_ok=True)
     res = sweep(k, seed=seed, work=work)
     out = []
     for o, v in res.items():
