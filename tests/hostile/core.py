@@ -87,7 +87,7 @@ def names_something(message: str) -> bool:
     """Whether a refusal names what is wrong: a quoted key or field, an option, a path, a
     dotted or indexed field. (Reported by the sweep as a list, not counted as a failure.)"""
     text = re.sub(r"^(fmtl-edge: error: |\w+: )", "", message)
-    return bool(_NAMES.search(text))
+    return bool(_NAMES.search(text) or re.match(r"[\w.\[\]]+: ", text))  # "clients: ..."
 
 
 def judge_accepted(
