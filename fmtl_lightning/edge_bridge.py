@@ -10,23 +10,29 @@ For an edge client, one round is exactly what a device does:
    file, overlays its own heads, runs the exported SGD step graphs over the same
    batches a Lightning client would see, and writes an update file (shared arrays
    only) plus its heads to a local file;
-3. the server reads the update file, checking it against the hash it sent, and
-   aggregates it like any other client's update.
+3. the server reads the update file, checking it against the hash it sent, validates
+   it (:func:`~fmtl_lightning.validation.validate_state`: an update file is input from
+   outside) and aggregates it like any other client's update.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fmtl_lightning.algorithms import ClientResult
 from fmtl_lightning.local_fit import phase_seed
 from fmtl_lightning.models import load_arrays
-from fmtl_lightning.roles import WidthSpec
+from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task
+from fmtl_lightning.validation import validate_state
 
 if TYPE_CHECKING:
     from fmtl_lightning.simulation import Simulation
+    from mobile_client.update import UpdateMeta
 
 
 class EdgeBridge:
@@ -114,7 +120,20 @@ class EdgeBridge:
 
         save_file(heads, local_file, {"client": c.cid})
 
-        # server: read the update file, check it answers what was sent
-        shared, umeta = read_update(up, expected_base_hash=base)
+        # server: read the update file, check it answers what was sent, validate it
+        shared, umeta = receive_update(up, sim.spec, ws, sim.shared_keys, base, c.cid)
         kept, _ = load_file(local_file)
         return ClientResult(shared, kept, None, int(umeta.num_examples))
+
+
+def receive_update(
+    path: Path, spec: ModelSpec, ws: WidthSpec, keys: Sequence[str], base_hash: str, client: str
+) -> tuple[dict[str, np.ndarray], UpdateMeta]:
+    """The server's side of an update file: read it (``read_update``: format, metadata,
+    the base hash that was sent) and validate its arrays like any input from outside
+    (key set, shapes at ``ws``, dtypes, finite values within the magnitude bound)."""
+    from mobile_client.update import read_update
+
+    shared, meta = read_update(path, expected_base_hash=base_hash)
+    validate_state(shared, spec, ws, keys, client=client)
+    return shared, meta

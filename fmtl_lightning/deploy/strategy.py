@@ -18,7 +18,8 @@
   finite number. It folds the good replies in with the run's aggregator
   (``algorithm.aggregator``, :mod:`fmtl_lightning.aggregators`). A malformed reply
   (any record or array, however broken) is rejected with :class:`ReplyRejected` and
-  logged, a missing one recorded as a failure; neither aborts the round. Entries no
+  logged, a missing one recorded as a failure; neither aborts the round. Only a node's
+  first reply in a round counts (a second one is rejected). Entries no
   accepted client holds keep their value, and a global state that is not finite is
   never adopted.
 
@@ -316,9 +317,14 @@ class FMTLStrategy(Strategy):
         answered = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
-            answered.add(nid)
             sent = self.pending.get(nid)
             cid = sent.node.client.client_id if sent else f"node-{nid}"
+            if nid in answered:  # one reply per node and round: a client never counts twice
+                why = f"client {cid!r}: node {nid} replied again this round; only its first reply counts"
+                rep.rejected[f"{cid} (extra reply)"] = why
+                log(WARNING, "fmtl: round %s: rejected %s", server_round, why)
+                continue
+            answered.add(nid)
             try:
                 upd, metrics, up = self.check_reply(reply)
             except ProtocolError as exc:
