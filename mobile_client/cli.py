@@ -13,8 +13,12 @@ PNG and PGM images, 8-bit grayscale or RGB (see :mod:`mobile_client.inputs`).
 it writes the update (shared arrays + metadata) to ``--out`` and the client's local
 arrays (heads) to ``--out`` with suffix ``.local.safetensors``; both paths are
 checked before training starts, and both files are written atomically (after a
-failure neither is left). Errors print one line ``fmtl-edge: error: ...`` and exit
-with status 2.
+failure neither is left). Neither output may be one of the command's inputs (the
+``--data`` file, ``--start-from``, the manifest or any file of the bundle): that is
+refused before training. ``--width`` must be a finite number in (0, 1], ``--lr`` finite
+and > 0, ``--epochs`` and ``--batch-size`` >= 1 (a run of zero steps is refused, not
+written), ``--seed`` and ``--round`` >= 0, ``--memory-mb`` finite and >= 0. Errors print
+one line ``fmtl-edge: error: ...`` and exit with status 2.
 
 Memory rule (``info --memory-mb``), per width, in bytes::
 
@@ -28,6 +32,7 @@ The training step graphs are not counted: ``info`` answers "can it predict".
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -37,6 +42,7 @@ import numpy as np
 
 from mobile_client.errors import FMTLError, InputError, error_line
 from mobile_client.inputs import read_client_data, read_inputs
+from mobile_client.manifest import MANIFEST_NAME
 
 TRAIN_BATCH = 32
 ACT_FACTOR = 4  # intermediate activations per input/feature element, rough upper bound
@@ -58,7 +64,13 @@ def _as_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
 def _client(args: argparse.Namespace):
     from mobile_client.runtime import EdgeClient
 
-    return EdgeClient(args.dir, args.client)
+    client = EdgeClient(args.dir, args.client)
+    if args.width is not None:
+        try:
+            client._width(args.width)  # the client's own width
+        except InputError as exc:
+            raise InputError(f"--width {args.width:g}: {exc}") from exc
+    return client
 
 
 def _mb(n: float) -> str:
@@ -75,9 +87,17 @@ def memory_estimate(m, root: Path, width: float) -> int:
     return 2 * size + act + RUNTIME_MB * 2**20
 
 
+def _check_width(width: float | None) -> None:
+    if width is not None and not (math.isfinite(width) and 0 < width <= 1):
+        raise InputError(f"--width must be a finite number in (0, 1], got {width:g}")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from mobile_client.manifest import load_manifest, verify_files
 
+    mb = args.memory_mb
+    if mb is not None and not (math.isfinite(mb) and mb >= 0):
+        raise CLIError(f"--memory-mb must be a finite number >= 0, got {mb:g}")
     m = load_manifest(args.dir)
     root = Path(args.dir)
     verify_files(root, m)
@@ -112,6 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    _check_width(args.width)
     client = _client(args)
     head = client.head(args.task)
     shape = client.entry.normalisation.input_shape
@@ -155,12 +176,42 @@ def _check_output(path: Path, what: str) -> None:
         raise CLIError(f"{what} {path} is not writable")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (symlinks and hard links included)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _check_not_input(outputs: dict[str, Path], inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output that would overwrite one of the command's inputs."""
+    for what, out in outputs.items():
+        for name, inp in inputs:
+            if _same_file(out, inp):
+                raise CLIError(f"{what} {out} is an input ({name} {inp}): choose another path")
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    """The numeric options of ``train``, each refused naming its option."""
+    _check_width(args.width)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr must be a finite number > 0, got {args.lr:g}")
+    for opt, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise CLIError(f"{opt} must be >= 1 (there would be no training step), got {v}")
+    for opt, v in (("--seed", args.seed), ("--round", args.round)):
+        if v is not None and v < 0:
+            raise CLIError(f"{opt} must be >= 0, got {v}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mobile_client.safetensors_np import load_file
     from mobile_client.update import UpdateMeta, write_update
 
-    if args.round is not None and args.round < 0:
-        raise CLIError(f"--round must be >= 0, got {args.round}")
+    _check_train_args(args)
     out = Path(args.out)
     local = local_path(out)
     _check_output(out, "--out")
@@ -169,7 +220,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     data_path = Path(args.data)
     if not data_path.is_file():
         raise CLIError(f"{data_path}: no such data file")
+    inputs = [("--data", data_path), ("the bundle's manifest", client.dir / MANIFEST_NAME)]
+    if args.start_from:
+        inputs.append(("--start-from", Path(args.start_from)))
+    for f in client.manifest.file_entries():
+        refs = [f.path] + ([f.ort.path] if f.ort is not None else [])
+        inputs += [("bundle file", client.dir / r) for r in refs]
+    _check_not_input({"--out": out, "local-state file": local}, inputs)
     x, ys = read_client_data(data_path, client.entry.tasks)
+    try:  # name the file: the runtime's messages only say "x" / "targets[task]"
+        x = client.prepare_x(x)
+        client.prepare_targets(ys, client.entry.tasks, len(x))
+    except InputError as exc:
+        raise InputError(f"--data {data_path}: {exc}") from exc
     start = None
     rnd = client.manifest.round
     if args.start_from:

@@ -27,7 +27,15 @@ name: state-dict key}, "lr_input", "loss_output", "x_input", "features_input",
 axis), "dtype"}``.
 
 Input normalisation: ``x = (pixels * scale - mean) / std`` with shape
-``(batch, *input_shape)``. A head entry with ``columns`` (FedAvg: one union head
+``(batch, *input_shape)``. The loader bounds it so that every uint8 pixel gives a
+finite float32 ``x``: ``scale``, ``mean`` and ``std`` are finite, ``0 < scale <=
+NORM_BOUND``, ``|mean| <= NORM_BOUND``, ``1/NORM_BOUND <= std <= NORM_BOUND`` and
+``max(|mean|, |255 * scale - mean|) / std <= NORM_BOUND`` (:data:`NORM_BOUND` = 1e6),
+so ``|x| <= 1e6``; ``input_shape`` must match the ``[batch, C, H, W]`` the client's
+backbone declares for its input. Every graph name a FILE entry gives (``weights``,
+``x_input``, ``features_input``, ``lr_input``, ``target_inputs`` / ``weight_outputs``,
+``loss_output``) must be one of the ``inputs`` / ``outputs`` it lists (checked at
+load, and against the graph itself when a session is created). A head entry with ``columns`` (FedAvg: one union head
 per client) reads its task's logits as ``logits[:, start:end]``. A client entry's
 ``backbone`` is set only when the client's backbone differs from the width's
 shared one (personal models, local norms); its ``weights`` (``.npz``, state-dict
@@ -56,6 +64,7 @@ SUPPORTED_VERSIONS = (1,)
 BATCH = "batch"
 MAX_DIM = 1 << 20  # bound on a declared input / feature dimension
 MAX_MANIFEST_BYTES = 64 << 20
+NORM_BOUND = 1e6  # bound on normalisation parameters and on |x| (module docstring)
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -211,18 +220,34 @@ class Normalisation:
             raise ManifestError(
                 f"manifest field '{where}.input_shape' must be [C, H, W] (each in 1..{MAX_DIM})"
             )
+        b = NORM_BOUND
         std = _num(d, "std", where)
         assert std is not None
-        if std <= 0:
-            raise ManifestError(f"manifest field '{where}.std' must be > 0, got {std}")
+        if not 1 / b <= std <= b:
+            raise ManifestError(f"manifest field '{where}.std' must be in [{1 / b:g}, {b:g}], "
+                                f"got {std!r}")  # fmt: skip
         scale = _num(d, "scale", where, optional=True)
-        if scale is not None and scale <= 0:
-            raise ManifestError(f"manifest field '{where}.scale' must be > 0, got {scale}")
+        if scale is not None and not 0 < scale <= b:
+            raise ManifestError(f"manifest field '{where}.scale' must be in (0, {b:g}], "
+                                f"got {scale!r}")  # fmt: skip
+        scale = scale or 1.0 / 255.0
+        mean = _num(d, "mean", where)
+        assert mean is not None
+        if not abs(mean) <= b:
+            raise ManifestError(f"manifest field '{where}.mean' must be in [-{b:g}, {b:g}], "
+                                f"got {mean!r}")  # fmt: skip
+        top = max(abs(mean), abs(255 * scale - mean)) / std
+        if top > b:
+            raise ManifestError(
+                f"manifest field '{where}': (pixels * scale - mean) / std reaches {top:.3g} "
+                f"for pixels in 0..255, more than {b:g} (mean {mean!r}, std {std!r}, "
+                f"scale {scale!r})"
+            )
         return cls(
-            mean=_num(d, "mean", where),  # type: ignore[arg-type]
+            mean=mean,
             std=std,
             input_shape=tuple(shape),
-            scale=scale or 1.0 / 255.0,
+            scale=scale,
             domain=_get(d, "domain", where, str, optional=True) or "",
         )
 
@@ -438,6 +463,25 @@ class Manifest:
                 )
         for i, c in enumerate(self.clients):
             self._check_client(c, f"clients[{i}]")
+        for f, where in self.graph_entries():
+            ins = {t.name for t in f.inputs} if f.inputs else None  # None: not listed
+            check_graph_names(f, ins, {t.name for t in f.outputs} if f.outputs else None, where)
+
+    def graph_entries(self) -> list[tuple[FileEntry, str]]:
+        """Every ONNX graph entry with its field path (``widths[0].backbone``, ...)."""
+        out: list[tuple[FileEntry, str]] = []
+        for i, w in enumerate(self.widths):
+            out.append((w.backbone, f"widths[{i}].backbone"))
+            out += [(t.file, f"widths[{i}].train_steps[{j}].file")
+                    for j, t in enumerate(w.train_steps)]  # fmt: skip
+        for i, h in enumerate(self.heads):
+            out.append((h.file, f"heads[{i}].file"))
+            if h.head_step is not None:
+                out.append((h.head_step, f"heads[{i}].head_step"))
+        for i, c in enumerate(self.clients):
+            if c.backbone is not None:
+                out.append((c.backbone, f"clients[{i}].backbone"))
+        return out
 
     def _check_client(self, c: ClientEntry, where: str) -> None:
         if not any(abs(c.width - w.width) < 1e-9 for w in self.widths):
@@ -467,6 +511,21 @@ class Manifest:
                     need(f.weight_outputs.values(), f"heads[{i}].{name}.weight_outputs")
         if c.backbone is not None:
             need(c.backbone.weights.values(), f"{where}.backbone.weights")
+        wi = next(i for i, w in enumerate(self.widths) if abs(c.width - w.width) < 1e-9)
+        bb, bb_where = (
+            (c.backbone, f"{where}.backbone")
+            if c.backbone is not None
+            else (self.widths[wi].backbone, f"widths[{wi}].backbone")
+        )
+        xin = bb.x_input or (bb.inputs[0].name if bb.inputs else None)
+        spec = next((t for t in bb.inputs if t.name == xin), None)
+        shape = list(c.normalisation.input_shape)
+        if spec is not None and all(isinstance(s, int) for s in spec.shape[1:]):
+            if list(spec.shape[1:]) != shape:
+                raise ManifestError(
+                    f"manifest field '{where}.normalisation.input_shape' is {shape}, but "
+                    f"{bb_where} ({bb.path!r}) input {xin!r} has shape {list(spec.shape)}"
+                )
         for i, w in enumerate(self.widths):
             if abs(w.width - c.width) >= 1e-9:
                 continue
@@ -517,6 +576,26 @@ class Manifest:
         return out
 
 
+def check_graph_names(
+    f: FileEntry, inputs: set[str] | None, outputs: set[str] | None, where: str
+) -> None:
+    """Every graph input/output name ``f`` gives is in ``inputs`` / ``outputs`` (those the
+    manifest lists, or the loaded graph's; None: unknown, not checked); a
+    :class:`ManifestError` names the field."""
+    named_in = [(f"weights.{n}", n) for n in f.weights]
+    named_in += [(k, getattr(f, k)) for k in ("x_input", "features_input", "lr_input")]
+    named_in += [(f"target_inputs.{t}", n) for t, n in f.target_inputs.items()]
+    named_out = [(f"weight_outputs.{n}", n) for n in f.weight_outputs]
+    named_out.append(("loss_output", f.loss_output))
+    for side, named, have in (("input", named_in, inputs), ("output", named_out, outputs)):
+        for fld, name in named:
+            if have is not None and name is not None and name not in have:
+                raise ManifestError(
+                    f"manifest field '{where}.{fld}' names graph {side} {name!r}, which "
+                    f"{f.path!r} does not have ({side}s: {', '.join(sorted(have or ())) or 'none'})"
+                )
+
+
 def _need_targets(f: FileEntry, tasks: tuple[str, ...], where: str) -> None:
     """A training-step graph names a target input for each task it trains."""
     if not tasks:
@@ -563,6 +642,10 @@ def load_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
     except OSError as exc:
         raise ManifestError(f"{path}: cannot be read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(
+            f"{path}: the manifest must be a JSON object, got {type(data).__name__}"
+        )
     return Manifest.from_dict(data)
 
 

@@ -10,6 +10,7 @@ heads stay on the device (:meth:`EdgeClient.save_local`).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mobile_client.batching import batch_order
+from mobile_client.batching import batch_order, num_batches
 from mobile_client.errors import InputError, ManifestError
 from mobile_client.inputs import read_npz
 from mobile_client.manifest import (
@@ -28,6 +29,7 @@ from mobile_client.manifest import (
     HeadEntry,
     Manifest,
     TrainStepEntry,
+    check_graph_names,
     load_manifest,
     verify_files,
 )
@@ -136,7 +138,10 @@ class EdgeClient:
     def _width(self, width: float | None) -> float:
         if width is None:
             return self.entry.width
-        if abs(float(width) - self.entry.width) >= WIDTH_TOL:
+        w = float(width)
+        if not (math.isfinite(w) and 0 < w <= 1):
+            raise InputError(f"width must be a finite number in (0, 1], got {w:g}")
+        if not abs(w - self.entry.width) < WIDTH_TOL:
             raise InputError(
                 f"client {self.client_id!r} runs at width {self.entry.width:g}, got width "
                 f"{float(width):g} (bundle widths: {_fmt_widths(self.manifest.width_values())})"
@@ -183,6 +188,18 @@ class EdgeClient:
                 )
             except _ort_errors() as exc:
                 raise ManifestError(f"file {f.path!r}: not a loadable ONNX model: {exc}") from exc
+            sess = self._sessions[f.path]
+            where = next((w for e, w in self.manifest.graph_entries() if e is f), f.path)
+            try:  # the names the manifest gives must be the graph's own
+                check_graph_names(
+                    f,
+                    {i.name for i in sess.get_inputs()},
+                    {o.name for o in sess.get_outputs()},
+                    where,
+                )
+            except ManifestError:
+                del self._sessions[f.path]
+                raise
         return self._sessions[f.path]
 
     def _outputs(self, f: FileEntry, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -373,6 +390,9 @@ class EdgeClient:
         if batch_size <= 0 or epochs < 0 or (steps is not None and steps < 0) or seed < 0:
             raise InputError(f"batch_size must be > 0 and epochs/steps/seed >= 0, got "
                              f"{batch_size}/{epochs}/{steps}/{seed}")  # fmt: skip
+        if num_batches(n, batch_size, epochs, steps) == 0:
+            raise InputError(f"epochs={epochs}, steps={steps} give no training step: "
+                             "nothing to train")  # fmt: skip
         shared = self.shared_keys
         state = self.start_state(start_from)
         base_hash = state_hash({k: state[k] for k in shared})

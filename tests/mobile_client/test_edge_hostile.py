@@ -355,3 +355,246 @@ def test_images_without_pillow_name_the_extra(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL -> ImportError
     with pytest.raises(InputError, match=r"needs Pillow: pip install 'fmtl-lightning\[images\]'"):
         read_inputs(tmp_path / "a.png")
+
+
+# ----------------------------------------------------------------------------- sweep findings
+def _x_npy(tmp_path: Path) -> str:
+    np.save(tmp_path / "x.npy", digits(1, ())[0][0])
+    return str(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("w", ["nan", "inf", "-inf", "-1", "0", "1.5"])
+def test_predict_width_out_of_range(bundle: Path, tmp_path: Path, capsys, w: str) -> None:
+    """--width nan was accepted (NaN compared with the client's width is never 'different')."""
+    err = _err(capsys, ["predict", str(bundle), *P_C00, f"--width={w}", _x_npy(tmp_path)])
+    assert f"--width must be a finite number in (0, 1], got {float(w):g}" in err
+    with pytest.raises(InputError, match="width must be a finite number in"):
+        EdgeClient(bundle, "c00").predict("digits/digit", digits(1, ())[1], float(w))
+
+
+def test_predict_width_of_another_client(bundle: Path, tmp_path: Path, capsys) -> None:
+    err = _err(capsys, ["predict", str(bundle), *P_C00, "--width", "0.5", _x_npy(tmp_path)])
+    assert err.startswith("fmtl-edge: error: --width 0.5: client 'c00' runs at width 1")
+
+
+@pytest.mark.parametrize("mb", ["nan", "inf", "-1"])
+def test_info_memory_mb_out_of_range(bundle: Path, capsys, mb: str) -> None:
+    err = _err(capsys, ["info", str(bundle), "--memory-mb", mb])
+    assert f"--memory-mb must be a finite number >= 0, got {float(mb):g}" in err
+
+
+def _snapshot(*roots: Path) -> dict[str, bytes]:
+    files = [p for r in roots for p in ([r] if r.is_file() else sorted(r.rglob("*")))]
+    return {str(p): p.read_bytes() for p in files if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "target", ["data", "data symlink", "local = data", "start-from", "weights", "manifest", "onnx"]
+)
+def test_out_onto_an_input_is_refused(copy: Path, tmp_path: Path, capsys, target: str) -> None:
+    """--out (or its .local file) resolving to an input overwrote it after training; now
+    refused before training, every file byte-identical."""
+    data = _data(tmp_path)
+    ec = EdgeClient(copy, "c00")
+    save_file({k: ec.base_state()[k] for k in ec.shared_keys}, tmp_path / "g.safetensors")
+    m = load_manifest(copy)
+    out = {
+        "data": data,
+        "start-from": tmp_path / "g.safetensors",
+        "weights": copy / m.client("c00").weights.path,
+        "manifest": copy / "manifest.json",
+        "onnx": copy / m.heads_of("c00")[0].file.path,
+    }.get(target)
+    if target == "data symlink":
+        (tmp_path / "link.npz").symlink_to(data)
+        out = tmp_path / "link.npz"
+    if target == "local = data":  # u.safetensors -> u.local.safetensors, which is --data
+        data = data.rename(tmp_path / "u.local.safetensors")
+        out = tmp_path / "u.safetensors"
+    assert out is not None
+    before = _snapshot(tmp_path)
+    argv = ["train", str(copy), "--client", "c00", "--data", str(data), "--out", str(out),
+            "--start-from", str(tmp_path / "g.safetensors")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "epoch" not in err  # refused before training
+    assert err.startswith("fmtl-edge: error: ") and err.count("\n") == 1, err
+    assert " is an input (" in err and "choose another path" in err
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"mean": 1e308}, r"'normalisation.mean' must be in \[-1e\+06, 1e\+06\], got 1e\+308"),
+        ({"mean": -2e6}, r"'normalisation.mean' must be in"),
+        ({"std": 1e-30}, r"'normalisation.std' must be in \[1e-06, 1e\+06\]"),
+        ({"std": 1e308}, r"'normalisation.std' must be in"),
+        ({"scale": 1e308}, r"'normalisation.scale' must be in \(0, 1e\+06\]"),
+        (
+            {"mean": 0.0, "scale": 1.0, "std": 1e-4},  # each in range, 255 / 1e-4 is not
+            r"'normalisation': \(pixels \* scale - mean\) / std reaches 2.55e\+06",
+        ),
+    ],
+    ids=["mean 1e308", "mean -2e6", "std 1e-30", "std 1e308", "scale 1e308", "range"],
+)
+def test_normalisation_is_bounded(copy: Path, capsys, edit: dict, match: str) -> None:
+    """mean 1e308 passed ``info``; (pixels * scale - mean) / std must stay finite in float32."""
+    _edit_manifest(copy, lambda m: m["normalisation"].update(edit))
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(copy)
+    assert re.search(match, _err(capsys, ["info", str(copy)]))
+    # a client's own normalisation is bounded the same way
+    _edit_manifest(copy, lambda m: m["normalisation"].update(m["clients"][1]["normalisation"]))
+    load_manifest(copy)
+    _edit_manifest(copy, lambda m: m["clients"][1]["normalisation"].update(edit))
+    with pytest.raises(ManifestError, match=match.replace("'normalisation", r"'clients\[1\].normalisation")):  # fmt: skip
+        load_manifest(copy)
+
+
+def test_normalisation_at_the_bound_stays_finite(copy: Path) -> None:
+    """Just inside the rule, every pixel 0..255 gives a finite float32 x with |x| <= 1e6."""
+    edit = {"mean": 0.0, "scale": 1.0, "std": 2.56e-4}
+    _edit_manifest(copy, lambda m: [n.update(edit) for n in (m["normalisation"], *(c["normalisation"] for c in m["clients"]))])  # fmt: skip
+    ec = EdgeClient(copy, "c00")
+    px = np.arange(256, dtype=np.uint8)[:64].reshape(1, 1, 8, 8)
+    px[0, 0, 7, 7] = 255
+    x = ec.prepare_x(px)
+    want = px.astype(np.float64) / 2.56e-4  # independent, float64
+    assert x.dtype == np.float32 and np.isfinite(x).all()
+    np.testing.assert_allclose(x, want, rtol=1e-6)
+    assert np.abs(x).max() == pytest.approx(255 / 2.56e-4, rel=1e-6) and np.abs(x).max() <= 1e6
+
+
+def _step(m: dict) -> dict:
+    return m["widths"][0]["train_steps"][0]["file"]
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda m: _step(m)["target_inputs"].update(
+                {next(iter(_step(m)["target_inputs"])): "y_missing"}
+            ),  # fmt: skip
+            r"'widths\[0\].train_steps\[0\].file.target_inputs.digits/\w+' names graph input 'y_missing'",
+        ),
+        (
+            lambda m: _step(m).update(lr_input="eta"),
+            r"'widths\[0\].train_steps\[0\].file.lr_input' names graph input 'eta'",
+        ),
+        (
+            lambda m: m["heads"][0]["head_step"].update(loss_output="total"),
+            r"'heads\[0\].head_step.loss_output' names graph output 'total'",
+        ),
+        (
+            lambda m: m["heads"][0]["file"].update(features_input="h"),
+            r"'heads\[0\].file.features_input' names graph input 'h'",
+        ),
+        (
+            lambda m: _step(m)["weights"].update(p_nope="backbone.layers.1.bias"),
+            r"'widths\[0\].train_steps\[0\].file.weights.p_nope' names graph input 'p_nope'",
+        ),
+    ],
+    ids=["target_inputs", "lr_input", "loss_output", "features_input", "weights"],
+)
+def test_graph_names_checked_at_load(copy: Path, edit, match: str) -> None:
+    """A train step whose target_inputs named a missing graph input loaded fine (and
+    predict ran); every name must be one of the inputs/outputs the entry lists."""
+    _edit_manifest(copy, edit)
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(copy)
+
+
+def test_graph_names_checked_at_session_when_not_listed(copy: Path) -> None:
+    """Without ``inputs``/``outputs`` lists the loader cannot check: session creation does,
+    against the graph itself, naming the field (was ORT's 'invalid feed' at run time)."""
+
+    def edit(m: dict) -> None:
+        for w in m["widths"]:
+            for s in w["train_steps"]:
+                s["file"].update(inputs=[], outputs=[])
+                s["file"]["target_inputs"]["digits/digit"] = "y_missing"
+
+    _edit_manifest(copy, edit)
+    load_manifest(copy)
+    ec = EdgeClient(copy, "c00")
+    with pytest.raises(
+        ManifestError,
+        match=r"'widths\[\d\].train_steps\[\d\].file.target_inputs.digits/digit' names graph "
+        r"input 'y_missing', which '[^']+' does not have \(inputs: ",
+    ):
+        ec.train(*digits(4, ("digits/digit",))[1:])
+
+
+def test_input_shape_contradicting_the_backbone(copy: Path, tmp_path: Path, capsys) -> None:
+    """input_shape [1, 8, 9] against an (8, 8) backbone was blamed on the input ("x has
+    shape"); it is the manifest that contradicts itself."""
+
+    def edit(m: dict) -> None:
+        for n in (m["normalisation"], *(c["normalisation"] for c in m["clients"])):
+            n["input_shape"] = [1, 8, 9]
+
+    _edit_manifest(copy, edit)
+    match = (r"'clients\[0\].normalisation.input_shape' is \[1, 8, 9\], but widths\[\d\].backbone "
+             r"\('[^']+'\) input 'x' has shape \['batch', 1, 8, 8\]")  # fmt: skip
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(copy)
+    assert re.search(match, _err(capsys, ["predict", str(copy), *P_C00, _x_npy(tmp_path)]))
+
+
+@pytest.mark.parametrize("opt", ["--epochs", "--batch-size"])
+def test_zero_steps_refused(bundle: Path, tmp_path: Path, capsys, opt: str) -> None:
+    """--epochs 0 exited 0, wrote an untrained update and printed 'loss nan'."""
+    out = tmp_path / "u.safetensors"
+    err = _err(capsys, _train(bundle, tmp_path, out, opt, "0"))
+    assert f"{opt} must be >= 1 (there would be no training step), got 0" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.npz"]
+    x, ys = digits(4, ("digits/digit",))[1:]
+    for kw in ({"epochs": 0}, {"steps": 0}, {"epochs": 0, "head_only": True}):
+        with pytest.raises(InputError, match="give no training step"):
+            EdgeClient(bundle, "c00").train(x, ys, **kw)
+
+
+def test_option_errors_name_the_option(bundle: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "u.safetensors"
+    for v in ("nan", "inf", "0", "-1"):
+        err = _err(capsys, _train(bundle, tmp_path, out, "--lr", v))
+        assert f"--lr must be a finite number > 0, got {float(v):g}" in err
+    err = _err(capsys, _train(bundle, tmp_path, out, "--seed", "-1"))
+    assert "--seed must be >= 0, got -1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.npz"]
+
+
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (lambda d: d.update(x=d["x"][:, :, :7]), r"x has shape \(12, 1, 8, 7\)"),
+        (lambda d: d.update(x=d["x"].astype(np.float64)), "x has dtype float64"),
+        (
+            lambda d: d["y__digits__digit"].__setitem__(0, 10),
+            r"targets\['digits/digit'\] has class ids",
+        ),  # fmt: skip
+    ],
+    ids=["shape", "dtype", "labels"],
+)
+def test_data_errors_name_the_file(bundle: Path, tmp_path: Path, capsys, bad, what: str) -> None:
+    p = _data(tmp_path)
+    with np.load(p) as z:
+        d = {k: z[k] for k in z.files}
+    bad(d)
+    np.savez(p, **d)
+    out = tmp_path / "u.safetensors"
+    argv = ["train", str(bundle), "--client", "c00", "--data", str(p), "--out", str(out)]
+    err = _err(capsys, argv)
+    assert re.search(f"error: --data {re.escape(str(p))}: {what}", err), err
+
+
+def test_manifest_not_an_object_names_the_file(copy: Path) -> None:
+    (copy / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(
+        ManifestError,
+        match=f"{re.escape(str(copy / 'manifest.json'))}: the manifest must be a JSON object, got list",  # fmt: skip
+    ):
+        load_manifest(copy)
