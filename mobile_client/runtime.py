@@ -73,6 +73,11 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, ValueError, *own)
 
 
+def max_abs(dtype: np.dtype) -> float:
+    """The magnitude bound of a float value, as the server checks it: sqrt(finfo.max)."""
+    return float(np.sqrt(np.finfo(dtype).max, dtype=np.float64))
+
+
 def _check_finite(name: str, a: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(a)
     if bad.any():
@@ -252,6 +257,11 @@ class EdgeClient:
                 )
             if v.dtype.kind == "f" and not np.isfinite(v).all():
                 raise InputError(f"{what}: key {k!r} has NaN/Inf")
+            if v.dtype.kind == "f" and v.size and np.abs(v).max() > max_abs(v.dtype):
+                raise InputError(
+                    f"{what}: key {k!r} has |x| {float(np.abs(v).max()):.3g}, past the bound "
+                    f"sqrt(finfo.max) = {max_abs(v.dtype):.3g} an update must keep"
+                )
             out[k] = v
         return out
 

@@ -598,3 +598,17 @@ def test_manifest_not_an_object_names_the_file(copy: Path) -> None:
         match=f"{re.escape(str(copy / 'manifest.json'))}: the manifest must be a JSON object, got list",  # fmt: skip
     ):
         load_manifest(copy)
+
+
+def test_start_from_past_the_magnitude_bound(bundle: Path, tmp_path: Path, capsys) -> None:
+    """--start-from holding 3e38 trained and wrote an update the server rejects."""
+    ec = EdgeClient(bundle, "c00")
+    server = {k: ec.base_state()[k].copy() for k in ec.shared_keys}
+    server["backbone.layers.3.bias"][0] = 3e38
+    save_file(server, tmp_path / "g.safetensors")
+    out = tmp_path / "u.safetensors"
+    argv = _train(bundle, tmp_path, out, "--start-from", str(tmp_path / "g.safetensors"))
+    err = _err(capsys, argv)
+    bound = float(np.sqrt(np.float64(np.finfo(np.float32).max)))
+    assert f"key 'backbone.layers.3.bias' has |x| 3e+38, past the bound sqrt(finfo.max) = {bound:.3g}" in err  # fmt: skip
+    assert not out.exists()
