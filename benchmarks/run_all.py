@@ -1,4 +1,5 @@
-"""Run every ``benchmarks/bench_*.py`` module's ``main()``, in file-name order.
+"""Run every ``benchmarks/bench_*.py`` module's ``main()``, in file-name order, then
+the modules of :data:`EXTRA` (benchmarks that measure more than time).
 
 Modules are found by glob, so a new benchmark only has to follow the naming
 convention. One failing benchmark does not stop the others; the exit status is
@@ -12,11 +13,17 @@ import time
 import traceback
 from pathlib import Path
 
+# not timings: robustness of the aggregators under attack (about 4 minutes on 1 core)
+EXTRA = ("robustness",)
+
 
 def bench_modules() -> list[str]:
-    """Dotted names of all benchmark modules, sorted by file name."""
+    """Dotted names of all benchmark modules: ``bench_*`` sorted by file name, then EXTRA."""
     here = Path(__file__).resolve().parent
-    return [f"{__package__ or 'benchmarks'}.{p.stem}" for p in sorted(here.glob("bench_*.py"))]
+    pkg = __package__ or "benchmarks"
+    return [f"{pkg}.{p.stem}" for p in sorted(here.glob("bench_*.py"))] + [
+        f"{pkg}.{m}" for m in EXTRA
+    ]
 
 
 def main() -> int:

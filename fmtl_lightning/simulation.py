@@ -39,7 +39,7 @@ from lightning.fabric.loggers import CSVLogger
 from tqdm.auto import tqdm
 
 from fmtl_lightning.aggregation import ClientUpdate
-from fmtl_lightning.aggregators import Mean
+from fmtl_lightning.aggregators import AggregationRule, Mean
 from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
 from fmtl_lightning.checkpoint import (
     append_history,
@@ -96,7 +96,13 @@ def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
 
 
 class Simulation:
-    """An in-process federation for one RunConfig, writing to ``run_dir``."""
+    """An in-process federation for one RunConfig, writing to ``run_dir``.
+
+    ``aggregator`` replaces the configured ``cfg.algorithm.aggregator`` for this object
+    only (e.g. a benchmark's wrapper around a registered rule); ``config.yaml`` in the run
+    still names the configured one. It must fit ``algorithm.weighting`` (its own call
+    raises ``ValueError`` otherwise).
+    """
 
     def __init__(
         self,
@@ -105,8 +111,10 @@ class Simulation:
         *,
         progress: bool = True,
         federation: Federation | None = None,
+        aggregator: AggregationRule | None = None,
     ) -> None:
         self.cfg = cfg
+        self.aggregator = cfg.algorithm.aggregator if aggregator is None else aggregator
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.fed = federation if federation is not None else build_federation(cfg)
@@ -266,7 +274,7 @@ class Simulation:
                 self._bar.update(1)
         t0 = time.perf_counter()
         if updates:
-            agg = self.cfg.algorithm.aggregator
+            agg = self.aggregator
             masks = None
             if agg.needs_label_masks:
                 masks = {self.fed.clients[i].cid: self.head_row_masks(self.fed.clients[i])

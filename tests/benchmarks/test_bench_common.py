@@ -66,3 +66,4 @@ def test_rejects_half_marked_section_and_bad_name(tmp_path):
 
 def test_run_all_discovers_bench_modules():
     assert "benchmarks.bench_aggregation" in bench_modules()
+    assert bench_modules()[-1] == "benchmarks.robustness"  # make bench runs it last

@@ -208,3 +208,31 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_round(small_cfg, tm
     out = sim.run()
     assert sorted({r["round"] for r in sim.history}) == [2, 3]
     assert out["rounds"] == 3 and len(sim.history) == 2 * 4  # 4 (client, task) pairs
+
+
+def test_a_passed_aggregator_replaces_the_configured_one(small_cfg, tmp_path):
+    from fmtl_lightning.aggregators import Median
+
+    small_cfg["algorithm"]["weighting"] = "uniform"
+    cfg = parse_config(small_cfg)
+    default = Simulation(cfg, tmp_path / "default", progress=False)
+    assert default.aggregator is cfg.algorithm.aggregator
+
+    class Recording:
+        name, weighted, needs_label_masks = "recording", False, False
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[list[str], dict]] = []
+
+        def __call__(self, global_state, updates, spec, *, weighting, row_masks):
+            assert (weighting, row_masks) == ("uniform", None)
+            out = Median()(global_state, updates, spec)
+            self.calls.append(([u.client_id for u in updates], out))
+            return out
+
+    rule = Recording()
+    sim = Simulation(cfg, tmp_path / "run", progress=False, aggregator=rule)
+    sim.run()
+    assert [ids for ids, _ in rule.calls] == [["c00", "c01", "c02"]] * 2  # once per round
+    assert sim.global_state is rule.calls[-1][1]  # its result is the new global state
+    assert type(cfg.algorithm.aggregator).__name__ == "Mean"  # the config is unchanged
