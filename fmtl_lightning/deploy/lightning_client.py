@@ -105,8 +105,8 @@ class LightningNode:
         res = sim.train_client(self.idx, ws, ins.round_idx)
         if res.shared is None:
             raise NodeConfigError(f"algorithm {sim.alg!r} shares nothing: nothing to send")
-        personal = sim.algorithm.evaluates_personal and res.personal is not None
-        state = res.personal if personal else {**res.shared, **res.local}
+        personal = res.personal if sim.algorithm.evaluates_personal else None
+        state = personal if personal is not None else {**res.shared, **res.local}
         metrics = self.evaluate(state, ws.width, ins.round_idx)
         self._save(ins.round)
         return res.shared, res.num_examples, metrics

@@ -302,3 +302,22 @@ def test_the_lightning_node_evaluates_fedavg_ft_with_the_same_finetune(small_cfg
     for t, (loss, acc) in want.items():
         assert got[f"loss/{t}"] == pytest.approx(loss, abs=2e-5), t
         assert got[f"acc/{t}"] == pytest.approx(acc, abs=1e-6), t
+
+
+@pytest.mark.parametrize("name", ["fedbabu", "fedavg_ft"])
+def test_finetuned_metrics_resume_exactly(small_cfg, tmp_path, name):
+    from fmtl_lightning.simulation import resume_run, run_config
+
+    small_cfg["algorithm"] = {"name": name, "finetune_epochs": 1}
+    cfg = parse_config(small_cfg)
+    run_config(cfg, tmp_path / "straight", progress=False)
+
+    def kill(round_no: int) -> None:
+        if round_no == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Simulation(cfg, tmp_path / "killed", progress=False).run(on_round=kill)
+    resume_run(tmp_path / "killed", progress=False)
+    a, b = (tmp_path / d / "metrics.csv" for d in ("straight", "killed"))
+    assert a.read_text() == b.read_text() and a.read_text().count("\n") == 1 + 2 * 4
