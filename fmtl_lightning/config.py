@@ -24,9 +24,8 @@ from fmtl_lightning.aggregators import (
     build_aggregator,
     is_aggregator,
 )
+from fmtl_lightning.algorithms import ALGORITHMS
 from fmtl_lightning.errors import FMTLError
-
-ALGORITHMS = ("local", "fedavg", "fedper", "fedrep", "ditto")
 
 
 class ConfigError(FMTLError, ValueError):
@@ -67,9 +66,10 @@ class ClientGroup:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "fedper"  # local | fedavg | fedper | fedrep | ditto
+    name: str = "fedper"  # a registered algorithm (fmtl_lightning.algorithms.ALGORITHMS)
     lam: float = 1.0  # Ditto: lambda/2 ||v - w_t||^2 on the shared parameters
     rep_head_epochs: int = 1  # FedRep: head-only epochs before the body epochs
+    finetune_epochs: int = 1  # FedBABU / FedAvg+FT: fine-tune epochs before evaluation
     policy: Literal["fedper", "fedbn"] = "fedper"  # fedbn keeps norm params/stats local
     masked_ce: bool = False  # cross-entropy over the labels the client holds
     # the server's rule (fmtl_lightning.aggregators); YAML: a name or {name: ..., params}
@@ -269,6 +269,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "clients[].count": (1, 10_000),
     "model.hidden[]": (1, 4096),
     "algorithm.rep_head_epochs": (0, 10_000),
+    "algorithm.finetune_epochs": (0, 10_000),
     "data.samples_per_client": (4, 10_000_000),
     "data.partition.classes_per_client": (1, 100_000),
     "federation.rounds": (1, 1_000_000),
@@ -357,12 +358,15 @@ def validate_config(cfg: RunConfig) -> None:
         if g.lam is not None and not g.lam >= 0:
             raise ConfigError(f"{where}.lam: Ditto lambda must be >= 0, got {g.lam}")
     a, f, d, o = cfg.algorithm, cfg.federation, cfg.data, cfg.optimizer
+    _check_choice(a.name, tuple(ALGORITHMS), "algorithm.name")
+    alg = ALGORITHMS[a.name]
     for i, g in enumerate(cfg.clients):
         if not g.edge:
             continue
         where = f"clients[{i}].edge"
-        if a.name != "fedper":
-            raise ConfigError(f"{where}: edge clients run FedPer (algorithm.name is {a.name!r})")
+        if not alg.edge_clients:
+            runs = " or ".join(x.title for x in ALGORITHMS.values() if x.edge_clients)
+            raise ConfigError(f"{where}: edge clients run {runs} (algorithm.name is {a.name!r})")
         if o.momentum or o.weight_decay:
             raise ConfigError(
                 f"{where}: the exported step is plain SGD; set optimizer.momentum and "
@@ -382,10 +386,11 @@ def validate_config(cfg: RunConfig) -> None:
     if not is_aggregator(agg):
         raise ConfigError(f"algorithm.aggregator: {agg!r} is not a registered aggregator "
                           f"(registered: {sorted(AGGREGATORS)})")  # fmt: skip
-    if agg.needs_label_masks and not (a.masked_ce and a.name == "fedavg"):
+    if agg.needs_label_masks and not (a.masked_ce and alg.union_head):
+        union = " or ".join(n for n, x in ALGORITHMS.items() if x.union_head)
         raise ConfigError(
             f"algorithm.aggregator: {agg.name} needs each client's label set: "
-            "algorithm.name fedavg (a shared head) and algorithm.masked_ce true "
+            f"algorithm.name {union} (a shared head) and algorithm.masked_ce true "
             f"(got name {a.name!r}, masked_ce {a.masked_ce})"
         )
     if not agg.weighted and a.weighting != "uniform":
@@ -393,7 +398,6 @@ def validate_config(cfg: RunConfig) -> None:
             f"algorithm.weighting: the {agg.name} aggregator counts each client once "
             "(an order statistic, not a weighted mean); set algorithm.weighting: uniform"
         )
-    _check_choice(a.name, ALGORITHMS, "algorithm.name")
     _check_choice(a.policy, ("fedper", "fedbn"), "algorithm.policy")
     _check_choice(a.slicing, ("heterofl", "fedrolex"), "algorithm.slicing")
     _check_choice(a.width_assignment, ("fixed", "dynamic"), "algorithm.width_assignment")

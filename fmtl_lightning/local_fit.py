@@ -19,10 +19,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from fmtl_lightning.module import MultiTaskModule
+from fmtl_lightning.module import MultiTaskModule, TrainSpec
 from mobile_client.batching import batch_order
 
-PHASES = {"global": 1, "personal": 2, "head": 3, "body": 4}
+PHASES = {"global": 1, "personal": 2, "head": 3, "body": 4, "finetune": 5}
 
 
 def phase_seed(seed: int, round_idx: int, client_idx: int, phase: str) -> int:
@@ -57,16 +57,21 @@ def fit(
     y: dict[str, torch.Tensor],
     plan: FitPlan,
     seed: int,
+    train: TrainSpec | None = None,
 ) -> tuple[int, float]:
-    """Run local SGD on ``module`` in place. Returns (steps taken, mean training loss)."""
+    """Run local SGD on ``module`` in place. Returns (steps taken, mean training loss).
+
+    ``train``: which parameters step, the prox pull and the label masks (default: all
+    parameters, plain loss); it reaches the module as an argument, never as state."""
+    train = train or TrainSpec()
     module.train()
-    optimizer = module.configure_optimizers()
+    optimizer = module.configure_optimizers(train.keys)
     wrapped, optimizer = fabric.setup(module, optimizer)
     steps, total = 0, 0.0
     for idx in batch_indices(x.shape[0], plan, seed):
         batch = (x[idx], {t: v[idx] for t, v in y.items()})
         optimizer.zero_grad(set_to_none=True)
-        loss = wrapped.training_step(batch, steps)
+        loss = wrapped.training_step(batch, steps, train=train)
         fabric.backward(loss)
         optimizer.step()
         total += float(loss.detach())

@@ -40,7 +40,14 @@ from tqdm.auto import tqdm
 
 from fmtl_lightning.aggregation import ClientUpdate
 from fmtl_lightning.aggregators import AggregationRule, Mean
-from fmtl_lightning.algorithms import EVAL_PERSONAL, PROCEDURES, ClientResult, ClientRound
+from fmtl_lightning.algorithms import (
+    UNION_HEAD,
+    ClientResult,
+    ClientRound,
+    FitContext,
+    get_algorithm,
+    load_for_eval,
+)
 from fmtl_lightning.checkpoint import (
     append_history,
     completed_rounds,
@@ -67,7 +74,6 @@ from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
 from mobile_client.fileio import atomic_write_text
 
-UNION_HEAD = "union"
 METRIC_FIELDS = ("round", "client", "width", "task", "loss", "acc", "f1")
 
 
@@ -119,18 +125,13 @@ class Simulation:
         self.progress = progress
         self.fed = federation if federation is not None else build_federation(cfg)
         self.alg = cfg.algorithm.name
+        self.algorithm = get_algorithm(self.alg)
         self.bcfg = backbone_config(cfg, self.fed.image_size)
         self.task_outputs = self.fed.task_outputs()
-        self.union_slices: dict[str, tuple[int, int]] | None = None
-        model_tasks = dict(self.task_outputs)
-        if self.alg == "fedavg":  # one global model: a head over the union of all outputs
-            self.union_slices, start = {}, 0
-            for t, n in self.task_outputs.items():
-                self.union_slices[t] = (start, start + n)
-                start += n
-            model_tasks = {UNION_HEAD: start}
+        # union head (FedAvg): one head over all tasks' outputs, task -> its columns
+        model_tasks, self.union_slices = self.algorithm.model_tasks(self.task_outputs)
         self.model_tasks = model_tasks
-        policy = {"local": "local", "fedavg": "fedavg"}.get(self.alg, cfg.algorithm.policy)
+        policy = self.algorithm.role_policy(cfg.algorithm.policy)
         self.spec: ModelSpec = model_spec(self.bcfg, model_tasks, policy)
         self.shared_keys = self.spec.shared_keys()
         torch.manual_seed(cfg.seed)
@@ -141,7 +142,7 @@ class Simulation:
         for c in self.fed.clients:
             keys = self.client_keys(c)
             st = ClientStore(local={k: init[k].copy() for k in keys if k not in self.shared_keys})
-            if EVAL_PERSONAL[self.alg]:
+            if self.algorithm.evaluates_personal:
                 st.personal = {k: init[k].copy() for k in keys}
             self.stores[c.cid] = st
         self._modules: dict[tuple, MultiTaskModule] = {}
@@ -193,9 +194,28 @@ class Simulation:
                 weight_decay=o.weight_decay,
                 union_slices=self.union_slices,
             )
-        m = self._modules[key]
-        m.label_masks = dict(c.label_masks) if self.cfg.algorithm.masked_ce else {}
-        return m
+        return self._modules[key]
+
+    def label_masks(self, c: ClientData) -> dict[str, torch.Tensor]:
+        """The classes a client holds, per multiclass task, under ``masked_ce`` (else none)."""
+        return dict(c.label_masks) if self.cfg.algorithm.masked_ce else {}
+
+    def fit_context(self, idx: int, width: float, round_idx: int) -> FitContext:
+        """What the algorithm's fits need for client ``idx`` at ``width`` in ``round_idx``."""
+        c = self.fed.clients[idx]
+        return FitContext(
+            fabric=self.fabric,
+            module=self.module_for(c, width),
+            client=c,
+            client_idx=idx,
+            round_idx=round_idx,
+            seed=self.cfg.seed,
+            plan=self._plan(),
+            spec=self.spec,
+            hparams=self.cfg.algorithm,
+            label_masks=self.label_masks(c),
+            phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
+        )
 
     def selected(self, round_idx: int) -> list[int]:
         n = len(self.fed.clients)
@@ -229,26 +249,18 @@ class Simulation:
     def train_client(self, idx: int, ws: WidthSpec, round_idx: int) -> ClientResult:
         c = self.fed.clients[idx]
         st = self.stores[c.cid]
-        cr = ClientRound(
-            fabric=self.fabric,
-            module=self.module_for(c, ws.width),
-            client=c,
-            client_idx=idx,
-            round_idx=round_idx,
-            seed=self.cfg.seed,
-            plan=self._plan(),
-            shared_keys=self.shared_keys,
-            received=self._sub(self.global_state, ws),
-            local=self._sub(st.local, ws),
-            personal=self._sub(st.personal, ws) if st.personal else None,
-            lam=self.cfg.algorithm.lam if c.lam is None else c.lam,
-            rep_head_epochs=self.cfg.algorithm.rep_head_epochs,
-            phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
-        )
         if c.edge:
             res = self.edge.train(self, idx, ws, round_idx)
         else:
-            res = PROCEDURES[self.alg](cr)
+            cr = ClientRound(
+                **vars(self.fit_context(idx, ws.width, round_idx)),
+                shared_keys=self.shared_keys,
+                received=self._sub(self.global_state, ws),
+                local=self._sub(st.local, ws),
+                personal=self._sub(st.personal, ws) if st.personal else None,
+                lam=self.cfg.algorithm.lam if c.lam is None else c.lam,
+            )
+            res = self.algorithm.train(cr)
         self._embed(st.local, res.local, ws)
         if res.personal is not None:
             self._embed(st.personal, res.personal, ws)
@@ -331,24 +343,24 @@ class Simulation:
             load_arrays(m.model, self.client_state(c, ws))
             stats = compute_static_stats(m.model, c.x_train)
             st = self.stores[c.cid]
-            self._embed(st.personal if EVAL_PERSONAL[self.alg] else st.local, stats, ws)
+            self._embed(st.personal if self.algorithm.evaluates_personal else st.local, stats, ws)
 
     def client_state(self, c: ClientData, ws: WidthSpec) -> dict[str, np.ndarray]:
         """The arrays a client would deploy at ``ws`` (personal, or global + local)."""
         st = self.stores[c.cid]
-        if EVAL_PERSONAL[self.alg]:
+        if self.algorithm.evaluates_personal:
             return self._sub(st.personal, ws)
         return {**self._sub(self.global_state, ws), **self._sub(st.local, ws)}
 
     def evaluate(self, round_no: int) -> list[dict[str, Any]]:
-        from fmtl_lightning.models import load_arrays
-
+        """Every client on its test split, with the model its algorithm evaluates (after
+        the algorithm's fine-tune, if any, on a copy: stored states do not change)."""
         rows = []
-        for c in self.fed.clients:
+        for idx, c in enumerate(self.fed.clients):
             ws = self.eval_width(c, round_no)
-            m = self.module_for(c, c.width)
-            load_arrays(m.model, self.client_state(c, ws))
-            for task, vals in m.evaluate(c.x_test, c.y_test).items():
+            ctx = self.fit_context(idx, c.width, round_no - 1)
+            load_for_eval(self.algorithm, ctx, self.client_state(c, ws))
+            for task, vals in ctx.module.evaluate(c.x_test, c.y_test, ctx.label_masks).items():
                 rows.append(
                     {
                         "round": round_no,

@@ -11,9 +11,12 @@ between rounds. Per train message the node
 2. restores its local state (heads, FedBN norms, Ditto's personal model; full width)
    from ``state-dir/client.safetensors``,
 3. places the received shared arrays at their width and runs
-   ``Simulation.train_client`` exactly as the in-process loop does,
-4. evaluates the model it now holds on its own test split, writes its local state
-   back atomically, and returns the trained shared arrays with its metrics.
+   ``Simulation.train_client`` exactly as the in-process loop does (the same
+   algorithm object, :mod:`fmtl_lightning.algorithms`),
+4. evaluates the model it now holds on its own test split, as its algorithm evaluates
+   a client (personal model, or shared + local; after the algorithm's fine-tune on a
+   copy, if any), writes its local state back atomically, and returns the trained
+   shared arrays with its metrics.
 """
 
 from __future__ import annotations
@@ -102,25 +105,33 @@ class LightningNode:
         res = sim.train_client(self.idx, ws, ins.round_idx)
         if res.shared is None:
             raise NodeConfigError(f"algorithm {sim.alg!r} shares nothing: nothing to send")
-        state = res.personal if res.personal is not None else {**res.shared, **res.local}
-        metrics = self.evaluate(state, ws.width)
+        personal = res.personal if sim.algorithm.evaluates_personal else None
+        state = personal if personal is not None else {**res.shared, **res.local}
+        metrics = self.evaluate(state, ws.width, ins.round_idx)
         self._save(ins.round)
         return res.shared, res.num_examples, metrics
 
-    def evaluate(self, state: dict[str, np.ndarray], width: float) -> dict[str, float]:
-        """Loss/accuracy per task of ``state`` on this client's own test split (static batch
-        norm: with the statistics of ``state`` over this client's training data)."""
-        from fmtl_lightning.models import load_arrays
+    def evaluate(
+        self, state: dict[str, np.ndarray], width: float, round_idx: int = 0
+    ) -> dict[str, float]:
+        """Loss/accuracy per task of ``state`` on this client's own test split, after the
+        algorithm's fine-tune if it has one (static batch norm: with the statistics of
+        the evaluated weights over this client's training data). ``round_idx`` seeds the
+        fine-tune (the in-process loop's seed for the same round)."""
+        from fmtl_lightning.algorithms import load_for_eval
         from fmtl_lightning.static_bn import compute_static_stats
 
         if self.client.x_test.shape[0] == 0:
             return {}
-        m = self.sim.module_for(self.client, width)
-        load_arrays(m.model, state)
+        ctx = self.sim.fit_context(self.idx, width, round_idx)
+        load_for_eval(self.sim.algorithm, ctx, state)
+        m = ctx.module
         compute_static_stats(m.model, self.client.x_train)  # static BN only: sBN pass
         out: dict[str, float] = {}
         losses = []
-        for task, vals in m.evaluate(self.client.x_test, self.client.y_test).items():
+        for task, vals in m.evaluate(
+            self.client.x_test, self.client.y_test, ctx.label_masks
+        ).items():
             for k, v in vals.items():
                 out[f"{k}/{task}"] = float(v)
             losses.append(float(vals["loss"]))

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmtl_lightning.algorithms import get_algorithm
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task
 
 IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
-UNION_HEAD = "union"
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,9 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
             task_outputs.setdefault(t, get_task(t).num_outputs)
     domain = get_task(clients[0].tasks[0]).domain
     bcfg = backbone_config(cfg, IMAGE_SIZE[domain])
-    alg = cfg.algorithm.name
-    model_tasks = {UNION_HEAD: sum(task_outputs.values())} if alg == "fedavg" else task_outputs
-    policy = {"local": "local", "fedavg": "fedavg"}.get(alg, cfg.algorithm.policy)
-    spec = model_spec(bcfg, model_tasks, policy)
+    alg = get_algorithm(cfg.algorithm.name)  # what it sends: union head?, role policy
+    model_tasks, _ = alg.model_tasks(task_outputs)
+    spec = model_spec(bcfg, model_tasks, alg.role_policy(cfg.algorithm.policy))
     shared = spec.shared_keys()
     torch.manual_seed(cfg.seed)
     init = state_arrays(MultiTaskModel(bcfg, model_tasks, 1.0))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fmtl_lightning.algorithms as algorithms
+import fmtl_lightning.local_fit as local_fit
 from fmtl_lightning.config import parse_config
 from fmtl_lightning.models import MultiTaskModel
 from fmtl_lightning.simulation import Simulation
@@ -30,13 +30,13 @@ def test_fedrep_phases_train_what_the_spec_declares(small_cfg, tmp_path, monkeyp
     assert norms and all(k.startswith("backbone.") for k in norms)  # named like the body
 
     fits: list[tuple[set[str], set[str]]] = []  # per fit: (stepped, changed) parameters
-    real_fit = algorithms.fit
+    real_fit = local_fit.fit  # the one training loop every phase goes through
 
-    def spy(fabric, module, *args):
+    def spy(fabric, module, x, y, plan, seed, train):
         named = dict(module.model.named_parameters())
-        stepped = {id(p) for p in module.trainable_parameters()}
+        stepped = {id(p) for p in module.trainable_parameters(train.keys)}
         before = {k: p.detach().clone() for k, p in named.items()}
-        out = real_fit(fabric, module, *args)
+        out = real_fit(fabric, module, x, y, plan, seed, train)
         fits.append(
             (
                 {k for k, p in named.items() if id(p) in stepped},
@@ -45,7 +45,7 @@ def test_fedrep_phases_train_what_the_spec_declares(small_cfg, tmp_path, monkeyp
         )
         return out
 
-    monkeypatch.setattr(algorithms, "fit", spy)
+    monkeypatch.setattr(local_fit, "fit", spy)
     sim.run()
     assert len(fits) == 2 * len(sim.fed.clients)  # head phase, body phase per client
     for c, head, body in zip(sim.fed.clients, fits[0::2], fits[1::2], strict=True):

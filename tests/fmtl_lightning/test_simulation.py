@@ -11,6 +11,7 @@ import fmtl_lightning.aggregators.mean as aggregators_mean
 from fmtl_lightning.config import parse_config
 from fmtl_lightning.local_fit import FitPlan, batch_indices, fit, phase_seed
 from fmtl_lightning.models import MultiTaskModel, load_arrays
+from fmtl_lightning.module import TrainSpec
 from fmtl_lightning.simulation import Simulation
 
 
@@ -61,12 +62,10 @@ def test_train_keys_move_exactly_the_named_parameters(small_cfg, tmp_path):
     for moved in (local, list(sim.shared_keys)):
         m = sim.module_for(c, 1.0)
         before = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
-        m.train_keys = frozenset(moved)
-        fit(sim.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0)
+        fit(sim.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0, TrainSpec(frozenset(moved)))
         after = m.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before if k not in moved)
         assert all(not torch.equal(before[k], after[k]) for k in moved)
-        m.train_keys = None
 
 
 def _personal(sim: Simulation) -> dict[str, dict[str, np.ndarray]]:
@@ -191,11 +190,12 @@ def test_masked_cross_entropy_ignores_absent_classes(small_cfg, tmp_path):
     sim = _sim(small_cfg, tmp_path)
     c = sim.fed.clients[0]
     m = sim.module_for(c, 1.0)
-    mask = m.label_masks["digits/digit"]
+    masks = sim.label_masks(c)
+    mask = masks["digits/digit"]
     assert int(mask.sum()) == len(np.unique(c.y_train["digits/digit"].numpy())) <= 2
     z = torch.randn(4, 10)
     y = c.y_train["digits/digit"][:4]
-    masked = m.task_losses({"digits/digit": z}, {"digits/digit": y})["digits/digit"]
+    masked = m.task_losses({"digits/digit": z}, {"digits/digit": y}, masks)["digits/digit"]
     want = torch.nn.functional.cross_entropy(
         z[:, mask], torch.searchsorted(torch.where(mask)[0], y)
     )

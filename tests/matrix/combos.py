@@ -16,7 +16,7 @@ from typing import Any
 FACTORS: dict[str, tuple[Any, ...]] = {
     "family": ("mlp", "cnn", "dwcnn"),
     "norm": ("group", "batch", "static_batch", "none"),
-    "algorithm": ("local", "fedavg", "fedper", "fedrep", "ditto"),
+    "algorithm": ("local", "fedavg", "fedper", "fedrep", "ditto", "fedbabu", "fedavg_ft"),
     "policy": ("fedper", "fedbn"),
     # median runs trimmed_mean's code path (aggregators/order.py) but for its reduce step,
     # which the unit tests cover; leaving it out keeps the matrix within its time budget

@@ -122,7 +122,6 @@ def export_and_edge(cfg: RunConfig, run_dir: Path, out: Path) -> dict[str, Any]:
         return {**checked, "step": "finite"}  # the exported step is plain CE, unscaled
     load_arrays(module.model, sim.client_state(c, ws))
     module.train()
-    module.label_masks, module.prox, module.train_part = {}, None, "all"
     opt = torch.optim.SGD(module.model.parameters(), lr=0.05)
     opt.zero_grad()
     module.training_step((c.x_train, dict(c.y_train))).backward()
