@@ -582,10 +582,10 @@ def check_graph_names(
     """Every graph input/output name ``f`` gives is in ``inputs`` / ``outputs`` (those the
     manifest lists, or the loaded graph's; None: unknown, not checked); a
     :class:`ManifestError` names the field."""
-    named_in = [(f"weights.{n}", n) for n in f.weights]
+    named_in: list[tuple[str, str | None]] = [(f"weights.{n}", n) for n in f.weights]
     named_in += [(k, getattr(f, k)) for k in ("x_input", "features_input", "lr_input")]
     named_in += [(f"target_inputs.{t}", n) for t, n in f.target_inputs.items()]
-    named_out = [(f"weight_outputs.{n}", n) for n in f.weight_outputs]
+    named_out: list[tuple[str, str | None]] = [(f"weight_outputs.{n}", n) for n in f.weight_outputs]
     named_out.append(("loss_output", f.loss_output))
     for side, named, have in (("input", named_in, inputs), ("output", named_out, outputs)):
         for fld, name in named:
