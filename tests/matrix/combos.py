@@ -7,7 +7,6 @@ members. :func:`covering_set` is deterministic: the same factors give the same c
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,18 +41,22 @@ AGGREGATOR_CONFIG: dict[str, Any] = {
 HIDDEN = {"mlp": [12, 8], "cnn": [4, 8], "dwcnn": [4, 4, 8]}
 
 
+def _fresh(v: Any) -> Any:
+    return dict(v) if isinstance(v, dict) else v
+
+
 def config_of(combo: Mapping[str, Any]) -> dict[str, Any]:
     """A tiny real-data config (sklearn digits, three widths, three task sets)."""
     c = combo
     edge = bool(c["edge"])
-    return copy.deepcopy(
+    return (  # a fresh literal: nothing shared between calls
         {
             "name": "matrix",
             "seed": 5,
             "data": {"samples_per_client": 40, "test_fraction": 0.25, "partition": {"kind": "iid"}},
             "model": {
                 "family": c["family"],
-                "hidden": HIDDEN[c["family"]],
+                "hidden": list(HIDDEN[c["family"]]),
                 "norm": c["norm"],
                 "scaler": c["scaler"],
             },
@@ -65,7 +68,7 @@ def config_of(combo: Mapping[str, Any]) -> dict[str, Any]:
             "algorithm": {
                 "name": c["algorithm"],
                 "policy": c["policy"],
-                "aggregator": AGGREGATOR_CONFIG[c["aggregator"]],
+                "aggregator": _fresh(AGGREGATOR_CONFIG[c["aggregator"]]),
                 "masked_ce": c["masked_ce"],
                 "slicing": c["slicing"],
                 "width_assignment": c["width_assignment"],
