@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,14 @@ from fmtl_lightning.config import (
     parse_config,
     validate_config,
 )
-from fmtl_lightning.edge_bridge import EdgeBridge
+from fmtl_lightning.deploy.plan import backbone_config
+from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
 from fmtl_lightning.local_fit import FitPlan
-from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec, state_arrays
+from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
 from fmtl_lightning.module import MultiTaskModule
 from fmtl_lightning.roles import ModelSpec, WidthSpec
+from fmtl_lightning.run_artifacts import ClientStore, deployed_state, write_normalisation
 from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
 from mobile_client.fileio import atomic_write_text
@@ -80,19 +82,6 @@ class RoundTimes:
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class ClientStore:
-    """What a client keeps between rounds, at full width (global coordinates)."""
-
-    local: dict[str, np.ndarray] = field(default_factory=dict)
-    personal: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
-    m = cfg.model
-    return BackboneConfig(m.family, 1, image_size, tuple(m.hidden), m.norm, m.scaler)
 
 
 class Simulation:
@@ -238,13 +227,34 @@ class Simulation:
             phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
         )
         if c.edge:
-            res = self.edge.train(self, idx, ws, round_idx)
+            res = self.edge.train(self._edge_job(idx, ws, round_idx), cr.received, cr.local)
         else:
             res = PROCEDURES[self.alg](cr)
         self._embed(st.local, res.local, ws)
         if res.personal is not None:
             self._embed(st.personal, res.personal, ws)
         return res
+
+    def _edge_job(self, idx: int, ws: WidthSpec, round_idx: int = 0) -> EdgeJob:
+        c = self.fed.clients[idx]
+        mean, std = self.fed.normalisation[c.spec.domain]
+        return EdgeJob(
+            client=c,
+            idx=idx,
+            ws=ws,
+            round_idx=round_idx,
+            module=self.module_for(c, ws.width),
+            deployed=lambda: self.client_state(c, ws),
+            normalisation=(mean, std, self.fed.image_size),
+            policy=self.spec.policy,
+            seed=self.cfg.seed,
+            plan=self._plan(),
+            lr=self.cfg.optimizer.lr,
+        )
+
+    def edge_bundle(self, idx: int, ws: WidthSpec) -> Path:
+        """The device bundle of client ``idx`` at ``ws`` as it stands (exported once per width)."""
+        return self.edge.bundle_for(self._edge_job(idx, ws))
 
     def run_round(self) -> dict[str, Any]:
         t = self.round_idx
@@ -282,8 +292,7 @@ class Simulation:
         t0 = time.perf_counter()
         f = self.cfg.federation
         due = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
-        if due:
-            self.static_stats(t + 1)
+        self.static_stats(t + 1)  # every round: each checkpoint holds its own statistics
         rows = self.evaluate(t + 1) if due else []
         times.evaluate = time.perf_counter() - t0
         self.round_idx += 1
@@ -307,9 +316,9 @@ class Simulation:
         Every client computes the static batch-norm statistics of the model it is
         evaluated with (:meth:`client_state`) at its width, over its own training data,
         and keeps them with its local state (the personal model under Ditto/local), so
-        evaluation and checkpoints hold them. It runs before every evaluation (the
-        statistics do not affect training, so skipping it in other rounds changes no
-        trained value), and export runs it on the exported round's state. See
+        evaluation and checkpoints hold them. It runs after every aggregation (the
+        statistics do not affect training), so every round's checkpoint holds the
+        statistics of that round's weights and export only reads them. See
         :mod:`fmtl_lightning.static_bn`.
         """
         from fmtl_lightning.models import load_arrays
@@ -328,9 +337,7 @@ class Simulation:
     def client_state(self, c: ClientData, ws: WidthSpec) -> dict[str, np.ndarray]:
         """The arrays a client would deploy at ``ws`` (personal, or global + local)."""
         st = self.stores[c.cid]
-        if EVAL_PERSONAL[self.alg]:
-            return self._sub(st.personal, ws)
-        return {**self._sub(self.global_state, ws), **self._sub(st.local, ws)}
+        return deployed_state(self.spec, self.alg, self.global_state, st.local, st.personal, ws)
 
     def evaluate(self, round_no: int) -> list[dict[str, Any]]:
         from fmtl_lightning.models import load_arrays
@@ -356,12 +363,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ persistence
     def _client_files(self) -> dict[str, dict[str, np.ndarray]]:
-        out = {}
-        for cid, st in self.stores.items():
-            d = {f"local/{k}": v for k, v in st.local.items()}
-            d.update({f"personal/{k}": v for k, v in st.personal.items()})
-            out[cid] = d
-        return out
+        return {cid: st.to_arrays() for cid, st in self.stores.items()}
 
     def _checkpoint(self, rows: list[dict], times: RoundTimes, chosen: list[int]) -> None:
         meta = {
@@ -391,10 +393,8 @@ class Simulation:
 
         validate_state(g, self.spec, 1.0, self.shared_keys, client="<checkpoint>")
         self.global_state = g
-        for cid, st in self.stores.items():
-            arrays = clients.get(cid, {})
-            st.local = {k[6:]: v for k, v in arrays.items() if k.startswith("local/")}
-            st.personal = {k[9:]: v for k, v in arrays.items() if k.startswith("personal/")}
+        for cid in self.stores:
+            self.stores[cid] = ClientStore.from_arrays(clients.get(cid, {}))
         self.history = []
         for rec in read_history(self.run_dir, round_idx):
             self.history.extend(rec["rows"])
@@ -418,6 +418,7 @@ class Simulation:
         config = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         atomic_write_text(self.run_dir / "config.yaml", config)
         atomic_write_text(self.run_dir / "spec.json", self.spec.to_json())
+        write_normalisation(self.run_dir, self.fed.normalisation, self.fed.image_size)
         atomic_write_text(self.run_dir / "federation.txt", self.fed.summary + "\n")
         self._prune()  # a fresh run drops stale rounds; a resumed one, leftovers of a kill
         logger = self.logger

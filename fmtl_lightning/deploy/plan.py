@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task
+
+if TYPE_CHECKING:
+    from fmtl_lightning.models import BackboneConfig
 
 IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
 UNION_HEAD = "union"
@@ -65,6 +69,48 @@ class ServerPlan:
         return sorted(idxs[int(i)] for i in pick)
 
 
+def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
+    """The backbone ``cfg.model`` declares, for images of ``image_size`` pixels."""
+    from fmtl_lightning.models import BackboneConfig
+
+    m = cfg.model
+    return BackboneConfig(m.family, 1, image_size, tuple(m.hidden), m.norm, m.scaler)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The heads of a run's model, from the config alone.
+
+    ``task_outputs``: every task a client holds -> its output size, in first-seen order
+    (as :meth:`Federation.task_outputs`); ``model_tasks``: the model's heads (FedAvg: one
+    union head over all outputs); ``union_slices``: FedAvg's task -> (start, end) columns
+    of the union head (``None`` otherwise); ``policy``: the role policy of the algorithm.
+    """
+
+    task_outputs: dict[str, int]
+    model_tasks: dict[str, int]
+    union_slices: dict[str, tuple[int, int]] | None
+    policy: str
+
+
+def model_layout(cfg: RunConfig) -> ModelLayout:
+    """The :class:`ModelLayout` of ``cfg`` (no model, no data)."""
+    task_outputs: dict[str, int] = {}
+    for c in planned_clients(cfg):
+        for t in c.tasks:
+            task_outputs.setdefault(t, get_task(t).num_outputs)
+    alg = cfg.algorithm.name
+    model_tasks, slices = dict(task_outputs), None
+    if alg == "fedavg":  # one global model: a head over the union of all outputs
+        slices, start = {}, 0
+        for t, n in task_outputs.items():
+            slices[t] = (start, start + n)
+            start += n
+        model_tasks = {UNION_HEAD: start}
+    policy = {"local": "local", "fedavg": "fedavg"}.get(alg, cfg.algorithm.policy)
+    return ModelLayout(task_outputs, model_tasks, slices, policy)
+
+
 def planned_clients(cfg: RunConfig) -> list[PlannedClient]:
     """The run's clients in ``fmtl simulate``'s numbering, from the config alone (cheap:
     no model, no data; what a node or a launcher needs)."""
@@ -84,7 +130,6 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
     import torch
 
     from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
-    from fmtl_lightning.simulation import backbone_config
 
     agg = cfg.algorithm.aggregator
     if agg.needs_label_masks:
@@ -95,16 +140,11 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
             "`fmtl simulate`); choose an aggregator without label masks"
         )
     clients = planned_clients(cfg)
-    task_outputs: dict[str, int] = {}
-    for c in clients:
-        for t in c.tasks:
-            task_outputs.setdefault(t, get_task(t).num_outputs)
     domain = get_task(clients[0].tasks[0]).domain
     bcfg = backbone_config(cfg, IMAGE_SIZE[domain])
-    alg = cfg.algorithm.name
-    model_tasks = {UNION_HEAD: sum(task_outputs.values())} if alg == "fedavg" else task_outputs
-    policy = {"local": "local", "fedavg": "fedavg"}.get(alg, cfg.algorithm.policy)
-    spec = model_spec(bcfg, model_tasks, policy)
+    layout = model_layout(cfg)
+    model_tasks = layout.model_tasks
+    spec = model_spec(bcfg, model_tasks, layout.policy)
     shared = spec.shared_keys()
     torch.manual_seed(cfg.seed)
     init = state_arrays(MultiTaskModel(bcfg, model_tasks, 1.0))
