@@ -211,3 +211,18 @@ def test_module_level_and_lazy_imports_have_no_cycle():
 def test_the_cycle_check_finds_a_cycle():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert sorted(map(sorted, _sccs(g))) == [["a", "b", "c"], ["d"]]
+
+
+def test_one_task_name_sanitiser_and_one_npz_reader():
+    """The task-name sanitiser (head modules, metrics, data-file label keys) is defined once,
+    on the ground floor (``mobile_client.batching.head_name``), and ``.npz`` files are read only
+    through ``mobile_client.inputs``' checked reader (never ``np.load``)."""
+    sanitisers, np_load = [], []
+    for mod, path in MODULES.items():
+        text = path.read_text()
+        if '.replace("/", "__")' in text or ".replace('/', '__')" in text:
+            sanitisers.append(mod)
+        if "np.load(" in text or "numpy.load(" in text:
+            np_load.append(mod)
+    assert sanitisers == ["mobile_client.batching"]
+    assert np_load == []
