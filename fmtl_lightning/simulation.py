@@ -393,8 +393,9 @@ class Simulation:
 
         validate_state(g, self.spec, 1.0, self.shared_keys, client="<checkpoint>")
         self.global_state = g
-        for cid in self.stores:
-            self.stores[cid] = ClientStore.from_arrays(clients.get(cid, {}))
+        for cid, st in self.stores.items():
+            saved = ClientStore.from_arrays(clients.get(cid, {}))
+            st.local, st.personal = saved.local, saved.personal
         self.history = []
         for rec in read_history(self.run_dir, round_idx):
             self.history.extend(rec["rows"])
