@@ -44,9 +44,11 @@ EDGE = (
     PRELUDE
     + r"""
 import numpy as np
+from mobile_client.inputs import read_client_data, read_npz
 from mobile_client.runtime import EdgeClient
 bundle, data, job = sys.argv[1:4]
-d = np.load(data, allow_pickle=False)
+x, ys = read_client_data(data, ["mnist/digit"])
+d = {"x": x, "y": ys["mnist/digit"], "x_test": read_npz(data, ["x_test"])["x_test"]}
 t0 = time.perf_counter()
 c = EdgeClient(bundle, threads=1)
 if job == "predict":
@@ -75,9 +77,11 @@ import torch, lightning  # what a Lightning client process imports
 torch.set_num_threads(1)
 from fmtl_lightning.models import BackboneConfig, MultiTaskModel, load_arrays
 from mobile_client.batching import batch_order
+from mobile_client.inputs import read_client_data, read_npz
 bundle, data, job, width = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-d = np.load(data, allow_pickle=False)
-w = dict(np.load(f"{bundle}/weights_client.npz", allow_pickle=False))
+x, ys = read_client_data(data, ["mnist/digit"])
+d = {"x": x, "y": ys["mnist/digit"], "x_test": read_npz(data, ["x_test"])["x_test"]}
+w = read_npz(f"{bundle}/weights_client.npz")
 m = MultiTaskModel(BackboneConfig("cnn", hidden=(32, 64, 128), norm="group"), {"mnist/digit": 10}, width)
 load_arrays(m, w)
 t1 = time.perf_counter()
@@ -136,6 +140,7 @@ def main() -> None:
     from export.run_export import export_model
     from fmtl_lightning.data import load_mnist
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel
+    from mobile_client.batching import label_key
 
     tmp = Path(tempfile.mkdtemp(prefix="fmtl-bench-edge-"))
     try:
@@ -145,7 +150,7 @@ def main() -> None:
         np.savez(
             data,
             x=norm(tr.images[:1024]),
-            y=tr.labels[:1024].astype(np.int64),
+            **{label_key(TASK): tr.labels[:1024].astype(np.int64)},
             x_test=norm(te.images[:256]),
         )
         rows = []

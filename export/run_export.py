@@ -9,9 +9,9 @@
   (its deployable state at its width, state-dict keys: what the step graphs take)
   and, when its backbone differs from the shared one (Ditto/local personal models,
   FedBN local norms, static batch-norm statistics), ``backbone_{cid}_w{width}.onnx``.
-  Static batch norm is exported in eval mode with the client's statistics (computed on
-  the exported round's weights), so a prediction never depends on the rest of its
-  batch. FedAvg runs have one union head: it is exported once per client as
+  Static batch norm is exported in eval mode with the client's statistics (computed by
+  the simulation on the exported round's weights, read from its checkpoint), so a
+  prediction never depends on the rest of its batch. FedAvg runs have one union head: it is exported once per client as
   ``head_{cid}_union.onnx`` and every task entry records its logit ``columns``.
 * :func:`export_model` does the same for one :class:`MultiTaskModel` given directly.
 
@@ -57,6 +57,7 @@ from mobile_client.manifest import (
 
 if TYPE_CHECKING:
     from fmtl_lightning.roles import RolePolicy
+    from fmtl_lightning.run_artifacts import RunArtifacts
 
 WIDTH_TOL = 1e-9
 
@@ -330,6 +331,16 @@ def _match_width(w: float, available: Sequence[float]) -> float | None:
     return None
 
 
+def _read_run(run_dir: Path) -> RunArtifacts:
+    from fmtl_lightning.run_artifacts import RunArtifacts, RunArtifactsError
+
+    _check_run_dir(run_dir)
+    try:
+        return RunArtifacts(run_dir)
+    except RunArtifactsError as exc:
+        raise RunExportError(str(exc)) from exc
+
+
 def export_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -346,36 +357,32 @@ def export_run(
     ``algorithm.dynamic_widths`` under dynamic width assignment, unless part of the
     backbone is kept per client: then only clients' widths); ``clients`` to every
     client whose width is exported. A client's heads are exported at its own width.
+    The run is read through :class:`~fmtl_lightning.run_artifacts.RunArtifacts`: no
+    dataset is loaded (the normalisation and the static batch-norm statistics are
+    in the run directory).
     """
-    from fmtl_lightning.checkpoint import completed_rounds
-    from fmtl_lightning.config import load_config
-    from fmtl_lightning.data import load_dataset
     from fmtl_lightning.models import Backbone, head_name, load_arrays
-    from fmtl_lightning.roles import ModelSpec, WidthSpec
-    from fmtl_lightning.simulation import Simulation
     from fmtl_lightning.tasks import get_task
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)
     _check_run_dir(run_dir)
     _check_out(out_dir.absolute(), overwrite)
-    spec = ModelSpec.from_json((run_dir / "spec.json").read_text())
+    art = _read_run(run_dir)
+    spec = art.spec
     if not spec.keys_of_kind("head"):
         raise RunExportError(f"{run_dir}: the model's roles declare no head; nothing to export")
-    cfg = load_config(run_dir / "config.yaml")
-    sim = Simulation(cfg, run_dir, progress=False)
-    last = completed_rounds(run_dir)[-1]
-    sim._restore(last)
-    sim.static_stats(last)  # static BN: the statistics of exactly this round's weights
-    a = cfg.algorithm
+    a = art.config.algorithm
+    last = art.round
+    run_clients = art.clients
 
-    used = sorted({float(c.width) for c in sim.fed.clients}, reverse=True)
+    used = sorted({float(c.width) for c in run_clients}, reverse=True)
     if a.width_assignment == "dynamic" and a.dynamic_widths:
         used = sorted(set(used) | {float(w) for w in a.dynamic_widths}, reverse=True)
     # a width no client runs at has a backbone only if the server holds all of it (not with
     # per-client norms, static batch-norm statistics or local training): skip it by default
     per_client = [k for k in spec.local_keys() if spec[k].kind != "head"]
-    has_client = {w: any(abs(c.width - w) < WIDTH_TOL for c in sim.fed.clients) for w in used}
+    has_client = {w: any(abs(c.width - w) < WIDTH_TOL for c in run_clients) for w in used}
     if widths is None:
         sel_w = [w for w in used if has_client[w] or not per_client]
     else:
@@ -395,9 +402,9 @@ def export_run(
                 )
             if m not in sel_w:
                 sel_w.append(m)
-    by_id = {c.cid: c for c in sim.fed.clients}
+    by_id = {c.client_id: c for c in run_clients}
     if clients is None:
-        sel_c = [c for c in sim.fed.clients if _match_width(c.width, sel_w) is not None]
+        sel_c = [c for c in run_clients if _match_width(c.width, sel_w) is not None]
     else:
         sel_c = []
         for cid in clients:
@@ -413,22 +420,20 @@ def export_run(
                 )
             sel_c.append(c)
 
-    offset = max(last - 1, 0)  # the rolling-window offset the run evaluates with
-
-    def ws_of(w: float) -> WidthSpec:
-        return WidthSpec(w, a.slicing, offset)
-
-    size = sim.fed.image_size
-    shape = (sim.bcfg.in_channels, size, size)
+    size = art.image_size
+    shape = (art.backbone.in_channels, size, size)
     example_x = torch.zeros(1, *shape)
-    norms: dict[str, Normalisation] = {}
+    union_slices = art.layout.union_slices
+    shared_keys = spec.shared_keys()
 
-    def norm_of(c: Any) -> Normalisation:
-        d = c.spec.domain
-        if d not in norms:
-            ds = load_dataset(d, "train", cfg.data.data_dir)
-            norms[d] = Normalisation(float(ds.mean), float(ds.std), shape, 1.0 / 255.0, d)
-        return norms[d]
+    def norm_of(cid: str) -> Normalisation:
+        d = art.domain(cid)
+        if d not in art.normalisation:
+            raise RunExportError(
+                f"{run_dir / 'normalisation.json'}: no normalisation of domain {d!r}"
+            )
+        mean, std = art.normalisation[d]
+        return Normalisation(mean, std, shape, 1.0 / 255.0, d)
 
     def bb_arrays(state: Mapping[str, np.ndarray], backbone: nn.Module) -> dict[str, np.ndarray]:
         """The entries of ``state`` that the backbone module holds (the model's structure)."""
@@ -439,29 +444,29 @@ def export_run(
         b = _Bundle(staging, opset, ort)
         width_entries, head_entries, client_entries = [], [], []
         for w in sel_w:
-            ws = ws_of(w)
-            at_w = [c for c in sim.fed.clients if abs(c.width - w) < WIDTH_TOL]
-            backbone = Backbone(sim.bcfg, w)
-            shared_bb = bb_arrays(sim._sub(sim.global_state, ws), backbone)
+            ws = art.width_spec(w)
+            at_w = [c for c in run_clients if abs(c.width - w) < WIDTH_TOL]
+            backbone = Backbone(art.backbone, w)
+            shared_bb = bb_arrays(art.shared_state(ws), backbone)
             n_bb = len(backbone.state_dict())
             if len(shared_bb) < n_bb:  # not all shared (local, FedBN norms): first client's
                 if not at_w:
                     raise RunExportError(
                         f"width {w:g}: the run shares no backbone and no client has this width"
                     )
-                shared_bb = bb_arrays(sim.client_state(at_w[0], ws), backbone)
+                shared_bb = bb_arrays(art.client_state(at_w[0].client_id, ws), backbone)
             load_arrays(backbone, shared_bb)
             tag = _wtag(w)
             bb = b.graph(
                 export_backbone(backbone, staging / f"backbone_w{tag}.onnx", example_x, opset)
             )
             steps = []
-            if sim.union_slices is None:  # FedAvg's union head has mixed-kind columns
+            if union_slices is None:  # FedAvg's union head has mixed-kind columns
                 task_sets: dict[tuple[str, ...], list[str]] = {}
                 for c in at_w:
-                    task_sets.setdefault(tuple(c.tasks), []).append(c.cid)
+                    task_sets.setdefault(tuple(c.tasks), []).append(c.client_id)
                 for i, (tasks, cids) in enumerate(task_sets.items()):
-                    model = sim.module_for(by_id[cids[0]], w).model
+                    model = art.model(cids[0], w)
                     kinds = {t: get_task(t).kind for t in tasks}
                     p = staging / f"train_step_w{tag}_{i}.onnx"
                     info = export_train_step(model, kinds, p, example_x, opset)
@@ -469,25 +474,25 @@ def export_run(
             width_entries.append(WidthEntry(w, backbone.feature_dim, bb, tuple(steps)))
 
             for c in [c for c in sel_c if abs(c.width - w) < WIDTH_TOL]:
-                state = sim.client_state(c, ws)
-                model = sim.module_for(c, w).model
+                state = art.client_state(c.client_id, ws)
+                model = art.model(c.client_id, w)
                 load_arrays(model, state)
                 feat = model.backbone.feature_dim
-                cid = sanitize(c.cid)
+                cid = sanitize(c.client_id)
                 own_bb = None
                 mine = bb_arrays(state, model.backbone)
                 if any(not np.array_equal(mine[k], shared_bb[k]) for k in shared_bb):
                     p = staging / f"backbone_{cid}_w{tag}.onnx"
                     own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset))
-                if sim.union_slices is not None:
+                if union_slices is not None:
                     hp = staging / f"head_{cid}_union.onnx"
                     union = cast(nn.Linear, model.heads[head_name("union")])
                     union_entry = b.graph(export_head(union, hp, feat, opset))
                     for t in c.tasks:
-                        s, e = sim.union_slices[t]
+                        s, e = union_slices[t]
                         task = get_task(t)
                         head_entries.append(
-                            HeadEntry(c.cid, t, task.kind, tuple(task.output_names), w,
+                            HeadEntry(c.client_id, t, task.kind, tuple(task.output_names), w,
                                       union_entry, None, (s, e))
                         )  # fmt: skip
                 else:
@@ -501,16 +506,16 @@ def export_run(
                             mod, task.kind, staging / f"head_step_{ht}.onnx", feat, opset
                         )
                         head_entries.append(
-                            HeadEntry(c.cid, t, task.kind, tuple(task.output_names), w,
+                            HeadEntry(c.client_id, t, task.kind, tuple(task.output_names), w,
                                       b.graph(hi), b.step(hs, "head_step", f"heads.{h}."))
                         )  # fmt: skip
                 wts = b.weights(f"weights_{cid}.npz", state)
-                n = norm_of(c)
-                shared = tuple(k for k in sim.shared_keys if k in state)
+                n = norm_of(c.client_id)
+                shared = tuple(k for k in shared_keys if k in state)
                 client_entries.append(
-                    ClientEntry(c.cid, w, tuple(c.tasks), wts, n, n.domain, own_bb, shared)
+                    ClientEntry(c.client_id, w, tuple(c.tasks), wts, n, n.domain, own_bb, shared)
                 )
-        top = norm_of(sel_c[0] if sel_c else sim.fed.clients[0])
+        top = norm_of((sel_c[0] if sel_c else run_clients[0]).client_id)
         m = Manifest(
             opset=opset,
             created=_created(),
@@ -518,7 +523,7 @@ def export_run(
             widths=tuple(width_entries),
             heads=tuple(head_entries),
             clients=tuple(client_entries),
-            algorithm=sim.alg,
+            algorithm=art.algorithm,
             source_run=str(run_dir.absolute()),
             round=last,
         )

@@ -17,22 +17,40 @@ For an edge client, one round is exactly what a device does:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fmtl_lightning.algorithms import ClientResult
-from fmtl_lightning.local_fit import phase_seed
+from fmtl_lightning.local_fit import FitPlan, phase_seed
 from fmtl_lightning.models import load_arrays
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task
 from fmtl_lightning.validation import validate_state
 
 if TYPE_CHECKING:
-    from fmtl_lightning.simulation import Simulation
     from mobile_client.update import UpdateMeta
+
+
+@dataclass
+class EdgeJob:
+    """What the bridge needs of the federation for one edge client at one width (passed in
+    by the round loop: the bridge reads no simulation internals)."""
+
+    client: Any  # fmtl_lightning.fed_data.ClientData
+    idx: int
+    ws: WidthSpec
+    round_idx: int
+    module: Any  # the client's MultiTaskModule at ws.width
+    deployed: Callable[[], dict[str, np.ndarray]]  # the client's deployable state at ws
+    normalisation: tuple[float, float, int]  # (mean, std, image size) of its domain
+    spec: ModelSpec  # the run's roles: the manifest's shared keys, the update's validation
+    seed: int
+    plan: FitPlan
+    lr: float
 
 
 class EdgeBridge:
@@ -51,62 +69,66 @@ class EdgeBridge:
             for box in exchange.iterdir():
                 prune_rounds(box, keep)
 
-    def bundle_for(self, sim: Simulation, idx: int, ws: WidthSpec) -> Path:
+    def bundle_for(self, job: EdgeJob) -> Path:
+        """The client's bundle at ``job.ws.width``, exported on first use."""
         from export.run_export import export_model
         from mobile_client.manifest import Normalisation
 
-        c = sim.fed.clients[idx]
+        c, ws = job.client, job.ws
         key = (c.cid, ws.width)
         if key not in self._bundles:
-            module = sim.module_for(c, ws.width)
-            load_arrays(module.model, sim.client_state(c, ws))
-            ds_norm = sim.fed.normalisation[c.spec.domain]
-            shape = (1, sim.fed.image_size, sim.fed.image_size)
-            norm = Normalisation(ds_norm[0], ds_norm[1], shape, 1.0 / 255.0, c.spec.domain)
+            load_arrays(job.module.model, job.deployed())
+            mean, std, size = job.normalisation
+            norm = Normalisation(mean, std, (1, size, size), 1.0 / 255.0, c.spec.domain)
             out = self.root / "bundles" / f"{c.cid}_w{ws.width:g}"
             export_model(
-                module.model,
+                job.module.model,
                 {t: get_task(t).kind for t in c.tasks},
                 out,
                 normalisation=norm,
                 client=c.cid,
-                policy=sim.spec.policy,  # the manifest's shared_keys are the spec's
+                policy=job.spec.policy,  # the manifest's shared_keys are the spec's
                 overwrite=True,
             )
             self._bundles[key] = out
         return self._bundles[key]
 
-    def train(self, sim: Simulation, idx: int, ws: WidthSpec, round_idx: int) -> ClientResult:
+    def train(
+        self,
+        job: EdgeJob,
+        received: Mapping[str, np.ndarray],
+        local: Mapping[str, np.ndarray],
+    ) -> ClientResult:
+        """One round on the device: ``received`` (the global shared arrays at the client's
+        width) goes down as a file, ``local`` (its own arrays at that width) stays on it."""
         from mobile_client.runtime import EdgeClient
-        from mobile_client.safetensors_np import load_file
+        from mobile_client.safetensors_np import load_file, save_file
         from mobile_client.update import UpdateMeta, read_update, state_hash, write_update
 
-        c = sim.fed.clients[idx]
-        bundle = self.bundle_for(sim, idx, ws)
+        c, ws, round_idx = job.client, job.ws, job.round_idx
+        bundle = self.bundle_for(job)
         box = self.root / "exchange" / c.cid / f"round_{round_idx + 1:04d}"
         box.mkdir(parents=True, exist_ok=True)
         # server -> device: the shared arrays at the client's width, with their hash
-        sent = {k: v for k, v in sim._sub(sim.global_state, ws).items()}
+        sent = dict(received)
         base = state_hash(sent)
         down = box / "global.safetensors"
         meta = UpdateMeta("server", round_idx + 1, ws.width, 1, base, {})  # count unused
         write_update(down, sent, meta)
 
         # on the device: numpy + onnxruntime only
-        received, _ = read_update(down, expected_base_hash=base)
-        local = sim._sub(sim.stores[c.cid].local, ws)
-        f = sim.cfg.federation
+        got, _ = read_update(down, expected_base_hash=base)
         client = EdgeClient(bundle, c.cid)
         res = client.train(
             c.x_train.numpy(),
             {t: v.numpy() for t, v in c.y_train.items()},
             width=ws.width,
-            epochs=f.local_epochs,
-            batch_size=f.batch_size,
-            lr=sim.cfg.optimizer.lr,
-            steps=f.local_steps,
-            seed=phase_seed(sim.cfg.seed, round_idx, idx, "global"),
-            start_from={**local, **received},
+            epochs=job.plan.epochs,
+            batch_size=job.plan.batch_size,
+            lr=job.lr,
+            steps=job.plan.steps,
+            seed=phase_seed(job.seed, round_idx, job.idx, "global"),
+            start_from={**local, **got},
         )
         up = box / "update.safetensors"
         write_update(
@@ -116,12 +138,11 @@ class EdgeBridge:
         )
         heads = {k: v for k, v in res.state.items() if k not in res.shared}
         local_file = box / "local.safetensors"
-        from mobile_client.safetensors_np import save_file
-
         save_file(heads, local_file, {"client": c.cid})
 
         # server: read the update file, check it answers what was sent, validate it
-        shared, umeta = receive_update(up, sim.spec, ws, sim.shared_keys, base, c.cid)
+        keys = job.spec.shared_keys()
+        shared, umeta = receive_update(up, job.spec, ws, keys, base, c.cid)
         kept, _ = load_file(local_file)
         return ClientResult(shared, kept, None, int(umeta.num_examples))
 

@@ -31,6 +31,7 @@ from torch import nn
 from fmtl_lightning.errors import SpecError, StateValidationError
 from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, channels_at, check_width
 from fmtl_lightning.static_bn import StaticBatchNorm2d
+from mobile_client.batching import head_name as head_name  # one definition, re-exported
 
 Family = Literal["mlp", "cnn", "dwcnn"]
 Norm = Literal["group", "batch", "static_batch", "none"]
@@ -202,11 +203,6 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, F)
         return self.layers(x)
-
-
-def head_name(task: str) -> str:
-    """Module-safe name of a task's head ("mnist/digit" -> "mnist__digit")."""
-    return task.replace("/", "__").replace(".", "_")
 
 
 class MultiTaskModel(nn.Module):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from fmtl_lightning.models import MultiTaskModel
+from fmtl_lightning.models import MultiTaskModel, head_name
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -74,7 +74,7 @@ class MultiTaskModule(L.LightningModule):
         # FedAvg's union head: task -> (start, stop) columns of the single shared head
         self.union_slices = dict(union_slices) if union_slices else None
         self.metrics = nn.ModuleDict(
-            {_safe(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()}
+            {head_name(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()}
         )
 
     def _n_out(self, task: str) -> int:
@@ -138,7 +138,7 @@ class MultiTaskModule(L.LightningModule):
         losses = self.task_losses(logits, targets, label_masks)
         out: dict[str, dict[str, float]] = {}
         for t, kind in self.task_kinds.items():
-            m: Any = self.metrics[_safe(t)]  # a torchmetrics Metric
+            m: Any = self.metrics[head_name(t)]  # a torchmetrics Metric
             z, y = logits[t], targets[t]
             m.reset()
             if kind == "multiclass":
@@ -168,10 +168,6 @@ class MultiTaskModule(L.LightningModule):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
-
-
-def _safe(task: str) -> str:
-    return task.replace("/", "__").replace(".", "_")
 
 
 def _metric(kind: str, n: int) -> Any:

@@ -6,8 +6,8 @@ One round::
     -> per client: slice the global shared state to its WidthSpec, load it with the
        client's own local state, run the algorithm's procedure (Lightning/Fabric)
     -> validate + aggregate the shared updates (the configured aggregator, pure numpy)
-    -> when evaluation is due: static batch norm's statistics pass
-       (:meth:`Simulation.static_stats`), then every client on its own test split
+    -> static batch norm's statistics pass (:meth:`Simulation.static_stats`)
+    -> when evaluation is due: every client on its own test split
     -> checkpoint atomically.
 
 Clients keep their local state (heads, FedBN norms, Ditto's personal model) in
@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,14 @@ from fmtl_lightning.config import (
     parse_config,
     validate_config,
 )
-from fmtl_lightning.edge_bridge import EdgeBridge
+from fmtl_lightning.deploy.plan import backbone_config, model_layout
+from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
 from fmtl_lightning.local_fit import FitPlan
-from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec, state_arrays
+from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
 from fmtl_lightning.module import MultiTaskModule
 from fmtl_lightning.roles import ModelSpec, WidthSpec
+from fmtl_lightning.run_artifacts import ClientStore, deployed_state, write_normalisation
 from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
 from mobile_client.fileio import atomic_write_text
@@ -86,19 +88,6 @@ class RoundTimes:
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 6) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class ClientStore:
-    """What a client keeps between rounds, at full width (global coordinates)."""
-
-    local: dict[str, np.ndarray] = field(default_factory=dict)
-    personal: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
-    m = cfg.model
-    return BackboneConfig(m.family, 1, image_size, tuple(m.hidden), m.norm, m.scaler)
 
 
 class Simulation:
@@ -127,12 +116,12 @@ class Simulation:
         self.alg = cfg.algorithm.name
         self.algorithm = get_algorithm(self.alg)
         self.bcfg = backbone_config(cfg, self.fed.image_size)
-        self.task_outputs = self.fed.task_outputs()
-        # union head (FedAvg): one head over all tasks' outputs, task -> its columns
-        model_tasks, self.union_slices = self.algorithm.model_tasks(self.task_outputs)
-        self.model_tasks = model_tasks
-        policy = self.algorithm.role_policy(cfg.algorithm.policy)
-        self.spec: ModelSpec = model_spec(self.bcfg, model_tasks, policy)
+        # heads (FedAvg: one union head, task -> its columns) and role policy
+        self.layout = layout = model_layout(cfg, self.fed.task_outputs())
+        self.task_outputs = layout.task_outputs
+        self.union_slices = layout.union_slices
+        self.model_tasks = model_tasks = layout.model_tasks
+        self.spec: ModelSpec = model_spec(self.bcfg, model_tasks, layout.policy)
         self.shared_keys = self.spec.shared_keys()
         torch.manual_seed(cfg.seed)
         init = state_arrays(MultiTaskModel(self.bcfg, model_tasks, 1.0))
@@ -158,9 +147,7 @@ class Simulation:
     # ------------------------------------------------------------------ helpers
     def client_tasks(self, c: ClientData) -> dict[str, int]:
         """The heads of a client's model: its own tasks (FedAvg: the one union head)."""
-        if self.union_slices is not None:
-            return dict(self.model_tasks)
-        return {t: self.task_outputs[t] for t in c.tasks}
+        return self.layout.client_tasks(c.tasks)
 
     def client_keys(self, c: ClientData) -> tuple[str, ...]:
         """The keys of a client's model, as its ModelSpec declares them (no name matching)."""
@@ -249,14 +236,16 @@ class Simulation:
     def train_client(self, idx: int, ws: WidthSpec, round_idx: int) -> ClientResult:
         c = self.fed.clients[idx]
         st = self.stores[c.cid]
+        received = self._sub(self.global_state, ws)
+        local = self._sub(st.local, ws)
         if c.edge:
-            res = self.edge.train(self, idx, ws, round_idx)
+            res = self.edge.train(self._edge_job(idx, ws, round_idx), received, local)
         else:
             cr = ClientRound(
                 **vars(self.fit_context(idx, ws.width, round_idx)),
                 shared_keys=self.shared_keys,
-                received=self._sub(self.global_state, ws),
-                local=self._sub(st.local, ws),
+                received=received,
+                local=local,
                 personal=self._sub(st.personal, ws) if st.personal else None,
                 lam=self.cfg.algorithm.lam if c.lam is None else c.lam,
             )
@@ -265,6 +254,27 @@ class Simulation:
         if res.personal is not None:
             self._embed(st.personal, res.personal, ws)
         return res
+
+    def _edge_job(self, idx: int, ws: WidthSpec, round_idx: int = 0) -> EdgeJob:
+        c = self.fed.clients[idx]
+        mean, std = self.fed.normalisation[c.spec.domain]
+        return EdgeJob(
+            client=c,
+            idx=idx,
+            ws=ws,
+            round_idx=round_idx,
+            module=self.module_for(c, ws.width),
+            deployed=lambda: self.client_state(c, ws),
+            normalisation=(mean, std, self.fed.image_size),
+            spec=self.spec,
+            seed=self.cfg.seed,
+            plan=self._plan(),
+            lr=self.cfg.optimizer.lr,
+        )
+
+    def edge_bundle(self, idx: int, ws: WidthSpec) -> Path:
+        """The device bundle of client ``idx`` at ``ws`` as it stands (exported once per width)."""
+        return self.edge.bundle_for(self._edge_job(idx, ws))
 
     def run_round(self) -> dict[str, Any]:
         t = self.round_idx
@@ -302,8 +312,7 @@ class Simulation:
         t0 = time.perf_counter()
         f = self.cfg.federation
         due = (t + 1) % f.eval_every == 0 or t + 1 == f.rounds
-        if due:
-            self.static_stats(t + 1)
+        self.static_stats(t + 1)  # every round: each checkpoint holds its own statistics
         rows = self.evaluate(t + 1) if due else []
         times.evaluate = time.perf_counter() - t0
         self.round_idx += 1
@@ -327,9 +336,9 @@ class Simulation:
         Every client computes the static batch-norm statistics of the model it is
         evaluated with (:meth:`client_state`) at its width, over its own training data,
         and keeps them with its local state (the personal model under Ditto/local), so
-        evaluation and checkpoints hold them. It runs before every evaluation (the
-        statistics do not affect training, so skipping it in other rounds changes no
-        trained value), and export runs it on the exported round's state. See
+        evaluation and checkpoints hold them. It runs after every aggregation (the
+        statistics do not affect training), so every round's checkpoint holds the
+        statistics of that round's weights and export only reads them. See
         :mod:`fmtl_lightning.static_bn`.
         """
         from fmtl_lightning.models import load_arrays
@@ -348,9 +357,7 @@ class Simulation:
     def client_state(self, c: ClientData, ws: WidthSpec) -> dict[str, np.ndarray]:
         """The arrays a client would deploy at ``ws`` (personal, or global + local)."""
         st = self.stores[c.cid]
-        if self.algorithm.evaluates_personal:
-            return self._sub(st.personal, ws)
-        return {**self._sub(self.global_state, ws), **self._sub(st.local, ws)}
+        return deployed_state(self.spec, self.alg, self.global_state, st.local, st.personal, ws)
 
     def evaluate(self, round_no: int) -> list[dict[str, Any]]:
         """Every client on its test split, with the model its algorithm evaluates (after
@@ -376,12 +383,7 @@ class Simulation:
 
     # ------------------------------------------------------------------ persistence
     def _client_files(self) -> dict[str, dict[str, np.ndarray]]:
-        out = {}
-        for cid, st in self.stores.items():
-            d = {f"local/{k}": v for k, v in st.local.items()}
-            d.update({f"personal/{k}": v for k, v in st.personal.items()})
-            out[cid] = d
-        return out
+        return {cid: st.to_arrays() for cid, st in self.stores.items()}
 
     def _checkpoint(self, rows: list[dict], times: RoundTimes, chosen: list[int]) -> None:
         meta = {
@@ -412,9 +414,8 @@ class Simulation:
         validate_state(g, self.spec, 1.0, self.shared_keys, client="<checkpoint>")
         self.global_state = g
         for cid, st in self.stores.items():
-            arrays = clients.get(cid, {})
-            st.local = {k[6:]: v for k, v in arrays.items() if k.startswith("local/")}
-            st.personal = {k[9:]: v for k, v in arrays.items() if k.startswith("personal/")}
+            saved = ClientStore.from_arrays(clients.get(cid, {}))
+            st.local, st.personal = saved.local, saved.personal
         self.history = []
         for rec in read_history(self.run_dir, round_idx):
             self.history.extend(rec["rows"])
@@ -438,6 +439,7 @@ class Simulation:
         config = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         atomic_write_text(self.run_dir / "config.yaml", config)
         atomic_write_text(self.run_dir / "spec.json", self.spec.to_json())
+        write_normalisation(self.run_dir, self.fed.normalisation, self.fed.image_size)
         atomic_write_text(self.run_dir / "federation.txt", self.fed.summary + "\n")
         self._prune()  # a fresh run drops stale rounds; a resumed one, leftovers of a kill
         logger = self.logger

@@ -23,8 +23,9 @@ rest of its batch.
 Where it runs: :class:`fmtl_lightning.simulation.Simulation` calls the pass after
 every aggregation, for every client, on the model that client is evaluated and
 deployed with, at its width, over its own training data (nothing leaves the
-client; the statistics are local state, checkpointed with it, and exported with
-the client's backbone). HeteroFL computes one set over the pooled training data
+client; the statistics are local state, checkpointed with it every round, and
+exported with the client's backbone: export reads them from the checkpoint and
+needs no data). HeteroFL computes one set over the pooled training data
 at the server instead; per-client statistics need no data at the server and no
 extra communication.
 """

@@ -42,7 +42,13 @@ def num_batches(n: int, batch_size: int, epochs: int = 1, steps: int | None = No
     return steps if steps is not None else epochs * -(-n // batch_size)
 
 
+def head_name(task: str) -> str:
+    """Key-safe name of a task ("mnist/digit" -> "mnist__digit"): the task's head module
+    (``heads.<name>.*`` state keys), its metric, and its labels' key in a data file."""
+    return task.replace("/", "__").replace(".", "_")
+
+
 def label_key(task: str, *, test: bool = False) -> str:
     """Key of ``task``'s labels in a client's ``.npz`` data file, next to ``x`` (train)
     and ``x_test``: ``y__mnist__digit`` (train) or ``y_test__mnist__digit`` (test)."""
-    return ("y_test__" if test else "y__") + task.replace("/", "__")
+    return ("y_test__" if test else "y__") + head_name(task)

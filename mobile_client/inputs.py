@@ -22,7 +22,7 @@ import struct
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -138,19 +138,48 @@ def read_npz(
     return out
 
 
+def client_labels(
+    arrays: Mapping[str, np.ndarray],
+    tasks: Sequence[str],
+    source: str | os.PathLike[str],
+    *,
+    test: bool = False,
+    error: type[FMTLError] = InputError,
+) -> dict[str, np.ndarray]:
+    """The labels of ``tasks`` among the arrays of a client's data file ``source``
+    (``label_key(task, test=test)`` each); a missing one raises ``error`` naming key and task."""
+    require_labels(list(arrays), tasks, source, test=test, error=error)
+    return {t: arrays[label_key(t, test=test)] for t in tasks}
+
+
+def require_labels(
+    keys: Sequence[str],
+    tasks: Sequence[str],
+    source: str | os.PathLike[str],
+    *,
+    test: bool = False,
+    error: type[FMTLError] = InputError,
+) -> None:
+    """Raise ``error`` naming the key and task if a label key of ``tasks`` is not in ``keys``."""
+    for t in tasks:
+        k = label_key(t, test=test)
+        if k not in keys:
+            raise error(
+                f"{source}: no key {k!r} for task {t!r} (keys: {', '.join(keys) or 'none'})"
+            )
+
+
 def read_client_data(
     path: str | os.PathLike[str], tasks: Sequence[str]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A client's training data file: ``x`` and one ``label_key(task)`` per task."""
     p = Path(path)
     have = npz_keys(p)
-    want = ["x", *(label_key(t) for t in tasks)]
-    for k, t in zip(want, [None, *tasks], strict=True):
-        if k not in have:
-            of = f" for task {t!r}" if t is not None else ""
-            raise InputError(f"{p}: no key {k!r}{of} (keys: {', '.join(have) or 'none'})")
-    arrays = read_npz(p, want)
-    return arrays["x"], {t: arrays[label_key(t)] for t in tasks}
+    if "x" not in have:
+        raise InputError(f"{p}: no key 'x' (keys: {', '.join(have) or 'none'})")
+    require_labels(have, tasks, p)  # names a missing key before reading any
+    arrays = read_npz(p, ["x", *(label_key(t) for t in tasks)])
+    return arrays["x"], client_labels(arrays, tasks, p)
 
 
 # ----------------------------------------------------------------------------- images

@@ -149,7 +149,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     from fmtl_lightning.federation import ClientSpec
     from fmtl_lightning.tasks import get_task
     from mobile_client.batching import label_key
-    from mobile_client.inputs import read_npz
+    from mobile_client.inputs import client_labels, read_npz
 
     planned = planned_clients(cfg)
     me = client_by_id(planned, client_id)
@@ -172,18 +172,18 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
 
     def ys(test: bool, n: int, tasks: tuple[str, ...], need: bool) -> dict[str, torch.Tensor]:
         out = {}
+        optional = not (need or n)  # no rows: a task's labels may be left out
+        have = [t for t in tasks if not optional or label_key(t, test=test) in arrays]
+        labels = client_labels(arrays, have, data, test=test, error=NodeConfigError)
         for t in tasks:
-            key = label_key(t, test=test)
-            if key not in arrays:
-                if need or n:
-                    raise NodeConfigError(f"{data}: no key {key!r} for task {t!r}")
-                y = np.zeros(
-                    (0,) if get_task(t).kind == "multiclass" else (0, get_task(t).num_outputs)
-                )
-                y = y.astype(np.int64 if get_task(t).kind == "multiclass" else np.float32)
+            kind = get_task(t).kind
+            if t not in labels:  # an empty split of the right dtype
+                y = np.zeros((0,) if kind == "multiclass" else (0, get_task(t).num_outputs))
+                y = y.astype(np.int64 if kind == "multiclass" else np.float32)
             else:
-                y = arrays[key]
+                y = labels[t]
             if y.ndim == 0 or len(y) != n:
+                key = label_key(t, test=test)
                 raise NodeConfigError(f"{data}: {key!r} has {len(y)} rows, x has {n}")
             out[t] = torch.from_numpy(np.ascontiguousarray(y))
         return out

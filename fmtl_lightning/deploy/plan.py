@@ -10,7 +10,9 @@ simulator starts. Image sizes come from the task domain, not from loading the da
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +20,9 @@ from fmtl_lightning.algorithms import get_algorithm
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task
+
+if TYPE_CHECKING:
+    from fmtl_lightning.models import BackboneConfig
 
 IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
 
@@ -65,6 +70,51 @@ class ServerPlan:
         return sorted(idxs[int(i)] for i in pick)
 
 
+def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
+    """The backbone ``cfg.model`` declares, for images of ``image_size`` pixels."""
+    from fmtl_lightning.models import BackboneConfig
+
+    m = cfg.model
+    return BackboneConfig(m.family, 1, image_size, tuple(m.hidden), m.norm, m.scaler)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The heads of a run's model, from the config alone.
+
+    ``task_outputs``: every task a client holds -> its output size, in first-seen order
+    (as :meth:`Federation.task_outputs`); ``model_tasks``: the model's heads and
+    ``union_slices``: a union-head algorithm's (FedAvg's) task -> (start, end) columns of
+    its one head, ``None`` otherwise (both from :meth:`Algorithm.model_tasks`); ``policy``:
+    the algorithm's role policy (:meth:`Algorithm.role_policy`).
+    """
+
+    task_outputs: dict[str, int]
+    model_tasks: dict[str, int]
+    union_slices: dict[str, tuple[int, int]] | None
+    policy: str
+
+    def client_tasks(self, tasks: Sequence[str]) -> dict[str, int]:
+        """The heads of the model of a client holding ``tasks``: its own tasks (a union-head
+        algorithm: the one union head)."""
+        if self.union_slices is not None:
+            return dict(self.model_tasks)
+        return {t: self.task_outputs[t] for t in tasks}
+
+
+def model_layout(cfg: RunConfig, task_outputs: dict[str, int] | None = None) -> ModelLayout:
+    """The :class:`ModelLayout` of ``cfg`` (no model, no data); ``task_outputs`` defaults to
+    the tasks of the config's clients (the simulation passes its federation's)."""
+    if task_outputs is None:
+        task_outputs = {}
+        for c in planned_clients(cfg):
+            for t in c.tasks:
+                task_outputs.setdefault(t, get_task(t).num_outputs)
+    alg = get_algorithm(cfg.algorithm.name)  # what it sends: union head?, role policy
+    model_tasks, slices = alg.model_tasks(task_outputs)
+    return ModelLayout(task_outputs, model_tasks, slices, alg.role_policy(cfg.algorithm.policy))
+
+
 def planned_clients(cfg: RunConfig) -> list[PlannedClient]:
     """The run's clients in ``fmtl simulate``'s numbering, from the config alone (cheap:
     no model, no data; what a node or a launcher needs)."""
@@ -84,7 +134,6 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
     import torch
 
     from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
-    from fmtl_lightning.simulation import backbone_config
 
     agg = cfg.algorithm.aggregator
     if agg.needs_label_masks:
@@ -95,15 +144,11 @@ def server_plan(cfg: RunConfig) -> ServerPlan:
             "`fmtl simulate`); choose an aggregator without label masks"
         )
     clients = planned_clients(cfg)
-    task_outputs: dict[str, int] = {}
-    for c in clients:
-        for t in c.tasks:
-            task_outputs.setdefault(t, get_task(t).num_outputs)
     domain = get_task(clients[0].tasks[0]).domain
     bcfg = backbone_config(cfg, IMAGE_SIZE[domain])
-    alg = get_algorithm(cfg.algorithm.name)  # what it sends: union head?, role policy
-    model_tasks, _ = alg.model_tasks(task_outputs)
-    spec = model_spec(bcfg, model_tasks, alg.role_policy(cfg.algorithm.policy))
+    layout = model_layout(cfg)
+    model_tasks = layout.model_tasks
+    spec = model_spec(bcfg, model_tasks, layout.policy)
     shared = spec.shared_keys()
     torch.manual_seed(cfg.seed)
     init = state_arrays(MultiTaskModel(bcfg, model_tasks, 1.0))

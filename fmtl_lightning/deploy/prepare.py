@@ -2,7 +2,7 @@
 
 ``prepare_edge(cfg, "c02", out)`` exports the client's model at its width exactly as
 the in-process simulator starts it (same seed, so the same heads and backbone; via
-``EdgeBridge.bundle_for`` -> ``export_model``) into ``out/bundle`` and writes the
+``Simulation.edge_bundle`` -> ``export_model``) into ``out/bundle`` and writes the
 client's training shard to ``out/data.npz`` (``x`` float32 normalised ``(N, 1, H, W)``,
 ``y__<task>``; the file ``fmtl-edge train --data`` reads). On a real device the data
 file is the device's own data; the bundle may equally come from ``fmtl export RUN``.
@@ -46,7 +46,7 @@ def prepare_edge(cfg: RunConfig, client_id: str, out_dir: str | Path) -> tuple[P
     idx = ids.index(client_id)
     c = sim.fed.clients[idx]
     ws = WidthSpec(c.width, cfg.algorithm.slicing, 0)
-    exported = sim.edge.bundle_for(sim, idx, ws)
+    exported = sim.edge_bundle(idx, ws)
     bundle = out / "bundle"
     if bundle.exists():
         shutil.rmtree(bundle)

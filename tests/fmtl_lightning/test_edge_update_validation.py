@@ -41,7 +41,7 @@ def _sim(small_cfg: dict, tmp_path, monkeypatch, value: float) -> Simulation:
             return TrainResult({**start_from, **shared}, shared, len(x), {"loss": 1.0})
 
     monkeypatch.setattr(runtime, "EdgeClient", Device)
-    monkeypatch.setattr(EdgeBridge, "bundle_for", lambda self, sim, idx, ws: tmp_path)
+    monkeypatch.setattr(EdgeBridge, "bundle_for", lambda self, job: tmp_path)
     return sim
 
 
@@ -51,14 +51,14 @@ def test_an_edge_update_past_the_magnitude_bound_is_refused_naming_the_client(
     past = max_abs(np.float32) * 1.01  # finite, past sqrt(float32 max)
     sim = _sim(small_cfg, tmp_path, monkeypatch, past)
     with pytest.raises(StateValidationError, match=r"client 'c02', key .*\|x\| > 1.84e\+19"):
-        sim.edge.train(sim, 2, sim.width_of(2, 0), 0)
+        sim.train_client(2, sim.width_of(2, 0), 0)
 
 
 def test_an_edge_update_within_the_bound_is_taken_as_sent(small_cfg, tmp_path, monkeypatch):
     sim = _sim(small_cfg, tmp_path, monkeypatch, 1e19)
     ws = sim.width_of(2, 0)
-    res = sim.edge.train(sim, 2, ws, 0)
-    assert set(res.shared) == set(sim.shared_keys) and res.num_examples > 0
     sent = sim._sub(sim.global_state, ws)
+    res = sim.train_client(2, ws, 0)
+    assert set(res.shared) == set(sim.shared_keys) and res.num_examples > 0
     changed = [k for k in sent if not np.array_equal(res.shared[k], sent[k])]
     assert len(changed) == 1 and float(np.abs(res.shared[changed[0]]).max()) == np.float32(1e19)

@@ -217,7 +217,7 @@ def _checkpoint(run_dir, round_no: int) -> dict[str, np.ndarray]:
 
 def test_checkpoint_resume_gives_the_uninterrupted_state(small_cfg, tmp_path):
     cfg = _cfg(small_cfg, width_assignment="dynamic", slicing="fedrolex")
-    cfg["federation"].update(rounds=4, eval_every=2)  # statistics passes after rounds 2 and 4
+    cfg["federation"].update(rounds=4, eval_every=2)  # evaluated after rounds 2 and 4
     cfg["checkpoints"] = {"keep_every": 1}  # rounds 3 and 4 are compared below
     straight = _sim(cfg, tmp_path / "a")
     straight.run()
@@ -235,7 +235,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_state(small_cfg, tmp_path):
     assert resumed.round_idx == 3
     stat_keys = straight.spec.keys_of_kind("static_stat")
     assert len(stat_keys) == 2 * len(HIDDEN)
-    # the statistics of round 2's pass came back from the round-3 checkpoint
+    # the statistics of round 3's pass came back from the round-3 checkpoint
     ck3 = _checkpoint(tmp_path / "a", 3)
     for cid, st in resumed.stores.items():
         for k in stat_keys:
