@@ -22,7 +22,7 @@ data: $(STAMP)
 	$(PY) -m fmtl_lightning.data.fetch --all
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: setup
 	$(PY) -m fmtl_lightning.cli demo
