@@ -231,13 +231,6 @@ def calibrate_round_seconds(sim: Any, steps: int = 4) -> float:
     return total * max(1, math.ceil(f.fraction * n - 1e-9)) / n  # sampled clients only
 
 
-def _set_lr(sim: Any, lr: float) -> None:
-    o = sim.cfg.optimizer
-    sim.cfg = sim.cfg.replace(optimizer=o.__class__(**{**o.__dict__, "lr": lr}))
-    for m in sim._modules.values():
-        m.lr = lr
-
-
 def evaluate_global(sim: Any, ev: dict[str, Any], stats_x: torch.Tensor, width: float = 1.0):
     """(global accuracy on the whole test set, pooled masked local accuracy)."""
     logits = sim_global_logits(sim, width, ev["x_test"], stats_x)
@@ -323,7 +316,7 @@ def run_setting(
                 break
             r = sim.round_idx
             n_decays = sum(1 for m in milestones if r >= m)
-            _set_lr(sim, lr0 * 0.1**n_decays)
+            sim.set_lr(lr0 * 0.1**n_decays)
             t0 = time.perf_counter()
             sim.run_round()
             round_s = time.perf_counter() - t0

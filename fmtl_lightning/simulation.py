@@ -58,6 +58,7 @@ from fmtl_lightning.checkpoint import (
     write_round,
 )
 from fmtl_lightning.config import (
+    ConfigError,
     RunConfig,
     config_to_dict,
     load_config,
@@ -182,6 +183,15 @@ class Simulation:
                 union_slices=self.union_slices,
             )
         return self._modules[key]
+
+    def set_lr(self, lr: float) -> None:
+        """Change the SGD learning rate from the next fit on (a schedule, e.g. HeteroFL's
+        step decay): the run's config and every client module built so far."""
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"optimizer.lr: must be a finite number > 0, got {lr}")
+        self.cfg = self.cfg.replace(optimizer=dataclasses.replace(self.cfg.optimizer, lr=lr))
+        for m in self._modules.values():
+            m.lr = lr
 
     def label_masks(self, c: ClientData) -> dict[str, torch.Tensor]:
         """The classes a client holds, per multiclass task, under ``masked_ce`` (else none)."""

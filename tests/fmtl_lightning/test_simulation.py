@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 import fmtl_lightning.aggregators.mean as aggregators_mean
@@ -236,3 +237,21 @@ def test_a_passed_aggregator_replaces_the_configured_one(small_cfg, tmp_path):
     assert [ids for ids, _ in rule.calls] == [["c00", "c01", "c02"]] * 2  # once per round
     assert sim.global_state is rule.calls[-1][1]  # its result is the new global state
     assert type(cfg.algorithm.aggregator).__name__ == "Mean"  # the config is unchanged
+
+
+def test_set_lr_changes_the_next_fits_step_size_and_refuses_bad_values(small_cfg, tmp_path):
+    from fmtl_lightning.config import ConfigError
+
+    small_cfg["federation"]["rounds"] = 1
+    sim = Simulation(parse_config(small_cfg), tmp_path / "r", progress=False)
+    c = sim.fed.clients[0]
+    m = sim.module_for(c, c.width)
+    sim.set_lr(0.0125)
+    assert sim.cfg.optimizer.lr == 0.0125 and m.lr == 0.0125
+    (group,) = m.configure_optimizers().param_groups  # the optimiser the next fit builds
+    assert group["lr"] == 0.0125
+    assert sim.module_for(sim.fed.clients[2], 0.5).lr == 0.0125  # modules built later too
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="optimizer.lr"):
+            sim.set_lr(bad)
+    assert sim.cfg.optimizer.lr == 0.0125
