@@ -26,6 +26,7 @@ naming the client; the new global state is always finite and within the bound.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,7 +130,7 @@ class Aggregator:
         self.num_clients = 0
         self.total_weight = 0.0
 
-    @property
+    @functools.cached_property
     def weight_limit(self) -> float:
         """Total weight up to which a weighted sum of bounded values cannot overflow:
         ``max_abs(dtype) / 2`` for the narrowest float dtype aggregated (sums then stay

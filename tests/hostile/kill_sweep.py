@@ -16,6 +16,7 @@ config, else the same command again with ``--overwrite``. The outcome is one of:
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -28,20 +29,13 @@ import numpy as np
 import yaml
 from safetensors.numpy import load_file
 
-CONFIG = {
-    "name": "kill",
-    "seed": 3,
-    "data": {"samples_per_client": 60, "test_fraction": 0.25, "partition": {"kind": "iid"}},
-    "model": {"family": "mlp", "hidden": [32, 16], "norm": "none"},
-    "clients": [
-        {"count": 2, "tasks": ["digits/digit"], "width": 1.0},
-        {"count": 1, "tasks": ["digits/parity", "digits/attrs"], "width": 0.5},
-    ],
-    "algorithm": {"name": "ditto", "lam": 0.5},
-    "federation": {"rounds": 8, "local_epochs": 1, "batch_size": 16, "fraction": 0.67},
-    "optimizer": {"name": "sgd", "lr": 0.1},
-    "compare_local": True,
-}
+from tests.fmtl_lightning.conftest import BASE
+
+# the tests' small digits federation, with what resume must replay: Ditto's personal
+# models, sampled clients, the local-only baseline, several rounds
+CONFIG = copy.deepcopy(BASE)
+CONFIG.update(name="kill", compare_local=True, algorithm={"name": "ditto", "lam": 0.5})
+CONFIG["federation"].update(rounds=8, fraction=0.67)
 
 
 def _cmd(*args: str) -> list[str]:
