@@ -105,7 +105,7 @@ def flower_simulation(cfg, n_clients: int, tmp: Path) -> list[float] | None:
 def demo_bytes() -> tuple[str, list[tuple[float, int, int]]]:
     """The demo's model, and (width, ArrayRecord payload bytes, num_elements * 4) of it."""
     from fmtl_lightning.config import load_config
-    from fmtl_lightning.deploy.plan import server_plan
+    from fmtl_lightning.engine.plan import server_plan
     from fmtl_lightning.roles import WidthSpec
     from fmtl_lightning.slicing import slice_state
     from mobile_client.flower_app import to_record
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args(argv)
     from fmtl_lightning.config import load_config
-    from fmtl_lightning.deploy.plan import server_plan
+    from fmtl_lightning.engine.plan import server_plan
 
     base = load_config(APP / "fmtl.yaml")
     cfg = base.replace(federation=dataclasses.replace(base.federation, rounds=args.rounds))

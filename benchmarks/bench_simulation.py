@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.common import write_section
 from fmtl_lightning.config import parse_config
-from fmtl_lightning.local_fit import FitPlan, batch_indices, phase_seed
+from fmtl_lightning.engine.seeds import phase_seed
+from fmtl_lightning.local_fit import FitPlan, batch_indices
 from fmtl_lightning.models import MultiTaskModel, load_arrays
 from fmtl_lightning.simulation import Simulation
 
@@ -63,10 +64,10 @@ def run_bare(sim: Simulation) -> float:
             key = (c.tasks, c.width)
             if key not in models:
                 models[key] = MultiTaskModel(
-                    sim.bcfg, {t: sim.task_outputs[t] for t in c.tasks}, c.width
+                    sim.engine.plan.backbone, {t: sim.engine.plan.layout.task_outputs[t] for t in c.tasks}, c.width
                 )
             m = models[key]
-            load_arrays(m, sim.client_state(c, sim.width_of(i, r)))
+            load_arrays(m, sim.client_state(c, sim.engine.width_of(i, r)))
             opt = torch.optim.SGD(m.parameters(), lr=cfg.optimizer.lr)
             plan = FitPlan(cfg.federation.batch_size, cfg.federation.local_epochs)
             for idx in batch_indices(c.num_train, plan, phase_seed(cfg.seed, r, i, "global")):

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fmtl_lightning.algorithms import ClientResult
-from fmtl_lightning.local_fit import FitPlan, phase_seed
+from fmtl_lightning.engine.seeds import phase_seed
+from fmtl_lightning.local_fit import FitPlan
 from fmtl_lightning.models import load_arrays
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.tasks import get_task

@@ -16,19 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 
 from fmtl_lightning.module import MultiTaskModule, TrainSpec
 from mobile_client.batching import batch_order
-
-PHASES = {"global": 1, "personal": 2, "head": 3, "body": 4, "finetune": 5}
-
-
-def phase_seed(seed: int, round_idx: int, client_idx: int, phase: str) -> int:
-    """A 63-bit seed unique to (run seed, round, client, phase)."""
-    ss = np.random.SeedSequence([seed, round_idx, client_idx, PHASES[phase]])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from mobile_client.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from fmtl_lightning.config import RunConfig
-    from fmtl_lightning.deploy.plan import ModelLayout, PlannedClient
+    from fmtl_lightning.engine.plan import ModelLayout, PlannedClient
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel
 
 NORMALISATION_FILE = "normalisation.json"
@@ -135,7 +135,7 @@ class RunArtifacts:
     def __init__(self, run_dir: str | Path, round_idx: int | None = None) -> None:
         from fmtl_lightning.checkpoint import completed_rounds, read_round
         from fmtl_lightning.config import load_config
-        from fmtl_lightning.deploy.plan import backbone_config, model_layout, planned_clients
+        from fmtl_lightning.engine.plan import backbone_config, model_layout, planned_clients
         from fmtl_lightning.validation import validate_state
 
         self.run_dir = Path(run_dir)

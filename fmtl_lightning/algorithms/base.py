@@ -39,7 +39,7 @@ UNION_HEAD = "union"  # the single head of a union-head model (FedAvg)
 
 @dataclass(frozen=True)
 class Phase:
-    """One local fit: ``name`` seeds its batch order (``local_fit.PHASES``), ``keys`` are
+    """One local fit: ``name`` seeds its batch order (``engine.seeds.PHASES``), ``keys`` are
     the parameters it trains (``None``: all), ``epochs`` whole epochs instead of the
     run's plan (``None``: ``federation.local_epochs`` / ``local_steps``)."""
 
@@ -71,7 +71,8 @@ class FitContext:
     def run(self, phase: Phase, prox: ProxTerm | None = None) -> None:
         """One fit of ``phase`` on the client's training split, seeded by (run seed,
         round, client, phase name) so a resumed run replays it exactly."""
-        from fmtl_lightning.local_fit import fit, phase_seed
+        from fmtl_lightning.engine.seeds import phase_seed
+        from fmtl_lightning.local_fit import fit
         from fmtl_lightning.module import TrainSpec
 
         if self.phases is not None:

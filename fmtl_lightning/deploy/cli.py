@@ -123,7 +123,7 @@ def _prepare_data(a: argparse.Namespace) -> int:
 def _node_config(a: argparse.Namespace) -> int:
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.local import NodeSpec
-    from fmtl_lightning.deploy.plan import client_by_id, planned_clients
+    from fmtl_lightning.engine.plan import client_by_id, planned_clients
 
     c = client_by_id(planned_clients(load_config(a.config)), a.client)
     if c is None:
@@ -140,8 +140,8 @@ def _node_config(a: argparse.Namespace) -> int:
 def _local(a: argparse.Namespace) -> int:
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.local import LocalDeployment
-    from fmtl_lightning.deploy.plan import planned_clients
     from fmtl_lightning.deploy.prepare import prepare_edge
+    from fmtl_lightning.engine.plan import planned_clients
 
     t0 = time.perf_counter()
     cfg = load_config(a.config)

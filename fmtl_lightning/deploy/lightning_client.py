@@ -3,16 +3,16 @@
 Flower starts a fresh ClientApp process per message, so nothing lives in memory
 between rounds. Per train message the node
 
-1. rebuilds the run from the YAML the server sent (:class:`Simulation`: same modules,
-   same Fabric loop, same seeds) with the node's data: its shard of the YAML's dataset
+1. rebuilds its client from the YAML the server sent (a
+   :class:`~fmtl_lightning.clients.ClientPool`, the in-process simulation's clients:
+   same modules, same Fabric loop, same seeds) with the node's data: its shard of the YAML's dataset
    for its ``client-id`` (as ``fmtl simulate`` partitions it), or, when the node config
    names ``data``, its own ``.npz`` (``x``, ``y__<task>``, optional ``x_test``,
    ``y_test__<task>``; ``x`` float32 normalised ``(N, 1, H, W)``), without the dataset,
 2. restores its local state (heads, FedBN norms, Ditto's personal model; full width)
    from ``state-dir/client.safetensors``,
-3. places the received shared arrays at their width and runs
-   ``Simulation.train_client`` exactly as the in-process loop does (the same
-   algorithm object, :mod:`fmtl_lightning.algorithms`),
+3. runs ``ClientPool.train`` on the received shared arrays exactly as the in-process
+   loop does (the same algorithm object, :mod:`fmtl_lightning.algorithms`),
 4. evaluates the model it now holds on its own test split, as its algorithm evaluates
    a client (personal model, or shared + local; after the algorithm's fine-tune on a
    copy, if any), writes its local state back atomically, and returns the trained
@@ -30,7 +30,6 @@ import yaml
 
 from fmtl_lightning.config import parse_config
 from fmtl_lightning.roles import WidthSpec
-from fmtl_lightning.slicing import embed_array
 from fmtl_lightning.validation import validate_state
 from mobile_client.flower_app import NodeConfigError, NodeSettings, TrainInstructions
 from mobile_client.safetensors_np import load_file, save_file
@@ -42,7 +41,9 @@ class LightningNode:
     """The node's client, rebuilt from the run config and its state dir."""
 
     def __init__(self, settings: NodeSettings, run_yaml: str) -> None:
-        from fmtl_lightning.simulation import Simulation
+        from fmtl_lightning.clients import ClientPool
+        from fmtl_lightning.engine import PlannedClient, server_plan
+        from fmtl_lightning.fed_data import build_federation
 
         if settings.state_dir is None:
             raise NodeConfigError("node config: 'state-dir' is required for a Lightning node")
@@ -51,15 +52,20 @@ class LightningNode:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cfg = parse_config(yaml.safe_load(run_yaml))
         fed = own_federation(cfg, settings.client_id, settings.data) if settings.data else None
-        self.sim = Simulation(cfg, self.state_dir / "run", progress=False, federation=fed)
-        ids = [c.cid for c in self.sim.fed.clients]
+        fed = build_federation(cfg) if fed is None else fed
+        ids = [c.cid for c in fed.clients]
         if settings.client_id not in ids:
             raise NodeConfigError(
                 f"node config: client-id {settings.client_id!r} is not in the run config "
                 f"(clients: {', '.join(ids)})"
             )
+        clients = [PlannedClient(i, c.cid, c.tasks, c.width, c.edge, c.lam)
+                   for i, c in enumerate(fed.clients)]  # fmt: skip
+        plan = server_plan(cfg, clients=clients, task_outputs=fed.task_outputs(),
+                           image_size=fed.image_size)  # fmt: skip
+        self.pool = ClientPool(cfg, fed, plan, self.state_dir / "run" / "edge")
         self.idx = ids.index(settings.client_id)
-        self.client = self.sim.fed.clients[self.idx]
+        self.client = fed.clients[self.idx]
         self.client.edge = False  # this node trains with Lightning whatever the YAML says
         self.last_round = self._restore()
 
@@ -72,7 +78,7 @@ class LightningNode:
         if meta.get("client_id") != self.settings.client_id:
             raise NodeConfigError(f"{p} belongs to client {meta.get('client_id')!r}, "
                                   f"not {self.settings.client_id!r}")  # fmt: skip
-        st = self.sim.stores[self.settings.client_id]
+        st = self.pool.stores[self.settings.client_id]
         local = {k[6:]: v for k, v in arrays.items() if k.startswith("local/")}
         personal = {k[9:]: v for k, v in arrays.items() if k.startswith("personal/")}
         for name, want, got in (("local", st.local, local), ("personal", st.personal, personal)):
@@ -86,7 +92,7 @@ class LightningNode:
         return int(meta.get("round", "0"))
 
     def _save(self, round_no: int) -> None:
-        st = self.sim.stores[self.settings.client_id]
+        st = self.pool.stores[self.settings.client_id]
         arrays = {f"local/{k}": v for k, v in st.local.items()}
         arrays.update({f"personal/{k}": v for k, v in st.personal.items()})
         save_file(arrays, self.state_dir / STATE_FILE,
@@ -96,16 +102,16 @@ class LightningNode:
     def train(
         self, received: dict[str, np.ndarray], ins: TrainInstructions
     ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
-        sim = self.sim
+        pool = self.pool
         ws = WidthSpec(ins.width, ins.slicing, ins.round_idx)  # type: ignore[arg-type]
         cid = self.settings.client_id
-        validate_state(received, sim.spec, ws, sim.shared_keys, client=f"server->{cid}")
-        for k, v in received.items():  # the global state is known only at our width
-            sim.global_state[k] = embed_array(sim.spec, k, sim.global_state[k], v, ws)
-        res = sim.train_client(self.idx, ws, ins.round_idx)
+        validate_state(received, pool.spec, ws, pool.shared_keys, client=f"server->{cid}")
+        res = pool.train(self.idx, ws, ins.round_idx, received)
         if res.shared is None:
-            raise NodeConfigError(f"algorithm {sim.alg!r} shares nothing: nothing to send")
-        personal = res.personal if sim.algorithm.evaluates_personal else None
+            raise NodeConfigError(
+                f"algorithm {pool.algorithm.name!r} shares nothing: nothing to send"
+            )
+        personal = res.personal if pool.algorithm.evaluates_personal else None
         state = personal if personal is not None else {**res.shared, **res.local}
         metrics = self.evaluate(state, ws.width, ins.round_idx)
         self._save(ins.round)
@@ -118,24 +124,13 @@ class LightningNode:
         algorithm's fine-tune if it has one (static batch norm: with the statistics of
         the evaluated weights over this client's training data). ``round_idx`` seeds the
         fine-tune (the in-process loop's seed for the same round)."""
-        from fmtl_lightning.algorithms import load_for_eval
-        from fmtl_lightning.static_bn import compute_static_stats
+        from fmtl_lightning.engine.metrics import flat_metrics
 
         if self.client.x_test.shape[0] == 0:
             return {}
-        ctx = self.sim.fit_context(self.idx, width, round_idx)
-        load_for_eval(self.sim.algorithm, ctx, state)
-        m = ctx.module
-        compute_static_stats(m.model, self.client.x_train)  # static BN only: sBN pass
-        out: dict[str, float] = {}
-        losses = []
-        for task, vals in m.evaluate(
-            self.client.x_test, self.client.y_test, ctx.label_masks
-        ).items():
-            for k, v in vals.items():
-                out[f"{k}/{task}"] = float(v)
-            losses.append(float(vals["loss"]))
-        out["test-loss"] = float(np.mean(losses))
+        per = self.pool.evaluate(self.idx, state, width, round_idx, static_stats=True)
+        out = flat_metrics(per)
+        out["test-loss"] = float(np.mean([vals["loss"] for vals in per.values()]))
         return out
 
 
@@ -144,7 +139,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     empty shells that fix the model (tasks, widths) and the client numbering."""
     import torch
 
-    from fmtl_lightning.deploy.plan import IMAGE_SIZE, client_by_id, planned_clients
+    from fmtl_lightning.engine.plan import IMAGE_SIZE, client_by_id, planned_clients
     from fmtl_lightning.fed_data import ClientData, Federation
     from fmtl_lightning.federation import ClientSpec
     from fmtl_lightning.tasks import get_task

@@ -21,18 +21,21 @@ Run config keys (``[tool.flwr.app.config]`` of the Flower app, or ``flwr run -c`
                           that train on their own, larger data
 ========================  ========================================================
 
-Layout of the run dir: ``config.yaml``, ``spec.json``, ``checkpoints/round_NNNN/``
-(``global.safetensors``, ``meta.json`` with the round report: who was sent what at
-which width and how many bytes, who was accepted / rejected / failed and why, client
-metrics, wall times; ``metrics.csv``), and ``summary.json`` after the last round.
+The round logic is the server engine's (:class:`~fmtl_lightning.engine.ServerEngine`,
+the same the in-process simulation runs); this module is its Flower transport: it waits
+for nodes, moves messages through the :class:`FMTLStrategy` and commits each round.
+
+Layout of the run dir (the simulation's): ``config.yaml``, ``spec.json``,
+``checkpoints/round_NNNN/`` (``global.safetensors``, ``meta.json`` with the round report:
+who was sent what at which width and how many bytes, who was accepted / rejected /
+failed and why, client metrics, wall times; ``metrics.csv``) kept by the YAML's
+``checkpoints`` rule, ``checkpoints/history.jsonl`` (every round's report and metric
+rows), and ``metrics.csv`` and ``summary.json`` after the last round.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -43,14 +46,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fmtl_lightning.checkpoint import completed_rounds, read_round, write_round
-from fmtl_lightning.config import ConfigError, RunConfig, config_to_dict, load_config
-from fmtl_lightning.deploy.plan import ServerPlan, server_plan
+from fmtl_lightning.checkpoint import round_dir
+from fmtl_lightning.config import ConfigError, RunConfig, load_config
 from fmtl_lightning.deploy.strategy import FMTLStrategy, RoundReport
+from fmtl_lightning.engine import ServerEngine, server_plan
+from fmtl_lightning.engine.metrics import metric_rows, per_task, rows_csv
+from fmtl_lightning.engine.plan import refuse_label_masks
 from fmtl_lightning.errors import FMTLError
-from fmtl_lightning.validation import validate_state
+from mobile_client.fileio import atomic_write_text
 
-METRIC_FIELDS = ("round", "client", "width", "task", "loss", "acc", "f1")
 DEFAULTS: dict[str, Any] = {
     "config": "fmtl.yaml",
     "run-dir": "runs/flower",
@@ -83,32 +87,12 @@ def resolve_config(value: str, base: Path | None) -> Path:
 
 
 def _rows(report: RoundReport) -> list[dict[str, Any]]:
-    """metrics.csv rows (the simulator's columns) from the accepted clients' metrics."""
+    """metrics.csv rows (the simulator's columns) from the accepted clients' metrics, at
+    the width each trained."""
     rows = []
     for cid, m in report.accepted.items():
-        width = report.sent[cid]["width"]
-        tasks = sorted({k.split("/", 1)[1] for k in m if k.startswith("acc/")})
-        for t in tasks:
-            rows.append(
-                {
-                    "round": report.round,
-                    "client": cid,
-                    "width": width,
-                    "task": t,
-                    "loss": m.get(f"loss/{t}", ""),
-                    "acc": m[f"acc/{t}"],
-                    "f1": m.get(f"f1/{t}", ""),
-                }
-            )
+        rows.extend(metric_rows(report.round, cid, report.sent[cid]["width"], per_task(m)))
     return rows
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 class DeployedRun:
@@ -117,42 +101,20 @@ class DeployedRun:
     def __init__(
         self, cfg: RunConfig, run_dir: str | Path, *, reply_timeout: float, max_examples: int = 0
     ) -> None:
+        refuse_label_masks(cfg)
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.plan: ServerPlan = server_plan(cfg)
-        self.start_round = 0
-        state = dict(self.plan.initial_state)
-        self._check_or_write_config()
-        done = completed_rounds(self.run_dir)
-        if done:
-            g, _, meta, _ = read_round(self.run_dir, done[-1])
-            validate_state(g, self.plan.spec, 1.0, self.plan.shared_keys, client="<checkpoint>")
-            state, self.start_round = g, done[-1]
-            log(INFO, "fmtl: resuming %s after round %d", self.run_dir, done[-1])
-        self.strategy = FMTLStrategy(
-            self.plan, state, reply_timeout=reply_timeout, max_examples=max_examples
-        )
-
-    def _check_or_write_config(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(config_to_dict(self.cfg), sort_keys=True)
-        saved = self.run_dir / "config.json"
-        if saved.is_file() and completed_rounds(self.run_dir):
-            if saved.read_text() != text:
-                raise ConfigError(
-                    f"run dir {str(self.run_dir)!r} holds rounds of another config; "
-                    "use a new run-dir (or the same YAML to resume)"
-                )
-        import yaml
-
-        saved.write_text(text)
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
-        )
-        (self.run_dir / "spec.json").write_text(self.plan.spec.to_json())
+        self.engine = ServerEngine(server_plan(cfg), run_dir, max_examples=max_examples)
+        self.run_dir = self.engine.run_dir
+        self.engine.check_same_config()
+        self.engine.restore()  # an existing run dir is resumed after its last round
+        self.start_round = self.engine.round_idx
+        if self.start_round:
+            log(INFO, "fmtl: resuming %s after round %d", self.run_dir, self.start_round)
+        self.engine.write_run_files()
+        self.strategy = FMTLStrategy(self.engine, reply_timeout=reply_timeout)
 
     def wait_for_nodes(self, grid: Grid, min_nodes: int, timeout: float) -> int:
-        want = min_nodes or len(self.plan.clients)
+        want = min_nodes or len(self.engine.plan.clients)
         t0 = time.monotonic()
         while True:
             self.strategy.register(grid)
@@ -178,21 +140,15 @@ class DeployedRun:
         rep = s.report
         rep.times["wait"] = t2 - t1
         t3 = time.perf_counter()
-        meta = {
-            "round": server_round,
-            "algorithm": self.cfg.algorithm.name,
-            "clients_trained": sorted(rep.accepted),
-            "report": rep.as_dict(),
-        }
-        write_round(self.run_dir, server_round, s.global_state, {}, meta, _csv(_rows(rep)))
+        meta = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}
+        self.engine.commit_round(server_round, _rows(rep), meta, record={"report": rep.as_dict()})
         rep.times["checkpoint"] = time.perf_counter() - t3
         rep.times["total"] = time.perf_counter() - t0
-        # rewrite meta with the final times (cheap, atomic)
-        meta["report"] = rep.as_dict()
-        rd = self.run_dir / "checkpoints" / f"round_{server_round:04d}" / "meta.json"
-        tmp = rd.with_name(".meta.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, rd)
+        # the round's meta again, with its final times (the journal keeps the first)
+        meta = {"round": server_round, "algorithm": self.cfg.algorithm.name, **meta,
+                "report": rep.as_dict()}  # fmt: skip
+        path = round_dir(self.run_dir, server_round) / "meta.json"
+        atomic_write_text(path, json.dumps(meta, indent=1))
         return rep
 
     def run(self, grid: Grid, num_rounds: int, min_nodes: int, node_wait: float) -> dict:
@@ -200,18 +156,18 @@ class DeployedRun:
         for r in range(self.start_round + 1, num_rounds + 1):
             log(INFO, "fmtl: [ROUND %d/%d]", r, num_rounds)
             self.run_round(grid, r)
+        atomic_write_text(self.run_dir / "metrics.csv", rows_csv(self.engine.history))
         summary = self.summary(num_rounds)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
     def summary(self, num_rounds: int) -> dict[str, Any]:
         rounds = []
-        for r in completed_rounds(self.run_dir):
-            _, _, meta, _ = read_round(self.run_dir, r)
-            rep = meta.get("report", {})
+        for rec in self.engine.records:  # the journal: every round, whatever was pruned
+            rep = rec.get("report", {})
             rounds.append(
                 {
-                    "round": r,
+                    "round": rec["round"],
                     "accepted": sorted(rep.get("accepted", {})),
                     "rejected": rep.get("rejected", {}),
                     "failed": rep.get("failed", {}),

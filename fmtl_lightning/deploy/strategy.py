@@ -1,17 +1,20 @@
-"""A Flower strategy whose math is ours: width slicing, validation, masked aggregation.
+"""A Flower strategy over the server engine: Flower carries the messages, the engine decides.
 
-:class:`FMTLStrategy` is a small ``flwr.serverapp.strategy.Strategy``:
+:class:`FMTLStrategy` is a small ``flwr.serverapp.strategy.Strategy`` and a thin adapter
+over :class:`~fmtl_lightning.engine.ServerEngine` (the same engine the in-process
+simulation runs: sampling, width plan, slicing, validation, aggregation):
 
 * :meth:`~FMTLStrategy.register` asks new nodes who they are (``query.fmtl_info``) and
   checks the answer against the run config (client id known, same tasks, width in
   (0, 1] and not wider than the config gives that client, no two nodes claiming one
   client); a node may declare a narrower width;
-* :meth:`~FMTLStrategy.configure_train` sends each selected node the global shared
-  arrays cut to its width (HeteroFL prefix or FedRolex window, :func:`slice_state`)
-  with the round, width and the hash of what was sent;
-* :meth:`~FMTLStrategy.aggregate_train` checks every reply like the in-process loop
-  does (:func:`validate_state`: keys, shapes at the node's width, dtype, finite values
-  within the magnitude bound; plus the base hash, round and client id), and its claims:
+* :meth:`~FMTLStrategy.configure_train` sends each node the engine selects the global
+  shared arrays the engine cut to its width (HeteroFL prefix or FedRolex window) with
+  the round, width and the hash of what was sent;
+* :meth:`~FMTLStrategy.aggregate_train` checks every reply's envelope (base hash, round,
+  client id, records) and hands its arrays to :meth:`ServerEngine.check_update` (keys,
+  shapes at the node's width, dtype, finite values within the magnitude bound) with its
+  claims:
   ``num-examples`` must be an int in ``[1, max_examples]`` (default: the YAML's
   ``data.samples_per_client``, the most a client's shard holds; a node training on
   its own larger data needs the ServerApp's ``max-examples`` raised), every metric a
@@ -19,9 +22,9 @@
   (``algorithm.aggregator``, :mod:`fmtl_lightning.aggregators`). A malformed reply
   (any record or array, however broken) is rejected with :class:`ReplyRejected` and
   logged, a missing one recorded as a failure; neither aborts the round. Only a node's
-  first reply in a round counts (a second one is rejected). Entries no
-  accepted client holds keep their value, and a global state that is not finite is
-  never adopted.
+  first reply in a round counts (a second one is rejected). The engine folds the
+  accepted ones in client order; entries no accepted client holds keep their value,
+  and a global state that is not finite is never adopted.
 
 Everything here is numpy + flwr: no torch at import time.
 """
@@ -35,19 +38,14 @@ from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fmtl_lightning.aggregation import MAX_EXAMPLES, ClientUpdate
-from fmtl_lightning.config import ConfigError
-from fmtl_lightning.deploy.plan import PlannedClient, ServerPlan
-from fmtl_lightning.errors import FMTLError, StateValidationError
-from fmtl_lightning.roles import WidthSpec
-from fmtl_lightning.slicing import slice_state
-from fmtl_lightning.validation import check_finite, validate_state
+from fmtl_lightning.aggregation import ClientUpdate
+from fmtl_lightning.engine import Assignment, PlannedClient, ReplyRejected, ServerEngine
+from fmtl_lightning.engine.seeds import phase_seed
 from mobile_client.flower_app import (
     ARRAYS,
     CONFIG,
@@ -62,10 +60,6 @@ from mobile_client.flower_app import (
 from mobile_client.update import state_hash
 
 
-class ReplyRejected(FMTLError, ValueError):
-    """A node's reply that fails a check; the message names the client and what is wrong."""
-
-
 @dataclass(frozen=True)
 class Node:
     node_id: int
@@ -77,7 +71,7 @@ class Node:
 @dataclass(frozen=True)
 class Sent:
     node: Node
-    ws: WidthSpec
+    assignment: Assignment
     base_hash: str
     bytes_down: int
 
@@ -115,27 +109,19 @@ def _weighted_mean(values: list[tuple[float, float]]) -> float:
 
 
 class FMTLStrategy(Strategy):
-    """See the module docstring. ``global_state``: shared keys at full width."""
+    """See the module docstring. ``engine`` holds the global state and the run's rules."""
 
     def __init__(
         self,
-        plan: ServerPlan,
-        global_state: dict[str, np.ndarray],
+        engine: ServerEngine,
         *,
         reply_timeout: float = 600.0,
         query_timeout: float = 60.0,
-        max_examples: int = 0,
     ) -> None:
-        validate_state(global_state, plan.spec, 1.0, plan.shared_keys, client="<global>")
-        self.plan = plan
-        self.global_state = global_state
+        self.engine = engine
+        self.plan = engine.plan
         self.reply_timeout = float(reply_timeout)
         self.query_timeout = min(float(query_timeout), self.reply_timeout)
-        # the largest num-examples a reply may claim (0: the YAML's data.samples_per_client)
-        self.max_examples = int(max_examples) or plan.cfg.data.samples_per_client
-        if not 0 < self.max_examples <= MAX_EXAMPLES:
-            raise ConfigError(f"max-examples must be in [1, 2**53] (0: the YAML's "
-                              f"data.samples_per_client), got {max_examples!r}")  # fmt: skip
         self.nodes: dict[int, Node] = {}
         self.refused: dict[int, str] = {}  # node id -> why it was not registered
         self.pending: dict[int, Sent] = {}
@@ -211,50 +197,47 @@ class FMTLStrategy(Strategy):
         """One train message per selected registered online node (``arrays``, when not
         empty, replaces the global state first)."""
         t0 = time.perf_counter()
+        eng = self.engine
         if len(arrays):
-            state = from_record(arrays)
-            validate_state(state, self.plan.spec, 1.0, self.plan.shared_keys, client="<global>")
-            self.global_state = state
+            eng.adopt(from_record(arrays))
         online = set(grid.get_node_ids())
         by_idx = {n.client.idx: n for n in self.nodes.values() if n.node_id in online}
         round_idx = server_round - 1
-        chosen = self.plan.selected(sorted(by_idx), round_idx)
+        declared = {idx: n.width for idx, n in by_idx.items()}
         self.report = RoundReport(server_round)
         self.pending = {}
-        cfg = self.plan.cfg
+        cfg = eng.cfg
         f = cfg.federation
         run_yaml = _run_yaml(cfg)
         msgs = []
-        for idx in chosen:
-            node = by_idx[idx]
-            ws = self.plan.width_of(node.client, node.width, round_idx)
-            sub = slice_state(self.global_state, self.plan.spec, ws)
-            base = state_hash(sub)
+        for a in eng.assign(round_idx, sorted(by_idx), declared):
+            node = by_idx[a.idx]
+            base = state_hash(a.received)
             ins = TrainInstructions(
                 round=server_round,
                 round_idx=round_idx,
                 client_id=node.client.client_id,
-                client_idx=idx,
-                width=ws.width,
-                slicing=ws.mode,
+                client_idx=a.idx,
+                width=a.ws.width,
+                slicing=a.ws.mode,
                 base_hash=base,
                 epochs=f.local_epochs,
                 batch_size=f.batch_size,
                 lr=cfg.optimizer.lr,
                 steps=-1 if f.local_steps is None else f.local_steps,
-                batch_seed=_batch_seed(cfg.seed, round_idx, idx),
+                batch_seed=phase_seed(cfg.seed, round_idx, a.idx, "global"),
                 run_config=run_yaml if node.runtime == "lightning" else "",
             )
-            rec = to_record(sub)
+            rec = to_record(a.received)
             content = RecordDict({ARRAYS: rec, CONFIG: ins.to_record()})
             msgs.append(
                 Message(content, dst_node_id=node.node_id, message_type="train",
                         ttl=self.reply_timeout, group_id=str(server_round))
             )  # fmt: skip
-            self.pending[node.node_id] = Sent(node, ws, base, rec.count_bytes())
+            self.pending[node.node_id] = Sent(node, a, base, rec.count_bytes())
             self.report.sent[node.client.client_id] = {
                 "node": node.node_id,
-                "width": ws.width,
+                "width": a.ws.width,
                 "runtime": node.runtime,
                 "bytes_down": rec.count_bytes(),
             }
@@ -294,26 +277,17 @@ class FMTLStrategy(Strategy):
             arrays = from_record(c[ARRAYS], f"client {cid!r} arrays")
         except ProtocolError as exc:
             raise ReplyRejected(f"client {cid!r}: {exc}") from exc
-        try:
-            validate_state(arrays, self.plan.spec, sent.ws, self.plan.shared_keys, client=cid)
-        except StateValidationError as exc:
-            raise ReplyRejected(str(exc)) from exc
-        n = metrics.get("num-examples")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.max_examples:
-            raise ReplyRejected(
-                f"client {cid!r}: num-examples must be an int in [1, {self.max_examples}] "
-                f"(the ServerApp's max-examples), got {n!r}"
-            )
+        upd = self.engine.check_update(sent.assignment, arrays, metrics.get("num-examples"))
         m = {k: _number(v, f"client {cid!r} metric {k!r}") for k, v in metrics.items()
              if k != "num-examples"}  # fmt: skip
-        return ClientUpdate(cid, arrays, n, sent.ws), m, c[ARRAYS].count_bytes()
+        return upd, m, c[ARRAYS].count_bytes()
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t0 = time.perf_counter()
         rep = self.report
-        updates: list[tuple[int, ClientUpdate]] = []
+        updates: list[ClientUpdate] = []
         answered = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
@@ -340,7 +314,7 @@ class FMTLStrategy(Strategy):
                 log(ERROR, "fmtl: round %s: client %s: %s", server_round, cid,
                     rep.rejected[cid], exc_info=True)  # fmt: skip
                 continue
-            updates.append((sent.node.client.idx, upd))  # type: ignore[union-attr]
+            updates.append(upd)
             rep.accepted[cid] = {"num_examples": upd.num_examples, "bytes_up": up, **metrics}
         for nid, sent in self.pending.items():
             if nid not in answered:
@@ -348,20 +322,10 @@ class FMTLStrategy(Strategy):
                 rep.failed[cid] = f"no reply within reply-timeout ({self.reply_timeout:g} s)"
                 log(WARNING, "fmtl: round %s: client %s (node %s) did not reply in %g s",
                     server_round, cid, nid, self.reply_timeout)  # fmt: skip
-        updates.sort(key=lambda t: t[0])  # the simulator's order: client index
-        if updates:
-            new = self.plan.cfg.algorithm.aggregator(
-                self.global_state,
-                [u for _, u in updates],
-                self.plan.spec,
-                weighting=self.plan.cfg.algorithm.weighting,
-            )
-            try:  # an aggregator cannot return NaN/Inf from checked replies; never adopt one
-                check_finite(new, self.plan.spec, self.plan.shared_keys, client="<aggregate>")
-                self.global_state = new
-            except StateValidationError as exc:
-                rep.failed["<aggregate>"] = f"{exc}; the global state is kept"
-                log(ERROR, "fmtl: round %s: %s", server_round, rep.failed["<aggregate>"])
+        refused = self.engine.aggregate(updates)  # folded in client order, never non-finite
+        if refused is not None:
+            rep.failed["<aggregate>"] = refused
+            log(ERROR, "fmtl: round %s: %s", server_round, refused)
         rep.times["aggregate"] = time.perf_counter() - t0
         self.history.append(rep)
         losses = [(v["loss"], v["num_examples"]) for v in rep.accepted.values() if "loss" in v]
@@ -376,7 +340,7 @@ class FMTLStrategy(Strategy):
             mr["loss"] = _weighted_mean(losses)
         log(INFO, "fmtl: round %s: %d accepted, %d rejected, %d failed", server_round,
             len(rep.accepted), len(rep.rejected), len(rep.failed))  # fmt: skip
-        return to_record(self.global_state), mr
+        return to_record(self.engine.global_state), mr
 
     # ------------------------------------------------------------------ evaluate (in train)
     def configure_evaluate(
@@ -391,7 +355,7 @@ class FMTLStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        a = self.plan.cfg.algorithm
+        a = self.engine.cfg.algorithm
         log(INFO, "\t├── fmtl %s, aggregator %s, slicing %s, weighting %s, %d planned clients, "
             "reply timeout %g s", a.name, a.aggregator, a.slicing, a.weighting,
             len(self.plan.clients), self.reply_timeout)  # fmt: skip
@@ -405,12 +369,6 @@ def _number(v: object, what: str) -> float:
     if not math.isfinite(x):
         raise ReplyRejected(f"{what}: expected a finite number, got {v!r}")
     return x
-
-
-def _batch_seed(seed: int, round_idx: int, client_idx: int) -> int:
-    """The simulator's batch seed of a client's "global" phase (local_fit.phase_seed)."""
-    ss = np.random.SeedSequence([seed, round_idx, client_idx, 1])  # PHASES["global"] == 1
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def _run_yaml(cfg: Any) -> str:

@@ -20,9 +20,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 
 from fmtl_lightning.aggregation import ClientUpdate, aggregate  # noqa: E402
 from fmtl_lightning.config import ConfigError, parse_config  # noqa: E402
-from fmtl_lightning.deploy.plan import server_plan  # noqa: E402
 from fmtl_lightning.deploy.server_app import DeployedRun  # noqa: E402
-from fmtl_lightning.deploy.strategy import FMTLStrategy, _batch_seed  # noqa: E402
+from fmtl_lightning.deploy.strategy import FMTLStrategy  # noqa: E402
+from fmtl_lightning.engine import ServerEngine  # noqa: E402
+from fmtl_lightning.engine.plan import server_plan  # noqa: E402
+from fmtl_lightning.engine.seeds import phase_seed  # noqa: E402
 from fmtl_lightning.roles import WidthSpec  # noqa: E402
 from fmtl_lightning.slicing import slice_state  # noqa: E402
 from mobile_client.flower_app import (  # noqa: E402
@@ -109,7 +111,7 @@ def plan():
 
 
 def _strategy(plan, grid) -> FMTLStrategy:
-    s = FMTLStrategy(plan, dict(plan.initial_state), reply_timeout=5.0)
+    s = FMTLStrategy(ServerEngine(plan, "unused"), reply_timeout=5.0)
     s.register(grid)
     return s
 
@@ -167,7 +169,7 @@ def test_each_node_gets_the_global_state_sliced_to_its_width_with_hash_and_seed(
         assert set(arrays) == set(plan.shared_keys)
         for k in want:
             np.testing.assert_array_equal(arrays[k], want[k])
-        assert ins.batch_seed == _batch_seed(3, 0, ins.client_idx)
+        assert ins.batch_seed == phase_seed(3, 0, ins.client_idx, "global")
         assert ins.run_config and "digits/parity" in ins.run_config
     rep = s.report
     assert [rep.sent[c]["width"] for c in ("c00", "c01", "c02")] == [1.0, 0.5, 0.25]
@@ -193,7 +195,7 @@ def test_aggregate_equals_the_pure_function_on_the_same_updates(plan):
     got = from_record(arrays)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
-        np.testing.assert_array_equal(s.global_state[k], want[k])
+        np.testing.assert_array_equal(s.engine.global_state[k], want[k])
     assert metrics["accepted"] == 3 and metrics["failed"] == 0 and metrics["loss"] == 1.0
 
 
@@ -270,7 +272,7 @@ def _bad(kind: str) -> Handler:
 def test_a_bad_reply_is_recorded_and_the_round_goes_on_without_it(plan, kind, where, words):
     grid = FakeGrid({101: good_node(101), 102: _bad(kind), 103: good_node(103)})
     s = _strategy(plan, grid)
-    before = {k: v.copy() for k, v in s.global_state.items()}
+    before = {k: v.copy() for k, v in s.engine.global_state.items()}
     _, metrics = _round(s, grid)
     rep = s.report
     assert sorted(rep.accepted) == ["c00", "c02"]
@@ -284,7 +286,7 @@ def test_a_bad_reply_is_recorded_and_the_round_goes_on_without_it(plan, kind, wh
     ]  # fmt: skip
     want = aggregate(before, ups, plan.spec, weighting="uniform")
     for k in want:
-        np.testing.assert_array_equal(s.global_state[k], want[k])
+        np.testing.assert_array_equal(s.engine.global_state[k], want[k])
 
 
 def test_server_checkpoints_every_round_and_resumes_after_the_last(plan, tmp_path):
@@ -293,7 +295,7 @@ def test_server_checkpoints_every_round_and_resumes_after_the_last(plan, tmp_pat
     run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
     run.wait_for_nodes(grid, 0, 1.0)
     run.run_round(grid, 1)
-    g1 = {k: v.copy() for k, v in run.strategy.global_state.items()}
+    g1 = {k: v.copy() for k, v in run.engine.global_state.items()}
     meta = json.loads((tmp_path / "run/checkpoints/round_0001/meta.json").read_text())
     assert meta["clients_trained"] == ["c00", "c01", "c02"]
     assert set(meta["report"]["times"]) >= {"configure", "wait", "aggregate", "checkpoint"}
@@ -301,7 +303,7 @@ def test_server_checkpoints_every_round_and_resumes_after_the_last(plan, tmp_pat
     again = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)  # a restarted server
     assert again.start_round == 1
     for k in g1:
-        np.testing.assert_array_equal(again.strategy.global_state[k], g1[k])
+        np.testing.assert_array_equal(again.engine.global_state[k], g1[k])
     summary = again.run(grid, 2, 0, 1.0)
     assert summary["resumed_after"] == 1 and [r["round"] for r in summary["per_round"]] == [1, 2]
     other = copy.deepcopy(CFG)
@@ -311,7 +313,6 @@ def test_server_checkpoints_every_round_and_resumes_after_the_last(plan, tmp_pat
 
 
 def test_plan_starts_from_the_simulators_initial_state():
-    from fmtl_lightning.local_fit import phase_seed
     from fmtl_lightning.simulation import Simulation
 
     cfg = parse_config(copy.deepcopy(CFG))
@@ -320,14 +321,14 @@ def test_plan_starts_from_the_simulators_initial_state():
     assert p.shared_keys == sim.shared_keys
     for k, v in sim.global_state.items():
         np.testing.assert_array_equal(p.initial_state[k], v)
-    assert _batch_seed(3, 5, 2) == phase_seed(3, 5, 2, "global")
 
 
-def test_plan_refuses_label_split_it_cannot_honour():
+def test_the_deployed_server_refuses_label_split_it_cannot_honour(tmp_path):
     raw = copy.deepcopy(CFG)
     raw["algorithm"] = {"name": "fedavg", "masked_ce": True, "aggregator": "label_split"}
     with pytest.raises(ConfigError, match="algorithm.aggregator: label_split needs each client"):
-        server_plan(parse_config(raw))
+        DeployedRun(parse_config(raw), tmp_path / "run", reply_timeout=5.0)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize(
@@ -414,7 +415,7 @@ def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path
     sim.run_round()
     sim.run_round()
     for k, v in sim.global_state.items():
-        np.testing.assert_allclose(run.strategy.global_state[k], v, rtol=0, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(run.engine.global_state[k], v, rtol=0, atol=1e-6, err_msg=k)
     rep = run.strategy.history[-1]
     assert sorted(rep.accepted) == ["c00", "c01", "c02"] and not rep.rejected and not rep.failed
     assert set(rep.accepted["c02"]) >= {"acc/digits/parity", "test-loss", "num_examples"}
@@ -423,7 +424,7 @@ def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path
     for n, cid in ((101, "c00"), (103, "c02")):
         arrays, meta = load_file(tmp_path / f"n{n}" / "client.safetensors")
         assert meta == {"client_id": cid, "round": "2"}
-        for k, v in sim.stores[cid].local.items():
+        for k, v in sim.pool.stores[cid].local.items():
             np.testing.assert_allclose(arrays[f"local/{k}"], v, rtol=0, atol=1e-6, err_msg=k)
 
 
@@ -516,7 +517,7 @@ def test_a_malformed_reply_is_one_rejected_client_never_the_round(plan, kind):
     grid = FakeGrid({101: good_node(101), 102: custom_node(102, content=MALFORMED[kind]),
                      103: good_node(103)})  # fmt: skip
     s = _strategy(plan, grid)
-    before = {k: v.copy() for k, v in s.global_state.items()}
+    before = {k: v.copy() for k, v in s.engine.global_state.items()}
     _, metrics = _round(s, grid)
     rep = s.report
     assert sorted(rep.accepted) == ["c00", "c02"] and list(rep.rejected) == ["c01"]
@@ -524,7 +525,7 @@ def test_a_malformed_reply_is_one_rejected_client_never_the_round(plan, kind):
     assert metrics["rejected"] == 1 and metrics["failed"] == 0
     want = _good_pair_result(plan, before)
     for k in want:
-        np.testing.assert_array_equal(s.global_state[k], want[k])
+        np.testing.assert_array_equal(s.engine.global_state[k], want[k])
 
 
 def test_an_empty_array_reply_leaves_a_checkpoint_and_the_run_goes_on(tmp_path):
@@ -627,7 +628,7 @@ def test_a_huge_value_reply_is_rejected_and_the_run_stays_resumable(tmp_path):
     assert again.start_round == 1
     summary = again.run(grid, 2, 0, 1.0)
     assert summary["per_round"][1]["accepted"] == ["c00", "c01", "c02"]
-    assert all(np.isfinite(v).all() for v in again.strategy.global_state.values())
+    assert all(np.isfinite(v).all() for v in again.engine.global_state.values())
 
 
 @pytest.mark.parametrize("n,ok", [(2**62, False), (61, False), (60, True), (0, False), (-1, False)])
@@ -637,7 +638,7 @@ def test_num_examples_claims_are_bounded_by_max_examples(n, ok):
     plan = server_plan(parse_config(_examples_cfg()))
     grid = FakeGrid({101: good_node(101), 102: custom_node(102, n=n), 103: good_node(103)})
     s = _strategy(plan, grid)
-    assert s.max_examples == 60
+    assert s.engine.max_examples == 60
     _round(s, grid)
     if ok:
         assert sorted(s.report.accepted) == ["c00", "c01", "c02"]
@@ -652,13 +653,13 @@ def test_num_examples_claims_are_bounded_by_max_examples(n, ok):
 
 def test_max_examples_is_configurable_and_checked(plan):
     grid = FakeGrid({101: good_node(101), 102: custom_node(102, n=500), 103: good_node(103)})
-    s = FMTLStrategy(plan, dict(plan.initial_state), reply_timeout=5.0, max_examples=1000)
+    s = FMTLStrategy(ServerEngine(plan, "unused", max_examples=1000), reply_timeout=5.0)
     s.register(grid)
     _round(s, grid)
     assert s.report.accepted["c01"]["num_examples"] == 500
     for bad in (-5, 2**60):
         with pytest.raises(ConfigError, match="max-examples must be in"):
-            FMTLStrategy(plan, dict(plan.initial_state), max_examples=bad)
+            ServerEngine(plan, "unused", max_examples=bad)
 
 
 def test_a_node_wider_than_the_plan_is_refused_a_narrower_one_accepted(plan):
@@ -709,10 +710,10 @@ def test_a_non_finite_aggregate_is_never_adopted_or_written(tmp_path, monkeypatc
     cfg = parse_config(copy.deepcopy(CFG))
     grid = FakeGrid({n: good_node(n) for n in NODE_CONFIG})
     run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
-    before = {k: v.copy() for k, v in run.strategy.global_state.items()}
+    before = {k: v.copy() for k, v in run.engine.global_state.items()}
     run.wait_for_nodes(grid, 0, 1.0)
     rep = run.run_round(grid, 1)
     assert "non-finite" in rep.failed["<aggregate>"] and "kept" in rep.failed["<aggregate>"]
     for k, v in before.items():
-        np.testing.assert_array_equal(run.strategy.global_state[k], v)
+        np.testing.assert_array_equal(run.engine.global_state[k], v)
     assert DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0).start_round == 1

@@ -23,8 +23,8 @@ pytest.importorskip("flwr")
 from fmtl_lightning.checkpoint import completed_rounds, read_round  # noqa: E402
 from fmtl_lightning.config import load_config  # noqa: E402
 from fmtl_lightning.deploy.local import LocalDeployment, NodeSpec, alive  # noqa: E402
-from fmtl_lightning.deploy.plan import server_plan  # noqa: E402
 from fmtl_lightning.deploy.prepare import prepare_edge  # noqa: E402
+from fmtl_lightning.engine.plan import server_plan  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
 pytestmark = pytest.mark.slow

@@ -13,8 +13,9 @@ from flwr.app import ArrayRecord, ConfigRecord  # noqa: E402
 
 from fmtl_lightning.aggregation import ClientUpdate, aggregate  # noqa: E402
 from fmtl_lightning.config import parse_config  # noqa: E402
-from fmtl_lightning.deploy.plan import server_plan  # noqa: E402
 from fmtl_lightning.deploy.strategy import FMTLStrategy  # noqa: E402
+from fmtl_lightning.engine import ServerEngine  # noqa: E402
+from fmtl_lightning.engine.plan import server_plan  # noqa: E402
 from fmtl_lightning.roles import WidthSpec  # noqa: E402
 from mobile_client.flower_app import read_train_message, reply_message  # noqa: E402
 from tests.hostile.surface_replies import BASE_CFG, FakeGrid, RunIdentity  # noqa: E402
@@ -24,7 +25,7 @@ def test_a_second_reply_from_a_node_is_rejected_and_not_averaged_in():
     plan = server_plan(parse_config(copy.deepcopy(BASE_CFG)))
     grid = FakeGrid(plan)
     with RunIdentity():
-        s = FMTLStrategy(plan, copy.deepcopy(plan.initial_state), reply_timeout=5.0)
+        s = FMTLStrategy(ServerEngine(plan, "unused"), reply_timeout=5.0)
         s.register(grid)
         msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
         replies, want = [], []
@@ -44,6 +45,6 @@ def test_a_second_reply_from_a_node_is_rejected_and_not_averaged_in():
     assert "replied again this round" in rep.rejected["c01 (extra reply)"]
     assert metrics["accepted"] == 3 and metrics["rejected"] == 1 and metrics["loss"] == 1.0
     expected = aggregate(plan.initial_state, want, plan.spec, weighting="examples")
-    assert set(s.global_state) == set(expected)
+    assert set(s.engine.global_state) == set(expected)
     for k, v in expected.items():
-        np.testing.assert_array_equal(s.global_state[k], v, err_msg=k)
+        np.testing.assert_array_equal(s.engine.global_state[k], v, err_msg=k)

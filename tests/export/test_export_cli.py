@@ -51,7 +51,7 @@ def _sim(run_dir: Path):
 
     sim = Simulation(load_config(run_dir / "config.yaml"), run_dir, progress=False)
     last = completed_rounds(run_dir)[-1]
-    sim._restore(last)
+    sim.pool.restore(sim.engine.restore())
     return sim, last
 
 
@@ -86,7 +86,7 @@ def _client_model(sim, cid: str):
     s, last = sim
     c = next(c for c in s.fed.clients if c.cid == cid)
     ws = WidthSpec(c.width, s.cfg.algorithm.slicing, max(last - 1, 0))
-    model = s.module_for(c, c.width).model
+    model = s.pool.module_for(c, c.width).model
     load_arrays(model, s.client_state(c, ws))
     return c, model.eval()
 
@@ -353,7 +353,7 @@ def test_other_algorithms_match_torch(tmp_path: Path, algorithm: str) -> None:
         logits = _session(out / h.file.path).run(None, {"features": feats})[0]
         if algorithm == "fedavg":
             assert h.columns is not None and h.file.path == "head_c01_union.onnx"
-            start, end = s[0].union_slices[h.task]
+            start, end = s[0].engine.plan.layout.union_slices[h.task]
             assert h.columns == (start, end) and end - start == len(h.labels)
             np.testing.assert_allclose(
                 logits[:, start:end], want["union"][:, start:end].numpy(), rtol=1e-5, atol=1e-6

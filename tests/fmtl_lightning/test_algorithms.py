@@ -26,8 +26,9 @@ from fmtl_lightning.algorithms import (
     unregister,
 )
 from fmtl_lightning.algorithms.base import head_keys, train_jointly
+from fmtl_lightning.clients import ClientPool
 from fmtl_lightning.config import ConfigError, parse_config
-from fmtl_lightning.local_fit import phase_seed
+from fmtl_lightning.engine.seeds import phase_seed
 from fmtl_lightning.models import MultiTaskModel, load_arrays, state_arrays
 from fmtl_lightning.roles import WidthSpec
 from fmtl_lightning.simulation import Simulation
@@ -44,7 +45,7 @@ def _sim(cfg: dict, tmp_path, name: str = "run") -> Simulation:
 def _init(sim: Simulation) -> dict[str, np.ndarray]:
     """The run's initial full-width model, rebuilt independently (same seed, same tasks)."""
     torch.manual_seed(sim.cfg.seed)
-    return state_arrays(MultiTaskModel(sim.bcfg, sim.model_tasks, 1.0))
+    return state_arrays(MultiTaskModel(sim.engine.plan.backbone, sim.engine.plan.layout.model_tasks, 1.0))
 
 
 def _rows(sim: Simulation, round_no: int) -> dict[tuple[str, str], dict]:
@@ -55,7 +56,7 @@ def _stored(sim: Simulation) -> tuple[dict, dict]:
     g = {k: v.copy() for k, v in sim.global_state.items()}
     st = {
         c: {k: v.copy() for k, v in {**s.local, **s.personal}.items()}
-        for c, s in sim.stores.items()
+        for c, s in sim.pool.stores.items()
     }
     return g, st
 
@@ -140,15 +141,15 @@ def test_an_algorithm_is_its_file_plus_its_registration(small_cfg, tmp_path, hea
     small_cfg["algorithm"] = {"name": "test_heads_only"}
     small_cfg["federation"]["rounds"] = 1
     sim = _sim(small_cfg, tmp_path)
-    assert sim.algorithm is heads_only
+    assert sim.pool.algorithm is heads_only
     init = _init(sim)
-    sim.phase_log = {}
+    sim.pool.phase_log = {}
     sim.run()
-    assert sim.phase_log == {c.cid: ["head"] for c in sim.fed.clients}
+    assert sim.pool.phase_log == {c.cid: ["head"] for c in sim.fed.clients}
     assert set(sim.global_state) == set(sim.shared_keys)
     for k in sim.shared_keys:  # the body did not train: the mean of three copies of init
         np.testing.assert_allclose(sim.global_state[k], init[k], rtol=1e-6, atol=1e-7)
-    for cid, st in sim.stores.items():  # every head trained
+    for cid, st in sim.pool.stores.items():  # every head trained
         assert st.local and all(not np.array_equal(v, init[k]) for k, v in st.local.items()), cid
     unregister(heads_only.name)
     with pytest.raises(ConfigError, match="algorithm.name: 'test_heads_only' is not one of"):
@@ -172,16 +173,16 @@ def test_fedbabu_heads_stay_at_init_only_the_body_trains_and_is_sent(
     sim = _sim(small_cfg, tmp_path)
     init = _init(sim)
     heads = set(sim.spec.keys_of_kind("head"))
-    sim.phase_log = {}
+    sim.pool.phase_log = {}
     sim.run()
     # training: one body phase per round; evaluation: one head fine-tune per round
-    assert sim.phase_log == {c.cid: ["body", "finetune"] * 3 for c in sim.fed.clients}
+    assert sim.pool.phase_log == {c.cid: ["body", "finetune"] * 3 for c in sim.fed.clients}
     assert len(seen) == 3 * 3
     for keys in seen:  # only body keys are aggregated (what the spec shares), no head
         assert keys == set(sim.shared_keys) and not keys & heads
     for k in sim.shared_keys:  # the body changed
         assert not np.array_equal(sim.global_state[k], init[k]), k
-    for cid, st in sim.stores.items():  # every stored head is still its initialisation
+    for cid, st in sim.pool.stores.items():  # every stored head is still its initialisation
         assert set(st.local) and set(st.local) <= heads
         for k, v in st.local.items():
             np.testing.assert_array_equal(v, init[k], err_msg=f"{cid} {k}")
@@ -189,9 +190,9 @@ def test_fedbabu_heads_stay_at_init_only_the_body_trains_and_is_sent(
     # evaluation fine-tuned the heads: the rows differ from the stored model's metrics
     before = _stored(sim)
     rows = _rows(sim, 3)
-    for c in sim.fed.clients:
-        m = sim.module_for(c, c.width)
-        load_arrays(m.model, sim.client_state(c, sim.eval_width(c, 3)))
+    for i, c in enumerate(sim.fed.clients):
+        m = sim.pool.module_for(c, c.width)
+        load_arrays(m.model, sim.client_state(c, sim.engine.eval_width(i, 3)))
         plain = m.evaluate(c.x_test, c.y_test)
         for t, vals in plain.items():
             assert rows[(c.cid, t)]["loss"] != round(vals["loss"], 6), (c.cid, t)
@@ -199,7 +200,7 @@ def test_fedbabu_heads_stay_at_init_only_the_body_trains_and_is_sent(
     again = sim.evaluate(3)
     assert {(r["client"], r["task"]): r for r in again} == rows
     _assert_same(before[0], sim.global_state)
-    for cid, st in sim.stores.items():
+    for cid, st in sim.pool.stores.items():
         _assert_same(before[1][cid], {**st.local, **st.personal})
 
 
@@ -209,9 +210,9 @@ def test_fedbabu_finetune_moves_only_the_heads(small_cfg, tmp_path):
     small_cfg["algorithm"] = {"name": "fedbabu", "finetune_epochs": 1}
     sim = _sim(small_cfg, tmp_path)
     c = sim.fed.clients[2]
-    state = sim.client_state(c, sim.eval_width(c, 1))
-    ctx = sim.fit_context(2, c.width, 0)
-    assert load_for_eval(sim.algorithm, ctx, state) == Phase("finetune", head_keys(ctx), 1)
+    state = sim.client_state(c, sim.engine.eval_width(2, 1))
+    ctx = sim.pool.fit_context(2, c.width, 0)
+    assert load_for_eval(sim.pool.algorithm, ctx, state) == Phase("finetune", head_keys(ctx), 1)
     after = state_arrays(ctx.module.model)
     heads = set(sim.spec.keys_of_kind("head"))
     for k, v in state.items():  # the heads moved, nothing else did
@@ -220,31 +221,31 @@ def test_fedbabu_finetune_moves_only_the_heads(small_cfg, tmp_path):
 
 
 # ---------------------------------------------------------------------- FedAvg+FT
-def _hand_finetune_eval(sim: Simulation, idx: int, state: dict, width: float, round_idx: int):
+def _hand_finetune_eval(pool: ClientPool, idx: int, state: dict, width: float, round_idx: int):
     """FedAvg+FT by hand: plain torch SGD over the whole union-head model on the client's
     training split (batches of the phase seed), then its test metrics."""
-    c = sim.fed.clients[idx]
-    model = MultiTaskModel(sim.bcfg, sim.model_tasks, width)
+    c = pool.fed.clients[idx]
+    model = MultiTaskModel(pool.plan.backbone, pool.plan.layout.model_tasks, width)
     with torch.no_grad():
         for k, t in model.state_dict().items():
             t.copy_(torch.from_numpy(np.array(state[k])))
-    opt = torch.optim.SGD(model.parameters(), lr=sim.cfg.optimizer.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=pool.cfg.optimizer.lr)
 
     def losses(x, ys):
         z = model(x)[UNION_HEAD]
         out = {}
         for t in c.tasks:
-            a, b = sim.union_slices[t]
+            a, b = pool.plan.layout.union_slices[t]
             if get_task(t).kind == "multiclass":
                 out[t] = F.cross_entropy(z[:, a:b], ys[t])
             else:
                 out[t] = F.binary_cross_entropy_with_logits(z[:, a:b], ys[t])
         return z, out
 
-    f = sim.cfg.federation
-    seed = phase_seed(sim.cfg.seed, round_idx, idx, "finetune")
+    f = pool.cfg.federation
+    seed = phase_seed(pool.cfg.seed, round_idx, idx, "finetune")
     model.train()
-    for bi in batch_order(c.x_train.shape[0], f.batch_size, sim.cfg.algorithm.finetune_epochs,
+    for bi in batch_order(c.x_train.shape[0], f.batch_size, pool.cfg.algorithm.finetune_epochs,
                           None, seed):  # fmt: skip
         b = torch.from_numpy(bi)
         opt.zero_grad()
@@ -256,7 +257,7 @@ def _hand_finetune_eval(sim: Simulation, idx: int, state: dict, width: float, ro
         z, ls = losses(c.x_test, c.y_test)
     want = {}
     for t in c.tasks:
-        a, b = sim.union_slices[t]
+        a, b = pool.plan.layout.union_slices[t]
         y = c.y_test[t]
         if get_task(t).kind == "multiclass":
             acc = (z[:, a:b].argmax(1) == y).float().mean().item()
@@ -273,8 +274,8 @@ def test_fedavg_ft_evaluation_equals_a_hand_run_finetune_of_the_global_model(sma
     assert sim.shared_keys == tuple(sim.global_state)  # everything is sent (FedAvg)
     rows = _rows(sim, 2)
     for idx, c in enumerate(sim.fed.clients):
-        state = sim.client_state(c, sim.eval_width(c, 2))
-        want = _hand_finetune_eval(sim, idx, state, c.width, round_idx=1)
+        state = sim.client_state(c, sim.engine.eval_width(idx, 2))
+        want = _hand_finetune_eval(sim.pool, idx, state, c.width, round_idx=1)
         for t, (loss, acc) in want.items():
             assert rows[(c.cid, t)]["loss"] == pytest.approx(loss, abs=2e-5), (c.cid, t)
             assert rows[(c.cid, t)]["acc"] == pytest.approx(acc, abs=1e-6), (c.cid, t)
@@ -296,9 +297,9 @@ def test_the_lightning_node_evaluates_fedavg_ft_with_the_same_finetune(small_cfg
     cfg = parse_config(small_cfg)
     settings = NodeSettings("c02", 0.5, ("digits/parity", "digits/attrs"), state_dir=tmp_path)
     node = LightningNode(settings, yaml.safe_dump(config_to_dict(cfg)))
-    state = node.sim.client_state(node.client, WidthSpec(0.5))
+    state = node.pool.client_state(node.client, WidthSpec(0.5), node.pool.plan.initial_state)
     got = node.evaluate(state, 0.5, round_idx=4)
-    want = _hand_finetune_eval(node.sim, 2, state, 0.5, round_idx=4)
+    want = _hand_finetune_eval(node.pool, 2, state, 0.5, round_idx=4)
     for t, (loss, acc) in want.items():
         assert got[f"loss/{t}"] == pytest.approx(loss, abs=2e-5), t
         assert got[f"acc/{t}"] == pytest.approx(acc, abs=1e-6), t

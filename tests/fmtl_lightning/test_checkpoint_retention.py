@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import fmtl_lightning.checkpoint as checkpoint
-import fmtl_lightning.simulation as simulation
+import fmtl_lightning.engine.core as engine_core
 from fmtl_lightning.checkpoint import (
     HISTORY_FILE,
     CheckpointError,
@@ -145,7 +145,7 @@ def _crash_after_history(mp, run_dir):
     def write_round(*a, **k):
         raise Killed
 
-    mp.setattr(simulation, "write_round", write_round)
+    mp.setattr(engine_core, "write_round", write_round)
 
 
 def _crash_mid_history(mp, run_dir):
@@ -155,7 +155,7 @@ def _crash_mid_history(mp, run_dir):
         path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
         raise Killed
 
-    mp.setattr(simulation, "write_round", write_round)
+    mp.setattr(engine_core, "write_round", write_round)
 
 
 def _crash_before_rename(mp, run_dir):
@@ -166,7 +166,7 @@ def _crash_before_rename(mp, run_dir):
         final.rename(final.with_name(f".{final.name}.tmpabc"))
         raise Killed
 
-    mp.setattr(simulation, "write_round", write_round)
+    mp.setattr(engine_core, "write_round", write_round)
 
 
 def _crash_before_prune(mp, run_dir):
@@ -175,7 +175,7 @@ def _crash_before_prune(mp, run_dir):
             raise Killed
         return checkpoint.prune_rounds(parent, keep)
 
-    mp.setattr(simulation, "prune_rounds", prune)
+    mp.setattr(engine_core, "prune_rounds", prune)
 
 
 def _crash_mid_prune(mp, run_dir):

@@ -140,8 +140,8 @@ def test_run_dir_files_are_replaced_atomically(small_cfg, tmp_path: Path, monkey
     monkeypatch.setattr(os, "replace", real)
     writes: list[str] = []
     monkeypatch.setattr(os, "replace", lambda s, d: (writes.append(Path(d).name), real(s, d)))
-    sim.cfg = sim.cfg.replace(federation=sim.cfg.federation.__class__(rounds=1, batch_size=16))
-    sim.run()
+    short = sim.cfg.replace(federation=sim.cfg.federation.__class__(rounds=1, batch_size=16))
+    Simulation(short, run, progress=False, federation=sim.fed).run()
     for name in ("config.yaml", "spec.json", "federation.txt", "metrics.csv", "summary.json"):
         assert name in writes, name
     assert load_config(run / "config.yaml").federation.rounds == 1

@@ -39,8 +39,8 @@ def test_half_the_clients_on_the_edge_runtime_give_the_same_global_model(small_c
     assert any(not np.allclose(edge.global_state[k], start[k], atol=1e-3) for k in start)
     # the heads of edge clients trained on the device and match too
     for cid in ("c01", "c03"):
-        for k, v in lightning.stores[cid].local.items():
-            np.testing.assert_allclose(edge.stores[cid].local[k], v, rtol=0, atol=1e-5)
+        for k, v in lightning.pool.stores[cid].local.items():
+            np.testing.assert_allclose(edge.pool.stores[cid].local[k], v, rtol=0, atol=1e-5)
     # the real data path: files exchanged, heads never in the update
     from mobile_client.safetensors_np import load_file
 

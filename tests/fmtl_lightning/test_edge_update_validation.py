@@ -16,6 +16,7 @@ from fmtl_lightning.config import parse_config
 from fmtl_lightning.edge_bridge import EdgeBridge
 from fmtl_lightning.errors import StateValidationError
 from fmtl_lightning.simulation import Simulation
+from fmtl_lightning.slicing import slice_state
 from fmtl_lightning.validation import max_abs
 
 
@@ -51,14 +52,15 @@ def test_an_edge_update_past_the_magnitude_bound_is_refused_naming_the_client(
     past = max_abs(np.float32) * 1.01  # finite, past sqrt(float32 max)
     sim = _sim(small_cfg, tmp_path, monkeypatch, past)
     with pytest.raises(StateValidationError, match=r"client 'c02', key .*\|x\| > 1.84e\+19"):
-        sim.train_client(2, sim.width_of(2, 0), 0)
+        ws = sim.engine.width_of(2, 0)
+        sim.pool.train(2, ws, 0, slice_state(sim.global_state, sim.spec, ws))
 
 
 def test_an_edge_update_within_the_bound_is_taken_as_sent(small_cfg, tmp_path, monkeypatch):
     sim = _sim(small_cfg, tmp_path, monkeypatch, 1e19)
-    ws = sim.width_of(2, 0)
-    sent = sim._sub(sim.global_state, ws)
-    res = sim.train_client(2, ws, 0)
+    ws = sim.engine.width_of(2, 0)
+    sent = slice_state(sim.global_state, sim.spec, ws)
+    res = sim.pool.train(2, ws, 0, sent)
     assert set(res.shared) == set(sim.shared_keys) and res.num_examples > 0
     changed = [k for k in sent if not np.array_equal(res.shared[k], sent[k])]
     assert len(changed) == 1 and float(np.abs(res.shared[changed[0]]).max()) == np.float32(1e19)

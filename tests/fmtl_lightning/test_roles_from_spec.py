@@ -49,7 +49,7 @@ def test_fedrep_phases_train_what_the_spec_declares(small_cfg, tmp_path, monkeyp
     sim.run()
     assert len(fits) == 2 * len(sim.fed.clients)  # head phase, body phase per client
     for c, head, body in zip(sim.fed.clients, fits[0::2], fits[1::2], strict=True):
-        params = {k for k, _ in sim.module_for(c, c.width).model.named_parameters()}
+        params = {k for k, _ in sim.pool.module_for(c, c.width).model.named_parameters()}
         # independent of the code under test: the policy's shared kinds, read off the spec
         shared = {k for k in params if sim.spec[k].kind in sim.spec.policy.shared_kinds}
         assert head[0] == params - shared and body[0] == shared, c.cid
@@ -62,8 +62,8 @@ def test_fedrep_phases_train_what_the_spec_declares(small_cfg, tmp_path, monkeyp
 def test_client_keys_are_the_keys_of_the_clients_own_model(small_cfg, tmp_path):
     sim = Simulation(parse_config(small_cfg), tmp_path / "run", progress=False)
     for c in sim.fed.clients:
-        model = MultiTaskModel(sim.bcfg, {t: sim.task_outputs[t] for t in c.tasks})
-        assert set(sim.client_keys(c)) == set(model.state_dict()), c.cid
+        model = MultiTaskModel(sim.engine.plan.backbone, {t: sim.engine.plan.layout.task_outputs[t] for t in c.tasks})
+        assert set(sim.pool.client_keys(c)) == set(model.state_dict()), c.cid
 
 
 def test_no_library_code_decides_a_role_by_key_name():

@@ -33,10 +33,10 @@ def test_run_artifacts_equal_the_simulation(small_cfg, tmp_path, algorithm) -> N
     ]
     assert art.normalisation == sim.fed.normalisation
     assert art.image_size == sim.fed.image_size
-    assert art.layout.union_slices == sim.union_slices
+    assert art.layout.union_slices == sim.engine.plan.layout.union_slices
     assert art.spec == sim.spec
-    for c in sim.fed.clients:
-        ws = sim.eval_width(c, sim.round_idx)
+    for i, c in enumerate(sim.fed.clients):
+        ws = sim.engine.eval_width(i, sim.round_idx)
         assert art.eval_width(c.cid) == ws
         want, got = sim.client_state(c, ws), art.client_state(c.cid, ws)
         assert sorted(got) == sorted(want)

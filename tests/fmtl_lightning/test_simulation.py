@@ -10,10 +10,12 @@ import torch
 
 import fmtl_lightning.aggregators.mean as aggregators_mean
 from fmtl_lightning.config import parse_config
-from fmtl_lightning.local_fit import FitPlan, batch_indices, fit, phase_seed
+from fmtl_lightning.engine.seeds import phase_seed
+from fmtl_lightning.local_fit import FitPlan, batch_indices, fit
 from fmtl_lightning.models import MultiTaskModel, load_arrays
 from fmtl_lightning.module import TrainSpec
 from fmtl_lightning.simulation import Simulation
+from fmtl_lightning.slicing import slice_state
 
 
 def _sim(cfg: dict, tmp_path, name="run") -> Simulation:
@@ -30,7 +32,7 @@ def test_fedper_heads_never_leave_the_client(small_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(aggregators_mean, "aggregate", spy)
     sim = _sim(small_cfg, tmp_path)
-    heads_before = {c: dict(s.local) for c, s in sim.stores.items()}
+    heads_before = {c: dict(s.local) for c, s in sim.pool.stores.items()}
     sim.run()
     assert len(seen) == 2 * 3  # 2 rounds x 3 clients
     backbone = {k for k in sim.spec.keys if k.startswith("backbone.")}
@@ -38,7 +40,7 @@ def test_fedper_heads_never_leave_the_client(small_cfg, tmp_path, monkeypatch):
         assert keys == backbone
     assert not any(k.startswith("heads.") for k in sim.global_state)
     # the heads did train, on the client
-    for cid, st in sim.stores.items():
+    for cid, st in sim.pool.stores.items():
         assert st.local and all(k.startswith("heads.") for k in st.local)
         assert any(not np.array_equal(st.local[k], heads_before[cid][k]) for k in st.local)
     # and the server checkpoint holds no head either
@@ -51,26 +53,26 @@ def test_fedper_heads_never_leave_the_client(small_cfg, tmp_path, monkeypatch):
 def test_fedrep_trains_head_then_body(small_cfg, tmp_path):
     small_cfg["algorithm"] = {"name": "fedrep", "rep_head_epochs": 2}
     sim = _sim(small_cfg, tmp_path)
-    sim.phase_log = {}
+    sim.pool.phase_log = {}
     sim.run()
-    assert sim.phase_log == {c: ["head", "body", "head", "body"] for c in ("c00", "c01", "c02")}
+    assert sim.pool.phase_log == {c: ["head", "body", "head", "body"] for c in ("c00", "c01", "c02")}
 
 
 def test_train_keys_move_exactly_the_named_parameters(small_cfg, tmp_path):
     sim = _sim(small_cfg, tmp_path)
     c = sim.fed.clients[0]
-    local = [k for k in sim.client_keys(c) if sim.spec.role(k) == "local"]
+    local = [k for k in sim.pool.client_keys(c) if sim.spec.role(k) == "local"]
     for moved in (local, list(sim.shared_keys)):
-        m = sim.module_for(c, 1.0)
+        m = sim.pool.module_for(c, 1.0)
         before = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
-        fit(sim.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0, TrainSpec(frozenset(moved)))
+        fit(sim.pool.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0, TrainSpec(frozenset(moved)))
         after = m.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before if k not in moved)
         assert all(not torch.equal(before[k], after[k]) for k in moved)
 
 
 def _personal(sim: Simulation) -> dict[str, dict[str, np.ndarray]]:
-    return {c: dict(s.personal) for c, s in sim.stores.items()}
+    return {c: dict(s.personal) for c, s in sim.pool.stores.items()}
 
 
 def test_ditto_lambda_zero_equals_local_only(small_cfg, tmp_path):
@@ -103,9 +105,9 @@ def test_ditto_large_lambda_approaches_the_global_model(small_cfg, tmp_path):
         # distance of each personal model's shared part to the w_t it was pulled toward
         d = 0.0
         for i, c in enumerate(sim.fed.clients):
-            ws = sim.width_of(i, 1)
-            g = sim._sub(anchor, ws)
-            p = sim._sub(sim.stores[c.cid].personal, ws)
+            ws = sim.engine.width_of(i, 1)
+            g = slice_state(anchor, sim.spec, ws)
+            p = slice_state(sim.pool.stores[c.cid].personal, sim.spec, ws)
             d += sum(float(np.sum((p[k] - g[k]) ** 2)) for k in sim.shared_keys)
         dists[lam] = d
     assert dists[8.0] < dists[1.0] < dists[0.0]
@@ -136,7 +138,7 @@ def test_one_fedavg_round_matches_hand_rolled_pytorch(small_cfg, tmp_path):
     sums = {k: np.zeros_like(v, dtype=np.float64) for k, v in g0.items()}
     total = 0
     for i, c in enumerate(sim.fed.clients):
-        model = MultiTaskModel(sim.bcfg, sim.model_tasks, 1.0)
+        model = MultiTaskModel(sim.engine.plan.backbone, sim.engine.plan.layout.model_tasks, 1.0)
         load_arrays(model, g0)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         seed = phase_seed(sim.cfg.seed, 0, i, "global")
@@ -145,7 +147,7 @@ def test_one_fedavg_round_matches_hand_rolled_pytorch(small_cfg, tmp_path):
             union = model(c.x_train[idx])["union"]
             loss = 0
             for t in c.tasks:
-                a, b = sim.union_slices[t]
+                a, b = sim.engine.plan.layout.union_slices[t]
                 loss = loss + torch.nn.functional.cross_entropy(union[:, a:b], c.y_train[t][idx])
             loss.backward()
             opt.step()
@@ -162,8 +164,8 @@ def test_client_sampling_fraction_is_seeded(small_cfg, tmp_path):
     small_cfg["data"]["samples_per_client"] = 40
     small_cfg["federation"]["fraction"] = 0.3
     a, b = _sim(small_cfg, tmp_path, "a"), _sim(small_cfg, tmp_path, "b")
-    picks = [a.selected(r) for r in range(5)]
-    assert picks == [b.selected(r) for r in range(5)]
+    picks = [a.engine.sample(r) for r in range(5)]
+    assert picks == [b.engine.sample(r) for r in range(5)]
     assert all(len(p) == 3 for p in picks) and len({tuple(p) for p in picks}) > 1
 
 
@@ -176,7 +178,7 @@ def test_width_mix_with_fedrolex_and_dynamic_assignment(small_cfg, tmp_path):
     }
     small_cfg["federation"]["rounds"] = 3
     sim = _sim(small_cfg, tmp_path)
-    widths = {(i, r): sim.width_of(i, r).width for i in range(3) for r in range(6)}
+    widths = {(i, r): sim.engine.width_of(i, r).width for i in range(3) for r in range(6)}
     assert all(widths[(2, r)] <= 0.5 for r in range(6))  # a width-1/2 client never runs 1
     assert len({widths[(0, r)] for r in range(6)}) > 1  # the draw changes across rounds
     out = sim.run()
@@ -190,8 +192,8 @@ def test_masked_cross_entropy_ignores_absent_classes(small_cfg, tmp_path):
     small_cfg["clients"] = [{"count": 5, "tasks": ["digits/digit"], "width": 1.0}]
     sim = _sim(small_cfg, tmp_path)
     c = sim.fed.clients[0]
-    m = sim.module_for(c, 1.0)
-    masks = sim.label_masks(c)
+    m = sim.pool.module_for(c, 1.0)
+    masks = sim.pool.label_masks(c)
     mask = masks["digits/digit"]
     assert int(mask.sum()) == len(np.unique(c.y_train["digits/digit"].numpy())) <= 2
     z = torch.randn(4, 10)
@@ -217,7 +219,7 @@ def test_a_passed_aggregator_replaces_the_configured_one(small_cfg, tmp_path):
     small_cfg["algorithm"]["weighting"] = "uniform"
     cfg = parse_config(small_cfg)
     default = Simulation(cfg, tmp_path / "default", progress=False)
-    assert default.aggregator is cfg.algorithm.aggregator
+    assert default.engine.aggregator is cfg.algorithm.aggregator
 
     class Recording:
         name, weighted, needs_label_masks = "recording", False, False
@@ -245,12 +247,12 @@ def test_set_lr_changes_the_next_fits_step_size_and_refuses_bad_values(small_cfg
     small_cfg["federation"]["rounds"] = 1
     sim = Simulation(parse_config(small_cfg), tmp_path / "r", progress=False)
     c = sim.fed.clients[0]
-    m = sim.module_for(c, c.width)
+    m = sim.pool.module_for(c, c.width)
     sim.set_lr(0.0125)
     assert sim.cfg.optimizer.lr == 0.0125 and m.lr == 0.0125
     (group,) = m.configure_optimizers().param_groups  # the optimiser the next fit builds
     assert group["lr"] == 0.0125
-    assert sim.module_for(sim.fed.clients[2], 0.5).lr == 0.0125  # modules built later too
+    assert sim.pool.module_for(sim.fed.clients[2], 0.5).lr == 0.0125  # modules built later too
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="optimizer.lr"):
             sim.set_lr(bad)

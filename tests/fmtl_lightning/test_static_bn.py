@@ -146,7 +146,7 @@ def test_a_prediction_does_not_depend_on_the_rest_of_its_batch(small_cfg, tmp_pa
     torch_logits = {}
     for c in sim.fed.clients:  # widths 1, 1, 0.5: torch evaluation
         x6 = c.x_test[:6]
-        m = sim.module_for(c, c.width)
+        m = sim.pool.module_for(c, c.width)
         load_arrays(m.model, _deployed(sim, c))
         m.eval()
         with torch.no_grad():
@@ -174,7 +174,7 @@ def test_a_prediction_does_not_depend_on_the_rest_of_its_batch(small_cfg, tmp_pa
     feats = edge.session(edge.manifest.width(1.0).backbone).run(
         None, {"x": sim.fed.clients[0].x_test[:6].numpy()}
     )[0]
-    m = sim.module_for(sim.fed.clients[0], 1.0)
+    m = sim.pool.module_for(sim.fed.clients[0], 1.0)
     load_arrays(m.model, _deployed(sim, sim.fed.clients[0]))
     m.eval()
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_a_prediction_does_not_depend_on_the_rest_of_its_batch(small_cfg, tmp_pa
     x, y = c01.x_train[:24], {t: v[:24] for t, v in c01.y_train.items()}
     res = edge.train(x.numpy(), {t: v.numpy() for t, v in y.items()}, batch_size=8, steps=2,
                      lr=0.1, seed=1)  # fmt: skip
-    m = sim.module_for(c01, 1.0)
+    m = sim.pool.module_for(c01, 1.0)
     load_arrays(m.model, _deployed(sim, c01))
     m.train()
     opt = torch.optim.SGD(m.model.parameters(), lr=0.1)
@@ -237,7 +237,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_state(small_cfg, tmp_path):
     assert len(stat_keys) == 2 * len(HIDDEN)
     # the statistics of round 3's pass came back from the round-3 checkpoint
     ck3 = _checkpoint(tmp_path / "a", 3)
-    for cid, st in resumed.stores.items():
+    for cid, st in resumed.pool.stores.items():
         for k in stat_keys:
             np.testing.assert_array_equal(st.local[k], ck3[f"{cid}/local/{k}"], err_msg=k)
             assert not np.all(st.local[k] == (0.0 if "mean" in k else 1.0)), k  # computed
@@ -277,13 +277,13 @@ def test_deployed_lightning_node_evaluates_with_the_statistics_of_its_training_d
     node = LightningNode(settings, yaml.safe_dump(config_to_dict(cfg)))
     c = node.client
     state = {k: v + 0.1 * np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)
-             for k, v in node.sim.client_state(c, WidthSpec(0.5)).items()}  # fmt: skip
+             for k, v in node.pool.client_state(c, WidthSpec(0.5), node.pool.plan.initial_state).items()}  # fmt: skip
     got = node.evaluate(state, 0.5)
     ref = dict(state)
     for k, v in _numpy_stats({k: v.astype(np.float64) for k, v in state.items()},
                              c.x_train.numpy()).items():  # fmt: skip
         ref[k] = v.astype(np.float32)
-    m = node.sim.module_for(c, 0.5)
+    m = node.pool.module_for(c, 0.5)
     load_arrays(m.model, ref)
     want = m.evaluate(c.x_test, c.y_test)
     for t, vals in want.items():

@@ -430,7 +430,7 @@ class ReplySurface:
 
     def __init__(self, work: Path, **_: object) -> None:
         from fmtl_lightning.config import parse_config
-        from fmtl_lightning.deploy.plan import server_plan
+        from fmtl_lightning.engine.plan import server_plan
 
         self.plans = {
             name: server_plan(parse_config(copy.deepcopy(c)))
@@ -446,13 +446,14 @@ class ReplySurface:
 
         from fmtl_lightning.aggregation import ClientUpdate, aggregate
         from fmtl_lightning.deploy.strategy import FMTLStrategy
+        from fmtl_lightning.engine import ServerEngine
         from fmtl_lightning.roles import WidthSpec
         from mobile_client.flower_app import from_record, read_train_message, reply_message
 
         name = ["mlp", "bn"][int(rng.integers(2))]
         plan = self.plans[name]
         grid = FakeGrid(plan)
-        s = FMTLStrategy(plan, copy.deepcopy(plan.initial_state), reply_timeout=5.0)
+        s = FMTLStrategy(ServerEngine(plan, "unused"), reply_timeout=5.0)
         s.register(grid)
         msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
         t = int(rng.integers(len(msgs)))
@@ -500,9 +501,9 @@ class ReplySurface:
         ]
         strangers = [k for k in rep.accepted if k not in NODES.values()]
         wrong += [f"accepted {k}, a node that was sent nothing" for k in strangers]
-        wrong += array_problems(s.global_state, layout(plan.initial_state), "global state")
+        wrong += array_problems(s.engine.global_state, layout(plan.initial_state), "global state")
         got = from_record(rec)
-        if not same_arrays(got, s.global_state):
+        if not same_arrays(got, s.engine.global_state):
             wrong.append("the returned ArrayRecord differs from the strategy's global state")
         if "loss" in mr and not math.isfinite(float(mr["loss"])):
             wrong.append(f"round loss {mr['loss']}")
@@ -515,7 +516,7 @@ class ReplySurface:
                 plan.spec,
                 weighting=plan.cfg.algorithm.weighting,
             )
-            if not same_arrays(s.global_state, want):
+            if not same_arrays(s.engine.global_state, want):
                 wrong.append("global state differs from aggregate() over the good replies")
             why = rep.rejected.get(cid) or rep.failed.get(cid) or "(not recorded)"
             why = why if repr(cid) in why else f"{cid!r} (report key): {why}"
@@ -537,7 +538,7 @@ class ReplySurface:
                 for k in plan.shared_keys
             }
             problems += array_problems(arrays, want, "reply arrays")
-            problems += _claim_problems(r, ctx, s.max_examples)
+            problems += _claim_problems(r, ctx, s.engine.max_examples)
             n = r.content["metrics"].get("num-examples")
             candidates.append(ClientUpdate(cid, arrays, n, ws_t))
         if not problems:
@@ -550,7 +551,7 @@ class ReplySurface:
                 )
                 for u in candidates
             ]
-            if not any(same_arrays(s.global_state, w) for w in wants):
+            if not any(same_arrays(s.engine.global_state, w) for w in wants):
                 wrong.append(
                     f"global state is not aggregate() over the good replies and one of "
                     f"{cid}'s {len(mine)} replies (counted more than once?)"

@@ -59,7 +59,7 @@ MAX_EXAMPLES = 2**53
 
 def plans() -> dict[str, Any]:
     from fmtl_lightning.config import parse_config
-    from fmtl_lightning.deploy.plan import server_plan
+    from fmtl_lightning.engine.plan import server_plan
 
     return {
         name: server_plan(parse_config(copy.deepcopy(c)))
@@ -558,7 +558,7 @@ class UpdateSurface:
             outcome, detail = "silently_wrong", f"the update file changed on disk; {detail}"
         if not same_arrays(self.plans[name].initial_state, self.frozen[name]):
             outcome, detail = "silently_wrong", f"the global state was modified; {detail}"
-            self.plans[name].initial_state.update(copy.deepcopy(self.frozen[name]))
+            self.plans[name].initial_model.update(copy.deepcopy(self.frozen[name]))
         return Case(self.name, label, outcome, detail)
 
 

@@ -98,7 +98,7 @@ def export_and_edge(cfg: RunConfig, run_dir: Path, out: Path) -> dict[str, Any]:
     edge = EdgeClient(out, c.cid)
     last = completed_rounds(run_dir)[-1]
     ws = WidthSpec(c.width, cfg.algorithm.slicing, max(last - 1, 0))
-    module = sim.module_for(c, c.width)
+    module = sim.pool.module_for(c, c.width)
     from fmtl_lightning.models import load_arrays
 
     load_arrays(module.model, sim.client_state(c, ws))

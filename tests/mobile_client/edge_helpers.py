@@ -48,9 +48,9 @@ def client_model(run_dir: Path, cid: str):
 
     sim = Simulation(load_config(run_dir / "config.yaml"), run_dir, progress=False)
     last = completed_rounds(run_dir)[-1]
-    sim._restore(last)
+    sim.pool.restore(sim.engine.restore())
     c = next(c for c in sim.fed.clients if c.cid == cid)
-    model = sim.module_for(c, c.width).model
+    model = sim.pool.module_for(c, c.width).model
     load_arrays(model, sim.client_state(c, WidthSpec(c.width, sim.cfg.algorithm.slicing, last - 1)))
     return model.eval()
 

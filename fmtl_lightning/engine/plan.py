@@ -1,15 +1,15 @@
-"""What a SuperLink knows about a run without holding any data: clients, model, roles.
+"""What the server knows about a run without holding any data: clients, model, roles.
 
 :func:`server_plan` reads a :class:`RunConfig` and returns the client list (ids,
 tasks, widths, in the order ``fmtl simulate`` numbers them), the parameter roles
-and the initial global state, built exactly as :class:`~fmtl_lightning.simulation.Simulation`
-builds them (same seed, same model), so a deployed run starts where the in-process
-simulator starts. Image sizes come from the task domain, not from loading the data.
+and the initial global state. Every transport builds its server from it (the
+in-process simulation passes the clients and task sizes of the federation it loaded;
+a Flower SuperLink derives them from the config alone), so every transport starts
+from the same state. Image sizes come from the task domain, not from loading the data.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,7 +18,7 @@ import numpy as np
 
 from fmtl_lightning.algorithms import get_algorithm
 from fmtl_lightning.config import ConfigError, RunConfig
-from fmtl_lightning.roles import ModelSpec, WidthSpec
+from fmtl_lightning.roles import ModelSpec
 from fmtl_lightning.tasks import get_task
 
 if TYPE_CHECKING:
@@ -39,35 +39,28 @@ class PlannedClient:
 
 @dataclass
 class ServerPlan:
+    """A run as the server holds it: config, clients, roles and the initial model.
+
+    ``initial_state`` holds every key of the full-width model (``shared_keys`` start the
+    global state; clients start their local arrays from the rest); ``layout`` and
+    ``backbone`` are what the model was built from.
+    """
+
     cfg: RunConfig
     clients: list[PlannedClient]
     spec: ModelSpec
     shared_keys: tuple[str, ...]
-    initial_state: dict[str, np.ndarray]
+    initial_model: dict[str, np.ndarray]
+    layout: ModelLayout
+    backbone: BackboneConfig
+
+    @property
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """The initial global state: the shared keys of the initial model."""
+        return {k: self.initial_model[k] for k in self.shared_keys}
 
     def client(self, client_id: str) -> PlannedClient | None:
         return client_by_id(self.clients, client_id)
-
-    def width_of(self, c: PlannedClient, declared: float, round_idx: int) -> WidthSpec:
-        """The width a client trains at this round: the one its node declares, or under
-        ``width_assignment: dynamic`` the same seeded draw as ``Simulation.width_of``."""
-        a = self.cfg.algorithm
-        width = declared
-        if a.width_assignment == "dynamic":
-            levels = sorted(set(a.dynamic_widths or (x.width for x in self.clients)))
-            allowed = [w for w in levels if w <= declared] or [min(levels)]
-            rng = np.random.default_rng([self.cfg.seed, round_idx, c.idx, 29])
-            width = float(allowed[int(rng.integers(len(allowed)))])
-        return WidthSpec(width, a.slicing, round_idx)
-
-    def selected(self, idxs: list[int], round_idx: int) -> list[int]:
-        """The seeded ``federation.fraction`` sample of the available clients."""
-        if not idxs:
-            return []
-        m = max(1, math.ceil(self.cfg.federation.fraction * len(idxs) - 1e-9))
-        rng = np.random.default_rng([self.cfg.seed, round_idx, 17])
-        pick = rng.choice(len(idxs), size=min(m, len(idxs)), replace=False)
-        return sorted(idxs[int(i)] for i in pick)
 
 
 def backbone_config(cfg: RunConfig, image_size: int) -> BackboneConfig:
@@ -129,27 +122,41 @@ def client_by_id(clients: list[PlannedClient], client_id: str) -> PlannedClient 
     return next((c for c in clients if c.client_id == client_id), None)
 
 
-def server_plan(cfg: RunConfig) -> ServerPlan:
-    """Clients, roles and initial global state of ``cfg`` (torch only to build the init)."""
+def server_plan(
+    cfg: RunConfig,
+    *,
+    clients: Sequence[PlannedClient] | None = None,
+    task_outputs: dict[str, int] | None = None,
+    image_size: int | None = None,
+) -> ServerPlan:
+    """Clients, roles and initial global state of ``cfg`` (torch only to build the init).
+
+    ``clients``, ``task_outputs`` and ``image_size`` default to what the config alone
+    says (:func:`planned_clients`, the task registry, the domain's image size); the
+    in-process simulation passes those of the federation it loaded.
+    """
     import torch
 
     from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
 
+    clients = list(planned_clients(cfg) if clients is None else clients)
+    if image_size is None:
+        image_size = IMAGE_SIZE[get_task(clients[0].tasks[0]).domain]
+    bcfg = backbone_config(cfg, image_size)
+    layout = model_layout(cfg, task_outputs)
+    spec = model_spec(bcfg, layout.model_tasks, layout.policy)
+    shared = spec.shared_keys()
+    torch.manual_seed(cfg.seed)
+    init = state_arrays(MultiTaskModel(bcfg, layout.model_tasks, 1.0))
+    return ServerPlan(cfg, clients, spec, shared, init, layout, bcfg)
+
+
+def refuse_label_masks(cfg: RunConfig) -> None:
+    """A deployed server never sees a client's labels: refuse an aggregator that needs them."""
     agg = cfg.algorithm.aggregator
     if agg.needs_label_masks:
-        # the server would need each client's label set; a deployed client keeps it private
         raise ConfigError(
             f"algorithm.aggregator: {agg.name} needs each client's label set, which a "
             "deployed client keeps private: not supported by the Flower deployment (only in "
             "`fmtl simulate`); choose an aggregator without label masks"
         )
-    clients = planned_clients(cfg)
-    domain = get_task(clients[0].tasks[0]).domain
-    bcfg = backbone_config(cfg, IMAGE_SIZE[domain])
-    layout = model_layout(cfg)
-    model_tasks = layout.model_tasks
-    spec = model_spec(bcfg, model_tasks, layout.policy)
-    shared = spec.shared_keys()
-    torch.manual_seed(cfg.seed)
-    init = state_arrays(MultiTaskModel(bcfg, model_tasks, 1.0))
-    return ServerPlan(cfg, clients, spec, shared, {k: init[k] for k in shared})

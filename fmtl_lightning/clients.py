@@ -1,0 +1,276 @@
+"""The clients of an in-process run: their data, their local state, their training.
+
+:class:`ClientPool` is the client side of :class:`~fmtl_lightning.simulation.Simulation`
+and of a deployed Lightning node: given the shared arrays a client received at its width,
+it runs the client's algorithm (:mod:`fmtl_lightning.algorithms`) through one long-lived
+Lightning Fabric, or an edge client's exported step graphs in ONNX Runtime
+(:class:`~fmtl_lightning.edge_bridge.EdgeBridge`), and keeps what the client keeps
+between rounds (heads, FedBN norms, Ditto's personal model) in full-width global
+coordinates, so a client whose width changes between rounds (dynamic assignment,
+FedRolex windows) writes back exactly the entries it trained. It also evaluates a
+client, and runs static batch norm's statistics pass. It holds no global state: the
+server's (:class:`~fmtl_lightning.engine.ServerEngine`) is passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from fmtl_lightning.algorithms import (
+    UNION_HEAD,
+    ClientResult,
+    ClientRound,
+    FitContext,
+    get_algorithm,
+    load_for_eval,
+)
+from fmtl_lightning.config import ConfigError, RunConfig
+from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
+from fmtl_lightning.engine.plan import ServerPlan
+from fmtl_lightning.fed_data import ClientData, Federation
+from fmtl_lightning.local_fit import FitPlan
+from fmtl_lightning.models import MultiTaskModel, load_arrays, model_spec
+from fmtl_lightning.module import MultiTaskModule
+from fmtl_lightning.roles import WidthSpec
+from fmtl_lightning.run_artifacts import ClientStore, deployed_state
+from fmtl_lightning.slicing import embed_array, slice_state
+from fmtl_lightning.tasks import get_task
+
+State = dict[str, np.ndarray]
+
+
+class ClientPool:
+    """The clients of ``fed`` under ``plan``, training in this process (see the module doc).
+
+    ``loggers`` go to the one Fabric every fit runs through; edge clients' bundles and
+    update files live under ``edge_dir``.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        fed: Federation,
+        plan: ServerPlan,
+        edge_dir: str | Path,
+        *,
+        loggers: Sequence[Any] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.fed = fed
+        self.plan = plan
+        self.spec = plan.spec
+        self.shared_keys = plan.shared_keys
+        self.layout = plan.layout
+        self.algorithm = get_algorithm(cfg.algorithm.name)
+        self._client_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.stores: dict[str, ClientStore] = {}
+        init = plan.initial_model
+        for c in fed.clients:
+            keys = self.client_keys(c)
+            st = ClientStore(local={k: init[k].copy() for k in keys if k not in self.shared_keys})
+            if self.algorithm.evaluates_personal:
+                st.personal = {k: init[k].copy() for k in keys}
+            self.stores[c.cid] = st
+        self._modules: dict[tuple, MultiTaskModule] = {}
+        self.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=list(loggers))
+        self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
+        self.edge = EdgeBridge(Path(edge_dir))
+
+    # ------------------------------------------------------------------ models
+    def client_tasks(self, c: ClientData) -> dict[str, int]:
+        """The heads of a client's model: its own tasks (FedAvg: the one union head)."""
+        return self.layout.client_tasks(c.tasks)
+
+    def client_keys(self, c: ClientData) -> tuple[str, ...]:
+        """The keys of a client's model, as its ModelSpec declares them (no name matching)."""
+        if c.tasks not in self._client_keys:
+            self._client_keys[c.tasks] = model_spec(self.plan.backbone, self.client_tasks(c)).keys
+        return self._client_keys[c.tasks]
+
+    def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
+        """The client's LightningModule at ``width`` (built once per tasks and width)."""
+        key = (c.tasks, width)
+        if key not in self._modules:
+            o = self.cfg.optimizer
+            self._modules[key] = MultiTaskModule(
+                MultiTaskModel(self.plan.backbone, self.client_tasks(c), width),
+                {t: get_task(t).kind for t in c.tasks},
+                lr=o.lr,
+                momentum=o.momentum,
+                weight_decay=o.weight_decay,
+                union_slices=self.layout.union_slices,
+            )
+        return self._modules[key]
+
+    def set_lr(self, lr: float) -> None:
+        """Change the SGD learning rate from the next fit on (a schedule, e.g. HeteroFL's
+        step decay): the run's config and every client module built so far."""
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ConfigError(f"optimizer.lr: must be a finite number > 0, got {lr}")
+        self.cfg = self.cfg.replace(optimizer=dataclasses.replace(self.cfg.optimizer, lr=lr))
+        for m in self._modules.values():
+            m.lr = lr
+
+    def label_masks(self, c: ClientData) -> dict[str, torch.Tensor]:
+        """The classes a client holds, per multiclass task, under ``masked_ce`` (else none)."""
+        return dict(c.label_masks) if self.cfg.algorithm.masked_ce else {}
+
+    def head_row_masks(self, c: ClientData) -> dict[str, np.ndarray]:
+        """Rows of the union head a client holds: the classes it has, of its own tasks.
+
+        Multi-label and regression tasks hold all their rows; other tasks' rows none.
+        """
+        slices = self.layout.union_slices
+        assert slices is not None
+        rows = np.zeros(self.layout.model_tasks[UNION_HEAD], dtype=bool)
+        for t in c.tasks:
+            a, b = slices[t]
+            m = c.label_masks.get(t)
+            rows[a:b] = True if m is None else np.asarray(m, dtype=bool)
+        return {k: rows for k in self.spec.keys_of_kind("head")}  # the union head's rows
+
+    def fit_plan(self) -> FitPlan:
+        f = self.cfg.federation
+        return FitPlan(f.batch_size, f.local_epochs, f.local_steps)
+
+    def fit_context(self, idx: int, width: float, round_idx: int) -> FitContext:
+        """What the algorithm's fits need for client ``idx`` at ``width`` in ``round_idx``."""
+        c = self.fed.clients[idx]
+        return FitContext(
+            fabric=self.fabric,
+            module=self.module_for(c, width),
+            client=c,
+            client_idx=idx,
+            round_idx=round_idx,
+            seed=self.cfg.seed,
+            plan=self.fit_plan(),
+            spec=self.spec,
+            hparams=self.cfg.algorithm,
+            label_masks=self.label_masks(c),
+            phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
+        )
+
+    # ------------------------------------------------------------------ state
+    def embed(self, full: State, sub: Mapping[str, np.ndarray], ws: WidthSpec) -> None:
+        """Write ``sub`` (arrays at ``ws``) into the full-width ``full`` in place."""
+        for k, v in sub.items():
+            full[k] = embed_array(self.spec, k, full[k], v, ws)
+
+    def client_state(
+        self, c: ClientData, ws: WidthSpec, global_state: Mapping[str, np.ndarray]
+    ) -> State:
+        """The arrays a client would deploy at ``ws`` (personal, or global + local)."""
+        st = self.stores[c.cid]
+        alg = self.cfg.algorithm.name
+        return deployed_state(self.spec, alg, global_state, st.local, st.personal, ws)
+
+    # ------------------------------------------------------------------ training
+    def train(self, idx: int, ws: WidthSpec, round_idx: int, received: State) -> ClientResult:
+        """Client ``idx``'s round: ``received`` (the shared arrays at ``ws``) plus its own
+        local state, trained by its algorithm (or its edge runtime); keeps the new local
+        state and returns what it sends."""
+        c = self.fed.clients[idx]
+        st = self.stores[c.cid]
+        local = slice_state(st.local, self.spec, ws)
+        if c.edge:
+            job = self.edge_job(idx, ws, received, round_idx)
+            res = self.edge.train(job, received, local)
+        else:
+            cr = ClientRound(
+                **vars(self.fit_context(idx, ws.width, round_idx)),
+                shared_keys=self.shared_keys,
+                received=received,
+                local=local,
+                personal=slice_state(st.personal, self.spec, ws) if st.personal else None,
+                lam=self.cfg.algorithm.lam if c.lam is None else c.lam,
+            )
+            res = self.algorithm.train(cr)
+        self.embed(st.local, res.local, ws)
+        if res.personal is not None:
+            self.embed(st.personal, res.personal, ws)
+        return res
+
+    def edge_job(self, idx: int, ws: WidthSpec, received: Mapping[str, np.ndarray],
+                 round_idx: int = 0) -> EdgeJob:  # fmt: skip
+        """Client ``idx``'s edge job at ``ws``; ``received`` (the global shared state at
+        ``ws``) with the client's local state is the model it deploys."""
+        c = self.fed.clients[idx]
+        mean, std = self.fed.normalisation[c.spec.domain]
+
+        def deployed() -> State:
+            full = {k: v.copy() for k, v in self.plan.initial_state.items()}
+            self.embed(full, received, ws)  # only the entries at ws are read
+            return self.client_state(c, ws, full)
+
+        return EdgeJob(
+            client=c,
+            idx=idx,
+            ws=ws,
+            round_idx=round_idx,
+            module=self.module_for(c, ws.width),
+            deployed=deployed,
+            normalisation=(mean, std, self.fed.image_size),
+            spec=self.spec,
+            seed=self.cfg.seed,
+            plan=self.fit_plan(),
+            lr=self.cfg.optimizer.lr,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def static_stats(
+        self, widths: Mapping[int, WidthSpec], global_state: Mapping[str, np.ndarray]
+    ) -> None:
+        """HeteroFL's sBN statistics pass, after aggregation (no-op without static BN).
+
+        Every client computes the static batch-norm statistics of the model it is
+        evaluated with (:meth:`client_state`) at its width (``widths``: client index ->
+        its eval WidthSpec), over its own training data, and keeps them with its local
+        state (the personal model under Ditto/local), so evaluation and checkpoints hold
+        them. See :mod:`fmtl_lightning.static_bn`.
+        """
+        from fmtl_lightning.static_bn import compute_static_stats
+
+        if not self.spec.keys_of_kind("static_stat"):
+            return
+        for idx, c in enumerate(self.fed.clients):
+            ws = widths[idx]
+            m = self.module_for(c, c.width)
+            load_arrays(m.model, self.client_state(c, ws, global_state))
+            stats = compute_static_stats(m.model, c.x_train)
+            st = self.stores[c.cid]
+            self.embed(st.personal if self.algorithm.evaluates_personal else st.local, stats, ws)
+
+    def evaluate(
+        self, idx: int, state: State, width: float, round_idx: int, *, static_stats: bool = False
+    ) -> dict[str, dict[str, float]]:
+        """Client ``idx``'s model ``state`` at ``width`` on its own test split, per task
+        (after its algorithm's fine-tune, if any, seeded by ``round_idx``, on a copy:
+        stored states do not change). ``static_stats``: recompute static batch norm's
+        statistics of the evaluated weights over the client's training data first (a
+        deployed node, which runs no separate statistics pass)."""
+        from fmtl_lightning.static_bn import compute_static_stats
+
+        ctx = self.fit_context(idx, width, round_idx)
+        load_for_eval(self.algorithm, ctx, state)
+        c = self.fed.clients[idx]
+        if static_stats:
+            compute_static_stats(ctx.module.model, c.x_train)
+        return ctx.module.evaluate(c.x_test, c.y_test, ctx.label_masks)
+
+    def client_files(self) -> dict[str, State]:
+        """Every client's local state in its checkpoint form."""
+        return {cid: st.to_arrays() for cid, st in self.stores.items()}
+
+    def restore(self, clients: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Local states from a checkpoint's per-client arrays (a client without: empty)."""
+        for cid, st in self.stores.items():
+            saved = ClientStore.from_arrays(clients.get(cid, {}))
+            st.local, st.personal = saved.local, saved.personal
