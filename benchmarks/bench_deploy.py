@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -43,12 +42,10 @@ def simulate(cfg, tmp: Path) -> list[float]:
 
 
 def round_reports(run_dir: Path, rounds: int) -> list[dict]:
-    """The server's report of every round, from the checkpoints' meta.json."""
-    ck = run_dir / "checkpoints"
-    return [
-        json.loads((ck / f"round_{r:04d}" / "meta.json").read_text())["report"]
-        for r in range(1, rounds + 1)
-    ]
+    """The server's report of every round, from the run's journal (checkpoints/history.jsonl)."""
+    from fmtl_lightning.checkpoint import read_history
+
+    return [rec["report"] for rec in read_history(run_dir, rounds)]
 
 
 def deploy(cfg, clients, tmp: Path) -> tuple[list[dict], float]:

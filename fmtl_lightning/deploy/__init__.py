@@ -4,7 +4,7 @@
 * :mod:`~fmtl_lightning.deploy.strategy` - the Flower strategy (slice, validate, aggregate)
 * :mod:`~fmtl_lightning.deploy.client_app` - the ClientApp (Lightning or edge per node)
 * :mod:`~fmtl_lightning.deploy.lightning_client` - a node trained like the simulator
-* :mod:`~fmtl_lightning.engine.plan` - the run as the server sees it (no data)
+* the round logic itself is :mod:`fmtl_lightning.engine` (shared with the in-process simulation)
 * :mod:`~fmtl_lightning.deploy.local` - SuperLink + SuperNodes as local processes
 * :mod:`~fmtl_lightning.deploy.tls` - self-signed CA + server certificate
 * :mod:`~fmtl_lightning.deploy.cli` - ``fmtl deploy ...`` (``python -m fmtl_lightning.deploy``)

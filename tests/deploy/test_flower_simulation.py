@@ -41,7 +41,7 @@ def test_flower_simulation_engine_runs_the_yaml_like_the_simulator(tmp_path):
     finally:
         left = dep.stop()
     assert left == [] and not [p for p in seen if alive(p)]
-    assert res.returncode == 0 and completed_rounds(run_dir) == [1, 2], res.stdout[-3000:]
+    assert res.returncode == 0 and completed_rounds(run_dir) == [2], res.stdout[-3000:]
     assert sorted((run_dir / "sim_nodes").iterdir()) == [run_dir / "sim_nodes" / c
                                                          for c in ("c00", "c01", "c02")]  # fmt: skip
     sim = Simulation(cfg, tmp_path / "sim", progress=False)

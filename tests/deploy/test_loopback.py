@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fmtl_lightning.checkpoint import completed_rounds, read_round  # noqa: E402
+from fmtl_lightning.checkpoint import completed_rounds, read_history, read_round  # noqa: E402
 from fmtl_lightning.config import load_config  # noqa: E402
 from fmtl_lightning.deploy.local import LocalDeployment, NodeSpec, alive  # noqa: E402
 from fmtl_lightning.deploy.prepare import prepare_edge  # noqa: E402
@@ -30,8 +30,9 @@ APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
 pytestmark = pytest.mark.slow
 
 
-def _meta(run_dir: Path, r: int) -> dict:
-    return json.loads((run_dir / "checkpoints" / f"round_{r:04d}" / "meta.json").read_text())
+def _report(run_dir: Path, r: int) -> dict:
+    """Round ``r``'s server report, from the run's journal (it outlives pruned rounds)."""
+    return read_history(run_dir, r)[r - 1]["report"]
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
@@ -78,9 +79,9 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
         # ---- phase A: two rounds, every node replies
         res = out.pop("res")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert completed_rounds(run_dir) == [1, 2]
+        assert completed_rounds(run_dir) == [2]  # the YAML's retention: the last round
         for r in (1, 2):
-            rep = _meta(run_dir, r)["report"]
+            rep = _report(run_dir, r)
             assert sorted(rep["accepted"]) == ["c00", "c01", "c02"], rep
             assert rep["rejected"] == {} and rep["failed"] == {}
             assert [rep["sent"][c]["width"] for c in ("c00", "c01", "c02")] == [1.0, 0.5, 0.25]
@@ -136,8 +137,8 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
         assert not runner.is_alive()
         res = out["res"]
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert completed_rounds(run_dir) == [1, 2, 3]
-        rep = _meta(run_dir, 3)["report"]
+        assert completed_rounds(run_dir) == [3]
+        rep = _report(run_dir, 3)
         assert sorted(rep["accepted"]) == ["c00", "c02"], rep
         assert list(rep["failed"]) == ["c01"], rep
         summary = json.loads((run_dir / "summary.json").read_text())
