@@ -34,7 +34,7 @@ from fmtl_lightning.algorithms import (
 )
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
-from fmtl_lightning.engine.plan import ServerPlan
+from fmtl_lightning.engine.plan import PlannedClient, ServerPlan, server_plan
 from fmtl_lightning.fed_data import ClientData, Federation
 from fmtl_lightning.local_fit import FitPlan
 from fmtl_lightning.models import MultiTaskModel, load_arrays, model_spec
@@ -45,6 +45,15 @@ from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
 
 State = dict[str, np.ndarray]
+
+
+def federation_plan(cfg: RunConfig, fed: Federation) -> ServerPlan:
+    """The server plan of a loaded federation: its clients, task sizes and image size
+    (which a custom federation may set differently from what the config alone says)."""
+    clients = [PlannedClient(i, c.cid, c.tasks, c.width, c.edge, c.lam)
+               for i, c in enumerate(fed.clients)]  # fmt: skip
+    return server_plan(cfg, clients=clients, task_outputs=fed.task_outputs(),
+                       image_size=fed.image_size)  # fmt: skip
 
 
 class ClientPool:

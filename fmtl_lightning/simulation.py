@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from fmtl_lightning.aggregation import ClientUpdate
 from fmtl_lightning.aggregators import AggregationRule, Mean
-from fmtl_lightning.clients import ClientPool
+from fmtl_lightning.clients import ClientPool, federation_plan
 from fmtl_lightning.config import RunConfig, load_config, parse_config, validate_config
-from fmtl_lightning.engine import PlannedClient, ServerEngine, server_plan
+from fmtl_lightning.engine import ServerEngine
 from fmtl_lightning.engine.metrics import client_scores, metric_rows, rows_csv, summarize
 from fmtl_lightning.errors import FMTLError
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
@@ -79,10 +79,7 @@ class Simulation:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.fed = fed = federation if federation is not None else build_federation(cfg)
-        clients = [PlannedClient(i, c.cid, c.tasks, c.width, c.edge, c.lam)
-                   for i, c in enumerate(fed.clients)]  # fmt: skip
-        plan = server_plan(cfg, clients=clients, task_outputs=fed.task_outputs(),
-                           image_size=fed.image_size)  # fmt: skip
+        plan = federation_plan(cfg, fed)
         self.engine = ServerEngine(plan, self.run_dir, aggregator=aggregator)
         # Lightning's own CSV logger gets the per-round aggregates; our metrics.csv the details
         self.logger = CSVLogger(str(self.run_dir), name="lightning_logs")

@@ -41,8 +41,7 @@ class LightningNode:
     """The node's client, rebuilt from the run config and its state dir."""
 
     def __init__(self, settings: NodeSettings, run_yaml: str) -> None:
-        from fmtl_lightning.clients import ClientPool
-        from fmtl_lightning.engine import PlannedClient, server_plan
+        from fmtl_lightning.clients import ClientPool, federation_plan
         from fmtl_lightning.fed_data import build_federation
 
         if settings.state_dir is None:
@@ -59,10 +58,7 @@ class LightningNode:
                 f"node config: client-id {settings.client_id!r} is not in the run config "
                 f"(clients: {', '.join(ids)})"
             )
-        clients = [PlannedClient(i, c.cid, c.tasks, c.width, c.edge, c.lam)
-                   for i, c in enumerate(fed.clients)]  # fmt: skip
-        plan = server_plan(cfg, clients=clients, task_outputs=fed.task_outputs(),
-                           image_size=fed.image_size)  # fmt: skip
+        plan = federation_plan(cfg, fed)
         self.pool = ClientPool(cfg, fed, plan, self.state_dir / "run" / "edge")
         self.idx = ids.index(settings.client_id)
         self.client = fed.clients[self.idx]
