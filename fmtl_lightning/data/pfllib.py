@@ -183,13 +183,13 @@ def pathological_parts(
         if balance:
             sizes = [int(per)] * (m - 1)
         else:
-            low = max(per / 10, least / k)
-            if m > 1 and not low < per:
+            low, high = int(max(per / 10, least / k)), int(per)  # numpy truncates PFLlib's floats
+            if m > 1 and not low < high:
                 raise PartitionError(
                     f"class {c}: {count} samples over {m} clients is too few to draw "
-                    f"unbalanced counts in [{low:g}, {per:g})"
+                    f"unbalanced counts in [{low}, {high})"
                 )
-            sizes = rng.randint(low, per, m - 1).tolist()
+            sizes = rng.randint(low, high, m - 1).tolist()
         sizes.append(count - sum(sizes))
         start = 0
         for j, size in zip(holders, sizes, strict=True):
