@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["mlp", "cnn", "dwcnn"] = "cnn"
+    family: Literal["mlp", "cnn", "dwcnn", "fedavgcnn"] = "cnn"
     hidden: tuple[int, ...] = ()  # full-width channels per layer; () = family default
     norm: Literal["group", "batch", "static_batch", "none"] = "group"
     scaler: bool = False  # HeteroFL scaler: divide activations by width while training
@@ -310,7 +310,7 @@ def _check_value(v: Any, where: str) -> None:
 def _approx_params(hidden: tuple[int, ...], family: str) -> int:
     """Backbone weights at full width, roughly: 28x28 inputs into an MLP, 3x3 kernels in a
     CNN (depthwise-separable blocks: mostly their 1x1 convs)."""
-    k = {"mlp": 1, "cnn": 9}.get(family, 1)
+    k = {"mlp": 1, "cnn": 9, "fedavgcnn": 25}.get(family, 1)
     sizes = [28 * 28 if family == "mlp" else 1, *hidden]
     return sum(k * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
@@ -403,7 +403,14 @@ def validate_config(cfg: RunConfig) -> None:
     _check_choice(a.width_assignment, ("fixed", "dynamic"), "algorithm.width_assignment")
     _check_choice(a.weighting, ("uniform", "examples"), "algorithm.weighting")
     _check_choice(d.partition.kind, ("iid", "dirichlet", "shards"), "data.partition.kind")
-    _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn"), "model.family")
+    _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn", "fedavgcnn"), "model.family")
+    if cfg.model.family == "fedavgcnn":  # models.py: (conv1, conv2, fc), images >= 16 px
+        from fmtl_lightning.data.datasets import IMAGE_SIZES
+
+        px = min(IMAGE_SIZES[get_task(t).domain] for g in cfg.clients for t in g.tasks)
+        if len(hidden) not in (0, 3) or px < 16:
+            raise ConfigError(f"model.family: fedavgcnn needs hidden [conv1, conv2, fc] "
+                              f"(got {list(hidden)}) and images of >= 16 px (got {px})")  # fmt: skip
     _check_choice(cfg.model.norm, ("group", "batch", "static_batch", "none"), "model.norm")
     _check_choice(o.name, ("sgd",), "optimizer.name")
     if not a.lam >= 0:

@@ -58,13 +58,26 @@ def fit(
     module.train()
     optimizer = module.configure_optimizers(train.keys)
     wrapped, optimizer = fabric.setup(module, optimizer)
+    # parameters the optimiser does not step need no gradient: a head-only phase then
+    # back-propagates through the head alone (same updates, a fraction of the work)
+    frozen = [
+        p
+        for k, p in module.model.named_parameters()
+        if train.keys is not None and k not in train.keys and p.requires_grad
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
     steps, total = 0, 0.0
-    for idx in batch_indices(x.shape[0], plan, seed):
-        batch = (x[idx], {t: v[idx] for t, v in y.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss = wrapped.training_step(batch, steps, train=train)
-        fabric.backward(loss)
-        optimizer.step()
-        total += float(loss.detach())
-        steps += 1
+    try:
+        for idx in batch_indices(x.shape[0], plan, seed):
+            batch = (x[idx], {t: v[idx] for t, v in y.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss = wrapped.training_step(batch, steps, train=train)
+            fabric.backward(loss)
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return steps, total / max(steps, 1)

@@ -1,12 +1,17 @@
 """Width-sliceable backbones, task heads, and the parameter declarations they make.
 
-Three backbone families, each buildable at any width r in (0, 1]:
+Four backbone families, each buildable at any width r in (0, 1]:
 
 * ``mlp``:   Linear -> ReLU stacks over the flattened image;
 * ``cnn``:   3x3 conv -> [scaler] -> norm -> ReLU (-> 2x2 max-pool between blocks),
              then global average pooling (HeteroFL's CNN shape);
              ``norm="static_batch"`` is HeteroFL's sBN (:mod:`fmtl_lightning.static_bn`);
-* ``dwcnn``: a MobileNet-style stem plus depthwise-separable blocks.
+* ``dwcnn``: a MobileNet-style stem plus depthwise-separable blocks;
+* ``fedavgcnn``: PFLlib's FedAvgCNN (McMahan et al.'s MNIST CNN): two 5x5 convolutions
+  without padding, each -> [scaler] -> norm -> ReLU -> 2x2 max-pool, then a fully
+  connected layer over the flattened map -> ReLU (``hidden = (conv1, conv2, fc)``,
+  default (32, 64, 512); 28x28 inputs give a 64x4x4 = 1,024 map). ``norm="none"`` is
+  exactly PFLlib's model; other norms go after each convolution, as in ``cnn``.
 
 Every layer is created through :class:`_Builder`, which records, at the moment the
 layer exists, what each of its tensors is (kind) and which dims scale with width
@@ -33,13 +38,14 @@ from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, channels_at, 
 from fmtl_lightning.static_bn import StaticBatchNorm2d
 from mobile_client.batching import head_name as head_name  # one definition, re-exported
 
-Family = Literal["mlp", "cnn", "dwcnn"]
+Family = Literal["mlp", "cnn", "dwcnn", "fedavgcnn"]
 Norm = Literal["group", "batch", "static_batch", "none"]
 
 DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
     "mlp": (256, 128),
     "cnn": (32, 64, 128),
     "dwcnn": (16, 32, 64, 128),
+    "fedavgcnn": (32, 64, 512),
 }
 # The HeteroFL paper's MNIST CNN: about 1.56M parameters at width 1 with a 10-way head.
 HETEROFL_CNN_HIDDEN = (64, 128, 256, 512)
@@ -65,6 +71,16 @@ class BackboneConfig:
             object.__setattr__(self, "hidden", DEFAULT_HIDDEN[self.family])
         if any(int(h) < 1 for h in self.hidden):
             raise SpecError(f"hidden sizes must be >= 1, got {self.hidden}")
+        if self.family == "fedavgcnn":
+            if len(self.hidden) != 3:
+                raise SpecError(
+                    f"fedavgcnn needs hidden = (conv1, conv2, fc) channels, got {self.hidden}"
+                )
+            if fedavgcnn_map_side(self.image_size) < 1:
+                raise SpecError(
+                    f"fedavgcnn needs images of at least {FEDAVGCNN_MIN_IMAGE} pixels, "
+                    f"got image_size {self.image_size}"
+                )
 
     def groups(self) -> dict[str, int]:
         """Full size of each width-scaled channel group."""
@@ -75,9 +91,45 @@ class BackboneConfig:
         return f"h{len(self.hidden) - 1}"
 
 
+FEDAVGCNN_MIN_IMAGE = 16  # two (5x5 valid conv, 2x2 pool) stages leave a 1x1 map
+
+
+def fedavgcnn_map_side(image_size: int) -> int:
+    """Side of FedAvgCNN's last feature map: two 5x5 valid convs, each then 2x2 pooled."""
+    side = int(image_size)
+    for _ in range(2):
+        side = (side - 4) // 2
+    return side
+
+
 def group_norm_groups(channels: int) -> int:
     """GroupNorm group count that divides ``channels`` at every width: gcd(C, 4)."""
     return math.gcd(channels, 4)
+
+
+class FlattenLinear(nn.Module):
+    """A fully connected layer over a flattened (C, H, W) map, its weight kept (out, C, H, W).
+
+    ``forward(x) = linear(x.flatten(1), weight.flatten(1), bias)``: the same numbers as
+    ``Linear(C*H*W, out)`` after ``flatten`` (PFLlib's FedAvgCNN ``fc1``), whose weight is
+    this one reshaped, and initialised like it (same fan-in, same draws in the same order).
+    Keeping C as its own dim lets width slicing cut input channels as it cuts a conv's.
+    """
+
+    def __init__(self, in_channels: int, side: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_channels, side, side))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear.reset_parameters
+        bound = 1.0 / math.sqrt(in_channels * side * side)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, out)
+        return nn.functional.linear(x.flatten(1), self.weight.flatten(1), self.bias)
+
+    def extra_repr(self) -> str:
+        out, c, h, w = self.weight.shape
+        return f"in=({c}, {h}, {w}), out_features={out}"
 
 
 class Scaler(nn.Module):
@@ -109,11 +161,27 @@ class _Builder:
         return nn.Linear(fin, fout)
 
     def conv(
-        self, name: str, cin: int, cout: int, gin: str | None, gout: str, k: int, stride: int = 1
+        self,
+        name: str,
+        cin: int,
+        cout: int,
+        gin: str | None,
+        gout: str,
+        k: int,
+        stride: int = 1,
+        padding: int | None = None,  # None: k // 2 ("same" for odd k)
     ) -> nn.Conv2d:
         self.decl[f"{name}.weight"] = ("backbone", (gout, gin, None, None))
         self.decl[f"{name}.bias"] = ("backbone", (gout,))
-        return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+        pad = k // 2 if padding is None else padding
+        return nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+
+    def flat_linear(
+        self, name: str, cin: int, side: int, cout: int, gin: str, gout: str
+    ) -> FlattenLinear:
+        self.decl[f"{name}.weight"] = ("backbone", (gout, gin, None, None))
+        self.decl[f"{name}.bias"] = ("backbone", (gout,))
+        return FlattenLinear(cin, side, cout)
 
     def depthwise(self, name: str, c: int, g: str, stride: int) -> nn.Conv2d:
         self.decl[f"{name}.weight"] = ("backbone", (g, None, None, None))
@@ -146,7 +214,12 @@ class Backbone(nn.Module):
         self.width = check_width(width)
         b = _Builder(self.width)
         layers: list[nn.Module] = []
-        builders = {"mlp": self._mlp, "cnn": self._cnn, "dwcnn": self._dwcnn}
+        builders = {
+            "mlp": self._mlp,
+            "cnn": self._cnn,
+            "dwcnn": self._dwcnn,
+            "fedavgcnn": self._fedavgcnn,
+        }
         builders[cfg.family](b, layers)
         self.layers = nn.Sequential(*layers)
         self.feature_dim = channels_at(cfg.hidden[-1], self.width)
@@ -200,6 +273,23 @@ class Backbone(nn.Module):
             layers.append(nn.ReLU())
             cin, gin = c, g
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+
+    def _fedavgcnn(self, b: _Builder, layers: list[nn.Module]) -> None:
+        cfg = self.cfg
+        cin, gin = cfg.in_channels, None
+        for i, h in enumerate(cfg.hidden[:2]):  # (B, C, 28, 28) -> (B, c0, 12, 12) -> (B, c1, 4, 4)
+            c, g = b.ch(f"h{i}", h), f"h{i}"
+            layers.append(b.conv(str(len(layers)), cin, c, gin, g, 5, padding=0))
+            self._scaler(layers)
+            layers.append(b.norm(str(len(layers)), c, g, cfg.norm))
+            layers.append(nn.ReLU())
+            layers.append(nn.MaxPool2d(2))
+            cin, gin = c, g
+        c2 = b.ch("h2", cfg.hidden[2])
+        side = fedavgcnn_map_side(cfg.image_size)
+        layers.append(b.flat_linear(str(len(layers)), cin, side, c2, "h1", "h2"))  # (B, c2)
+        self._scaler(layers)
+        layers.append(nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, F)
         return self.layers(x)

@@ -2,7 +2,8 @@
 
 Owns the non-IID schemes used by benchmarks and examples: IID, per-class Dirichlet label
 skew, and label shards of k classes per client, plus a per-client train/test split drawn
-from each client's own distribution and a seeded subsample to reach the small-data regime
+from each client's own distribution, a large test set matching a client's label mix
+(:func:`matched_sample`), and a seeded subsample to reach the small-data regime
 (100-500 samples per client) where a shared backbone matters.
 
 Every partition function returns ``list[np.ndarray]`` of sorted int64 indices into
@@ -244,6 +245,36 @@ def split_clients(
         split_train_test(part, test_fraction, int(s), labels=labels)
         for part, s in zip(parts, seeds, strict=True)
     ]
+
+
+def matched_sample(labels: np.ndarray, mix: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` indices into ``labels`` whose label counts follow ``mix`` (sorted int64).
+
+    ``mix[c]`` is the weight of class ``c`` (e.g. a client's training label counts); class
+    ``c`` gets its largest-remainder share of ``n``, drawn without replacement. This gives a
+    client a large test set from its own label distribution (e.g. from a dataset's test
+    split) while its training data stay as they are.
+    """
+    labels = _check_labels(labels)
+    mix = np.asarray(mix, dtype=np.float64)
+    if mix.ndim != 1 or mix.size == 0 or not np.all(np.isfinite(mix)) or np.any(mix < 0):
+        raise PartitionError(f"mix must be a 1-D array of finite weights >= 0, got {mix!r}")
+    if not mix.sum() > 0:
+        raise PartitionError("mix must give at least one class a weight > 0")
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise PartitionError(f"n must be an integer >= 1, got {n!r}")
+    classes = np.flatnonzero(mix > 0)
+    take = _stratified_test_counts(mix[classes], int(n))
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, k in zip(classes, take, strict=True):
+        members = np.flatnonzero(labels == c)
+        if k > members.size:
+            raise PartitionError(
+                f"class {c}: {k} samples wanted for a mix of {n}, only {members.size} available"
+            )
+        out.append(rng.choice(members, size=int(k), replace=False))
+    return np.sort(np.concatenate(out)).astype(np.int64)
 
 
 def subsample(

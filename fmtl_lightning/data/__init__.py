@@ -2,7 +2,8 @@
 
 Loading lives in :mod:`.datasets`; fetching into the cache in :mod:`.fetch`
 (``python -m fmtl_lightning.data.fetch --all``), imported lazily here so that running
-it with ``-m`` does not import it twice.
+it with ``-m`` does not import it twice. PFLlib's federations (merged train+test, their
+Dirichlet and pathological splits, draw for draw) are in :mod:`.pfllib`.
 """
 
 from __future__ import annotations

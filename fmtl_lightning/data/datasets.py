@@ -348,6 +348,7 @@ _LOADERS: Mapping[str, Callable[[str, str | os.PathLike[str] | None], ImageDatas
     "digits": lambda split, _data_dir: load_digits(split),
 }
 DATASET_NAMES = tuple(_LOADERS)
+IMAGE_SIZES: Mapping[str, int] = {"mnist": 28, "fashion_mnist": 28, "digits": 8}  # side, px
 
 
 def load_dataset(

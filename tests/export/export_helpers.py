@@ -11,8 +11,14 @@ from fmtl_lightning.models import BackboneConfig, MultiTaskModel, head_name
 
 TASKS = {"mnist/digit": 10, "mnist/attrs": 3}
 KINDS = {"mnist/digit": "multiclass", "mnist/attrs": "multilabel"}
-HIDDEN = {"mlp": (64, 32), "cnn": (8, 16, 32), "dwcnn": (8, 16, 32)}
-FAMILIES = [("mlp", "none"), ("cnn", "group"), ("cnn", "batch"), ("dwcnn", "batch")]
+HIDDEN = {"mlp": (64, 32), "cnn": (8, 16, 32), "dwcnn": (8, 16, 32), "fedavgcnn": (8, 16, 32)}
+FAMILIES = [
+    ("mlp", "none"),
+    ("cnn", "group"),
+    ("cnn", "batch"),
+    ("dwcnn", "batch"),
+    ("fedavgcnn", "none"),
+]
 WIDTHS = [1.0, 0.25]
 CONFIGS = [(f, n, w) for f, n in FAMILIES for w in WIDTHS]
 IDS = [f"{f}-{n}-w{w}" for f, n, w in CONFIGS]

@@ -29,6 +29,8 @@ FAMILIES = [
     BackboneConfig("cnn", norm="none"),
     BackboneConfig("dwcnn", norm="batch"),
     BackboneConfig("dwcnn", norm="group"),
+    BackboneConfig("fedavgcnn", norm="none"),
+    BackboneConfig("fedavgcnn", norm="batch"),
 ]
 
 

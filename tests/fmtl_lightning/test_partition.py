@@ -7,6 +7,7 @@ import pytest
 
 from fmtl_lightning.errors import PartitionError
 from fmtl_lightning.partition import (
+    matched_sample,
     partition_dirichlet,
     partition_iid,
     partition_shards,
@@ -185,3 +186,32 @@ def test_invalid_arguments_raise_partition_error_naming_them(call, fragment):
     with pytest.raises(PartitionError, match=fragment):
         call()
     assert issubclass(PartitionError, ValueError)
+
+
+def test_matched_sample_follows_the_mix_by_largest_remainder():
+    # mix 3 : 0 : 1 over 8 -> quotas 6, 0, 2 (exact); mix 1 : 1 : 1 over 8 -> 2.67 each:
+    # floors 2, 2, 2 and the 2 leftover go to the first largest remainders (classes 0, 1)
+    idx = matched_sample(LABELS, np.array([3, 0, 1]), 8, seed=0)
+    assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
+    assert np.bincount(LABELS[idx], minlength=10).tolist() == [6, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+    idx = matched_sample(LABELS, np.array([1.0, 1.0, 1.0]), 8, seed=0)
+    assert np.bincount(LABELS[idx], minlength=3)[:3].tolist() == [3, 3, 2]
+    counts = np.bincount(LABELS[:200], minlength=10)  # a client's own training mix
+    big = matched_sample(LABELS, counts, 500, seed=4)
+    np.testing.assert_allclose(np.bincount(LABELS[big], minlength=10), counts * 2.5, atol=1)
+    np.testing.assert_array_equal(big, matched_sample(LABELS, counts, 500, seed=4))
+    assert not np.array_equal(big, matched_sample(LABELS, counts, 500, seed=5))
+
+
+@pytest.mark.parametrize(
+    "mix,n,words",
+    [
+        (np.array([1.0, -1.0]), 5, "finite weights"),
+        (np.zeros(3), 5, "at least one class"),
+        (np.array([1.0]), 0, "n must be"),
+        (np.array([1.0]), 101, "class 0: 101 samples wanted"),
+    ],
+)
+def test_matched_sample_errors_name_the_problem(mix, n, words):
+    with pytest.raises(PartitionError, match=words):
+        matched_sample(LABELS, mix, n, seed=0)

@@ -1,0 +1,303 @@
+"""PFLlib's Fashion-MNIST leaderboard, reproduced: their federation, model, training, metric.
+
+    python -m benchmarks.pfllib [--full] [--rounds N] [--splits dir,pat]
+                                [--methods fedavg,fedper,...] [--workers 2]
+                                [--clients N --max-samples N]   # smoke settings only
+                                [--render]                      # re-write from the JSON
+
+The protocol (TsingZ0/PFLlib, see :mod:`fmtl_lightning.data.pfllib` for the data):
+
+* Fashion-MNIST train + test merged (70k), pixels / 255 normalised with mean 0.5, std 0.5;
+  20 clients, PFLlib's Dirichlet(0.1) split ("dir", their "practical" label skew) or their
+  pathological 2-classes-per-client split ("pat"), seed 1, each client 75/25 train/test;
+* FedAvgCNN (``model.family: fedavgcnn``, ``norm: none``), the head = the last linear layer;
+* every client every round, 1 local epoch, batch 10, plain SGD lr 0.005 (no momentum);
+* metric: each round, correct predictions pooled over all clients' test sets (the
+  sample-weighted mean); PFLlib reports the best round ("best"), we also report the last
+  ("final").
+
+Methods: FedAvg, FedPer, FedRep (1 head epoch, then 1 body epoch, as PFLlib's default
+``plocal_epochs=1``), Ditto (lambda ``--ditto-lam``), local-only, FedBABU (heads frozen at
+init; PFLlib fine-tunes them for 10 epochs once, after the last round, and so do we: one
+evaluation, at the end), FedAvg+FT (1 fine-tune epoch before every evaluation).
+
+``--full`` runs PFLlib's 2,000 rounds. The default runs :data:`DEFAULT_ROUNDS` rounds, sized
+to fit about 60 minutes on 2 cores, and its table says so. Each (split, method) is one
+:class:`~fmtl_lightning.simulation.Simulation` in a process pool (one torch thread per
+worker). Raw results: ``runs/pfllib/<mode>.json``; BENCHMARKS.md section ``pfllib`` and
+``docs/benchmarks/pfllib_curves.png`` (:mod:`benchmarks.pfllib_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+from benchmarks.acc_common import set_threads
+from benchmarks.common import REPO_ROOT, current_command, machine_line
+
+TASK = "fashion/item"
+DOMAIN = "fashion_mnist"
+FULL_ROUNDS = 2000
+DEFAULT_ROUNDS = 5  # ~18 core-min per round of all 14 runs (measured, see the README line)
+SPLITS = ("dir", "pat")
+DITTO_LAM = 0.1
+FEDBABU_FINETUNE_EPOCHS = 10  # PFLlib's fine_tuning_epochs default
+FEDAVG_FT_EPOCHS = 1
+# method -> its algorithm config (beyond the name) and evaluation schedule
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"algorithm": {"name": "fedavg"}},
+    "fedper": {"algorithm": {"name": "fedper"}},
+    "fedrep": {"algorithm": {"name": "fedrep", "rep_head_epochs": 1}},
+    "ditto": {"algorithm": {"name": "ditto", "lam": DITTO_LAM}},
+    "local": {"algorithm": {"name": "local"}},
+    "fedbabu": {
+        "algorithm": {"name": "fedbabu", "finetune_epochs": FEDBABU_FINETUNE_EPOCHS},
+        "eval_at_end_only": True,
+    },
+    "fedavg_ft": {"algorithm": {"name": "fedavg_ft", "finetune_epochs": FEDAVG_FT_EPOCHS}},
+}
+# relative cost of a round (epochs of work per client), to start the longest jobs first
+COST = {"ditto": 2.0, "fedavg_ft": 2.0, "fedrep": 1.4, "fedbabu": 1.3}
+
+
+def build_federation(
+    kind: str,
+    *,
+    num_clients: int = 20,
+    seed: int = 1,
+    max_samples: int | None = None,
+    data_dir: str | None = None,
+) -> Any:
+    """The :class:`~fmtl_lightning.fed_data.Federation` of PFLlib's ``kind`` split.
+
+    Client indices point into the merged 70k dataset. ``max_samples`` (smoke runs and tests
+    only, not PFLlib's protocol) first keeps a seeded random subset of that many samples.
+    """
+    import torch
+
+    from fmtl_lightning.data import pfllib
+    from fmtl_lightning.fed_data import ClientData, Federation
+    from fmtl_lightning.federation import ClientSpec, federation_summary
+
+    images, labels = pfllib.merged_dataset(DOMAIN, data_dir)
+    if max_samples is not None and max_samples < labels.size:
+        keep = np.sort(np.random.RandomState(seed).choice(labels.size, max_samples, replace=False))
+        images, labels = images[keep], labels[keep]
+    splits = pfllib.pfllib_split(labels, kind, num_clients=num_clients, seed=seed)  # type: ignore[arg-type]
+
+    def x_of(idx: np.ndarray) -> torch.Tensor:  # (N, 1, 28, 28) float32
+        x = (images[idx].astype(np.float32) / 255.0 - pfllib.MEAN) / pfllib.STD
+        return torch.from_numpy(x[:, None])
+
+    def y_of(idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return {TASK: torch.from_numpy(labels[idx].astype(np.int64))}
+
+    clients, specs = [], []
+    for i, s in enumerate(splits):
+        spec = ClientSpec(f"c{i:02d}", (TASK,), 1.0, s.train, s.test, DOMAIN)
+        held = torch.from_numpy(np.isin(np.arange(10), labels[s.train]))
+        specs.append(spec)
+        clients.append(
+            ClientData(
+                spec, None, x_of(s.train), y_of(s.train), x_of(s.test), y_of(s.test), {TASK: held}
+            )
+        )
+    summary = federation_summary(specs, {DOMAIN: labels})
+    return Federation(clients, 28, summary, {DOMAIN: (pfllib.MEAN, pfllib.STD)})
+
+
+def run_config(
+    method: str, rounds: int, num_clients: int, seed: int = 1, ditto_lam: float = DITTO_LAM
+) -> dict[str, Any]:
+    """The run's config: PFLlib's training recipe for ``method`` (a plain mapping)."""
+    m = METHODS[method]
+    algorithm = dict(m["algorithm"])
+    if method == "ditto":
+        algorithm["lam"] = ditto_lam
+    return {
+        "name": f"pfllib-{method}",
+        "seed": seed,
+        "model": {"family": "fedavgcnn", "norm": "none"},
+        "clients": [{"count": num_clients, "tasks": [TASK], "width": 1.0}],
+        "algorithm": algorithm,
+        "federation": {
+            "rounds": rounds,
+            "fraction": 1.0,
+            "local_epochs": 1,
+            "batch_size": 10,
+            "eval_every": rounds if m.get("eval_at_end_only") else 1,
+        },
+        "optimizer": {"name": "sgd", "lr": 0.005, "momentum": 0.0, "weight_decay": 0.0},
+        "compare_local": False,
+        "checkpoints": {"keep_last": 1},
+    }
+
+
+def pooled_curve(rows: Sequence[dict[str, Any]], n_test: dict[str, int]) -> list[list[float]]:
+    """[round, accuracy] per evaluated round: correct predictions pooled over every client's
+    test set (each client's accuracy times its test size, summed, over the total)."""
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        acc = by_round.setdefault(int(r["round"]), [0.0, 0.0])
+        n = n_test[r["client"]]
+        acc[0] += round(float(r["acc"]) * n)  # this client's correct predictions
+        acc[1] += n
+    return [[rnd, c / n] for rnd, (c, n) in sorted(by_round.items())]
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One (split, method) simulation; returns its pooled-accuracy curve and timings."""
+    from fmtl_lightning.config import parse_config
+    from fmtl_lightning.simulation import Simulation
+
+    t0 = time.perf_counter()
+    fed = build_federation(
+        job["split"], num_clients=job["clients"], max_samples=job.get("max_samples")
+    )
+    cfg = parse_config(
+        run_config(job["method"], job["rounds"], job["clients"], ditto_lam=job["ditto_lam"])
+    )
+    n_test = {c.cid: int(c.x_test.shape[0]) for c in fed.clients}
+    tmp = tempfile.mkdtemp(prefix="fmtl-pfllib-")
+    try:
+        sim = Simulation(cfg, tmp, progress=False, federation=fed)
+        t_build = time.perf_counter() - t0
+        sim.run()
+        curve = pooled_curve(sim.history, n_test)
+        times = [t.as_dict() for t in sim.times]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    best = max(curve, key=lambda p: p[1])
+    round_s = [sum(t.values()) for t in times]
+    return {
+        "split": job["split"],
+        "method": job["method"],
+        "rounds": job["rounds"],
+        "clients": job["clients"],
+        "curve": curve,
+        "best": best[1],
+        "best_round": int(best[0]),
+        "final": curve[-1][1],
+        "n_train": sum(c.num_train for c in fed.clients),
+        "n_test": sum(n_test.values()),
+        "round_s": round_s,
+        "times": times,
+        "setup_s": t_build,
+        "wall": time.perf_counter() - t0,
+    }
+
+
+def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
+    jobs = [
+        {
+            "split": s,
+            "method": m,
+            "rounds": args.rounds,
+            "clients": args.clients,
+            "max_samples": args.max_samples,
+            "ditto_lam": args.ditto_lam,
+        }
+        for s in args.splits
+        for m in args.methods
+    ]
+    return sorted(jobs, key=lambda j: -COST.get(j["method"], 1.0))  # longest first
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
+    """:func:`run_job` of each job as it finishes, from ``workers`` spawned processes with
+    one torch thread each (in this process when ``workers`` is 1)."""
+    if workers <= 1:
+        set_threads(1)
+        yield from map(run_job, jobs)
+        return
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=set_threads, initargs=(1,)) as ex:
+        futures = [ex.submit(run_job, j) for j in jobs]
+        from concurrent.futures import as_completed
+
+        for f in as_completed(futures):
+            yield f.result()
+
+
+def _csv(value: str, allowed: Sequence[str], flag: str) -> list[str]:
+    items = [v for v in value.split(",") if v]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise SystemExit(f"{flag}: {bad or value!r} not in {list(allowed)}")
+    return items
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.pfllib", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--full", action="store_true", help=f"PFLlib's {FULL_ROUNDS} rounds")
+    p.add_argument("--rounds", type=int, default=None, help=f"default {DEFAULT_ROUNDS}")
+    p.add_argument("--splits", default=",".join(SPLITS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ditto-lam", type=float, default=DITTO_LAM)
+    p.add_argument("--clients", type=int, default=20, help="smoke runs only (PFLlib: 20)")
+    p.add_argument("--max-samples", type=int, default=None, help="smoke runs only (PFLlib: all)")
+    p.add_argument("--render", action="store_true", help="re-write the report from the JSON")
+    args = p.parse_args(argv)
+    args.splits = _csv(args.splits, SPLITS, "--splits")
+    args.methods = _csv(args.methods, tuple(METHODS), "--methods")
+    if args.rounds is None:
+        args.rounds = FULL_ROUNDS if args.full else DEFAULT_ROUNDS
+    if args.rounds < 1 or args.clients < 1 or args.workers < 1:
+        raise SystemExit("--rounds, --clients and --workers must be >= 1")
+    protocol = args.clients == 20 and args.max_samples is None
+    args.mode = ("full" if args.rounds == FULL_ROUNDS else "default") if protocol else "smoke"
+    return args
+
+
+def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    from benchmarks import pfllib_report
+
+    args = parse_args(argv)
+    say = log or (lambda msg: print(time.strftime("%H:%M:%S"), msg, flush=True))
+    out = REPO_ROOT / "runs" / "pfllib" / f"{args.mode}.json"
+    if args.render:
+        data = json.loads(out.read_text())
+    else:
+        t0 = time.perf_counter()
+        results = []
+        jobs = jobs_for(args)
+        say(f"{len(jobs)} runs, {args.rounds} rounds each, {args.workers} workers ({args.mode})")
+        for res in run_jobs(jobs, args.workers):
+            results.append(res)
+            per = np.mean(res["round_s"])
+            say(
+                f"{res['split']}/{res['method']}: best {100 * res['best']:.2f} (round "
+                f"{res['best_round']}), final {100 * res['final']:.2f}, {per:.1f} s/round, "
+                f"{res['wall'] / 60:.1f} min"
+            )
+        data = {
+            "mode": args.mode,
+            "rounds": args.rounds,
+            "ditto_lam": args.ditto_lam,
+            "workers": args.workers,
+            "results": results,
+            "wall": time.perf_counter() - t0,
+            "command": current_command(),
+            "machine": machine_line(),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+    pfllib_report.write(data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
