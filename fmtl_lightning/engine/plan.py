@@ -18,13 +18,13 @@ import numpy as np
 
 from fmtl_lightning.algorithms import get_algorithm
 from fmtl_lightning.config import ConfigError, RunConfig
+from fmtl_lightning.data.datasets import IMAGE_SIZES
 from fmtl_lightning.roles import ModelSpec
 from fmtl_lightning.tasks import get_task
 
 if TYPE_CHECKING:
     from fmtl_lightning.models import BackboneConfig
 
-IMAGE_SIZE = {"mnist": 28, "fashion_mnist": 28, "digits": 8}
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def server_plan(
 
     clients = list(planned_clients(cfg) if clients is None else clients)
     if image_size is None:
-        image_size = IMAGE_SIZE[get_task(clients[0].tasks[0]).domain]
+        image_size = IMAGE_SIZES[get_task(clients[0].tasks[0]).domain]
     bcfg = backbone_config(cfg, image_size)
     layout = model_layout(cfg, task_outputs)
     spec = model_spec(bcfg, layout.model_tasks, layout.policy)
