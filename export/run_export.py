@@ -41,18 +41,16 @@ from torch import nn
 from export.graphs import ExportError, GraphInfo, TrainStepInfo, sanitize, to_ort_format
 from export.inference import export_backbone, export_head
 from export.trainstep import export_head_step, export_train_step
-from mobile_client.manifest import (
+from mobile_client.manifest import Manifest, sha256_file, write_manifest
+from mobile_client.manifest_entries import (
     ClientEntry,
     FileEntry,
     FileRef,
     HeadEntry,
-    Manifest,
     Normalisation,
     TensorSpec,
     TrainStepEntry,
     WidthEntry,
-    sha256_file,
-    write_manifest,
 )
 
 if TYPE_CHECKING:
