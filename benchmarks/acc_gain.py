@@ -98,8 +98,9 @@ def matched_test_sets(fed: Any, test_size: int, seed: int, data_dir: str | None 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """One (model, seed, method) simulation with large matched test sets."""
     from fmtl_lightning.config import parse_config
+    from fmtl_lightning.engine.metrics import client_scores
     from fmtl_lightning.fed_data import build_federation
-    from fmtl_lightning.simulation import Simulation, client_scores
+    from fmtl_lightning.simulation import Simulation
 
     t0 = time.perf_counter()
     P = {**job["params"], **MODELS[job["model"]]}

@@ -91,10 +91,10 @@ def part1(mode: str, seeds: list[int], workers: int) -> dict[str, Any]:
 
 
 def write_sweep(data: dict[str, Any], mode: str, seeds: list[int]) -> None:
-    from benchmarks import acc_part1
+    from benchmarks import acc_part1_report
 
-    acc_part1.plot_sweep(data["results"])
-    md = _header(mode, seeds, data["wall"]) + acc_part1.report_sweep(
+    acc_part1_report.plot_sweep(data["results"])
+    md = _header(mode, seeds, data["wall"]) + acc_part1_report.report_sweep(
         data["results"], data["params"], data["wall"]
     )
     write_section(
@@ -103,11 +103,11 @@ def write_sweep(data: dict[str, Any], mode: str, seeds: list[int]) -> None:
 
 
 def write_part1(data: dict[str, Any], mode: str) -> None:
-    from benchmarks import acc_part1
+    from benchmarks import acc_part1_report
 
     results, P, wall, seeds = data["results"], data["params"], data["wall"], data["seeds"]
-    acc_part1.plot(results)
-    md = _header(mode, seeds, wall) + acc_part1.report(results, P, seeds, wall, mode)
+    acc_part1_report.plot(results)
+    md = _header(mode, seeds, wall) + acc_part1_report.report(results, P, seeds, wall, mode)
     write_section("accuracy-part1", md, command=data.get("command"), machine=data.get("machine"))
 
 
@@ -128,6 +128,7 @@ def part2(
     ``runs/accuracy/part2-<mode>.json``) stay in the table, with their own command.
     """
     from benchmarks import acc_heterofl as H
+    from benchmarks import acc_part2_report as R2
     from benchmarks.common import current_command
 
     seed = seeds[0]
@@ -168,9 +169,9 @@ def part2(
         saved[name] = res
         results = [saved[k] for k in PART2_ORDER if k in saved]
         _save(f"part2-{mode}.json", results)
-        H.plot_part2(results)
+        R2.plot_part2(results)
         wall = sum(r["wall"] for r in results)
-        md = _header(mode, [seed], wall) + H.report_part2(
+        md = _header(mode, [seed], wall) + R2.report_part2(
             results, mode, None if mode != "default" else budget_min
         )
         if mode == "quick":
@@ -190,7 +191,7 @@ def part2(
 
 
 def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, Any]:
-    from benchmarks import acc_heterofl as H
+    from benchmarks import acc_part3
     from benchmarks.common import current_command
 
     seed = seeds[0]
@@ -206,7 +207,7 @@ def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, An
             max_rounds=100,
             budget_s=budget_min * 60,
         )
-    res = H.run_part3(seed=seed, log=_log, **kw)
+    res = acc_part3.run_part3(seed=seed, log=_log, **kw)
     res["command"] = current_command()
     res["machine"] = machine_line()
     _save(f"part3-{mode}.json", res)
@@ -216,12 +217,12 @@ def part3(mode: str, seeds: list[int], budget_min: float | None) -> dict[str, An
 
 
 def write_part3(res: dict[str, Any], mode: str) -> None:
-    from benchmarks import acc_heterofl as H
+    from benchmarks import acc_part3
 
     # JSON turns the float width keys into strings
     res["table"] = {a: {float(w): v for w, v in t.items()} for a, t in res["table"].items()}
-    H.plot_part3(res)
-    md = _header(mode, [res["seed"]], res["wall"]) + H.report_part3(res, mode)
+    acc_part3.plot_part3(res)
+    md = _header(mode, [res["seed"]], res["wall"]) + acc_part3.report_part3(res, mode)
     t = res["table"]
     quarter = t["mix"][0.25]
     md += (
@@ -235,7 +236,7 @@ def write_part3(res: dict[str, Any], mode: str) -> None:
 
 def render(mode: str, parts: list[int]) -> None:
     """Rewrite the sections (and plots) from saved results, without training."""
-    from benchmarks import acc_heterofl as H
+    from benchmarks import acc_part2_report as R2
 
     for p in parts:
         data = _load(f"part{p}-{mode}.json")
@@ -250,9 +251,9 @@ def render(mode: str, parts: list[int]) -> None:
         elif p == 3:
             write_part3(data, mode)
         else:
-            H.plot_part2(data)
+            R2.plot_part2(data)
             wall = sum(r["wall"] for r in data)
-            md = _header(mode, [data[0]["seed"]], wall) + H.report_part2(
+            md = _header(mode, [data[0]["seed"]], wall) + R2.report_part2(
                 data, mode, data[0].get("budget_min")
             )
             cmds = sorted({r.get("command", "") for r in data} - {""})

@@ -223,8 +223,9 @@ def main() -> None:
     lines += [
         "",
         "The step graph's weights are inputs, so onnxruntime cannot pre-pack them for its "
-        "NCHWc convolutions and runs generic kernels; `export/decompositions.py` writes the "
-        "backward for them (tiling max pools as window-tap maxima with first-maximum masks "
+        "NCHWc convolutions and runs generic kernels; `export/decompositions.py` "
+        "(convolutions: `export/conv_decompositions.py`) writes the backward for them "
+        "(tiling max pools as window-tap maxima with first-maximum masks "
         "instead of MaxPool indices + ScatterElements, ReLU backward as a mask multiply "
         "instead of `Where`, conv weight gradients and deep forward convs as im2col GEMMs "
         "over the whole batch). Before that change the step was 1.45-1.79x torch.",

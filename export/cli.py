@@ -8,9 +8,30 @@ subclasses, so the CLI prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
-from export.run_export import RunExportError, export_run, parse_widths
+from export.bundle import RunExportError
+from export.run_export import export_run
+
+
+def parse_widths(text: str) -> list[float]:
+    """``"1,0.5"`` -> ``[1.0, 0.5]`` (error names the bad item)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            w = float(item)
+        except ValueError:
+            raise RunExportError(f"--widths: {item!r} is not a number") from None
+        if not (0 < w <= 1) or not math.isfinite(w):
+            raise RunExportError(f"--widths: {item!r} is outside (0, 1]")
+        out.append(w)
+    if not out:
+        raise RunExportError("--widths: no width given")
+    return out
 
 
 def _export(args: argparse.Namespace) -> int:

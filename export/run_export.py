@@ -16,20 +16,13 @@
 * :func:`export_model` does the same for one :class:`MultiTaskModel` given directly.
 
 The bundle is built in a temp dir next to ``out_dir`` and renamed into place, so
-``out_dir`` is either complete or absent. Temp dirs carry the exporting process's
-id (``.{name}.tmp-{pid}-*``); the next export to the same ``out_dir`` removes those
-of processes that no longer run (an export killed with ``kill -9``). The manifest schema lives in
-:mod:`mobile_client.manifest` (the ground floor owns the wire formats).
+``out_dir`` is either complete or absent (:mod:`export.bundle` writes the files and
+their manifest entries). The manifest schema lives in :mod:`mobile_client.manifest`
+(the ground floor owns the wire formats).
 """
 
 from __future__ import annotations
 
-import glob
-import math
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -38,163 +31,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.graphs import ExportError, GraphInfo, TrainStepInfo, sanitize, to_ort_format
+from export.bundle import (
+    BundleWriter,
+    RunExportError,
+    build_atomically,
+    check_out_dir,
+    created_stamp,
+    width_tag,
+)
+from export.graphs import sanitize
 from export.inference import export_backbone, export_head
+from export.run_select import (
+    WIDTH_TOL,
+    check_run_dir,
+    read_run,
+    select_clients,
+    select_widths,
+)
 from export.trainstep import export_head_step, export_train_step
-from mobile_client.manifest import (
+from mobile_client.manifest import Manifest, write_manifest
+from mobile_client.manifest_entries import (
     ClientEntry,
-    FileEntry,
-    FileRef,
     HeadEntry,
-    Manifest,
     Normalisation,
-    TensorSpec,
     TrainStepEntry,
     WidthEntry,
-    sha256_file,
-    write_manifest,
 )
 
 if TYPE_CHECKING:
     from fmtl_lightning.roles import RolePolicy
-    from fmtl_lightning.run_artifacts import RunArtifacts
-
-WIDTH_TOL = 1e-9
-
-
-class RunExportError(ExportError, ValueError):
-    """A run directory, width, client or model that cannot be exported (names which)."""
-
-
-def _wtag(width: float) -> str:
-    return f"{width:g}"
-
-
-def _rel(staging: Path, p: str | Path) -> str:
-    return Path(p).resolve().relative_to(staging.resolve()).as_posix()
-
-
-class _Bundle:
-    """Writes graphs into the staging dir and builds their manifest entries."""
-
-    def __init__(self, staging: Path, opset: int, ort: bool) -> None:
-        self.dir = staging
-        self.opset = opset
-        self.ort = ort
-
-    def _ref(self, path: Path) -> tuple[str, str, FileRef | None]:
-        ort = None
-        if self.ort:
-            (o,) = to_ort_format([path])
-            ort = FileRef(_rel(self.dir, o), sha256_file(o))
-        return _rel(self.dir, path), sha256_file(path), ort
-
-    def graph(self, info: GraphInfo) -> FileEntry:
-        rel, sha, ort = self._ref(Path(info.path))
-        return FileEntry(
-            path=rel,
-            sha256=sha,
-            kind=info.kind,
-            inputs=tuple(TensorSpec(t.name, tuple(t.shape), t.dtype) for t in info.inputs),
-            outputs=tuple(TensorSpec(t.name, tuple(t.shape), t.dtype) for t in info.outputs),
-            weights=dict(info.weights),
-            x_input="x" if info.kind == "backbone" else None,
-            features_input="features" if info.kind == "head" else None,
-            ort=ort,
-        )
-
-    def step(self, info: TrainStepInfo, kind: str, key_prefix: str = "") -> FileEntry:
-        rel, sha, ort = self._ref(Path(info.path))
-        return FileEntry(
-            path=rel,
-            sha256=sha,
-            kind=kind,
-            inputs=tuple(TensorSpec(t.name, tuple(t.shape), t.dtype) for t in info.inputs),
-            outputs=tuple(TensorSpec(t.name, tuple(t.shape), t.dtype) for t in info.outputs),
-            weights={
-                n: key_prefix + k for n, k in {**info.param_inputs, **info.buffer_inputs}.items()
-            },
-            weight_outputs={
-                n: key_prefix + k for n, k in {**info.param_outputs, **info.buffer_outputs}.items()
-            },
-            lr_input=info.lr_input,
-            loss_output=info.loss_output,
-            x_input=info.x_input,
-            features_input=info.features_input,
-            target_inputs=dict(info.target_inputs),
-            task_kinds=dict(info.task_kinds),
-            ort=ort,
-        )
-
-    def weights(self, name: str, arrays: Mapping[str, np.ndarray]) -> FileEntry:
-        path = self.dir / name
-        with open(path, "wb") as f:
-            np.savez(f, **{k: np.asarray(v, order="C") for k, v in arrays.items()})  # type: ignore[arg-type]
-        specs = tuple(TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in arrays.items())
-        return FileEntry(
-            path=name, sha256=sha256_file(path), kind="weights", outputs=specs,
-            weights={k: k for k in arrays},
-        )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- atomic output
-def _check_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise RunExportError(f"output directory {out_dir} already exists (use --overwrite)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunExportError(f"output path {out_dir} exists and is not a directory")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0  # PermissionError: exists, owned by another user
-    return True
-
-
-def _sweep_stale(out_dir: Path) -> list[Path]:
-    """Remove temp dirs of exports to ``out_dir`` whose process is gone; returns them."""
-    removed = []
-    for kind in ("tmp", "old"):
-        prefix = f".{out_dir.name}.{kind}-"
-        for p in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
-            pid = p.name[len(prefix) :].split("-", 1)[0]
-            if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
-def _atomic(out_dir: Path, overwrite: bool, build) -> Path:
-    """Run ``build(staging)`` in a temp dir next to ``out_dir``, then rename it into place."""
-    out_dir = Path(out_dir).absolute()
-    _check_out(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(out_dir)
-    tag = f".{out_dir.name}.%s-{os.getpid()}-"
-    staging = Path(tempfile.mkdtemp(prefix=tag % "tmp", dir=out_dir.parent))
-    try:
-        build(staging)
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            _check_out(out_dir, overwrite)
-            old = Path(tempfile.mkdtemp(prefix=tag % "old", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _created() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _labels(task: str) -> tuple[str, ...]:
@@ -265,8 +130,8 @@ def export_model(
             return tuple(str(i) for i in range(model.task_outputs[t]))
 
     def build(staging: Path) -> None:
-        b = _Bundle(staging, opset, ort)
-        w = _wtag(width)
+        b = BundleWriter(staging, opset, ort)
+        w = width_tag(width)
         bb = b.graph(
             export_backbone(model.backbone, staging / f"backbone_w{w}.onnx", example_x, opset)
         )
@@ -290,7 +155,7 @@ def export_model(
         shared = tuple(k for k in state if spec.role(k) == "shared")
         m = Manifest(
             opset=opset,
-            created=_created(),
+            created=created_stamp(),
             normalisation=norm,
             widths=(WidthEntry(width, feat, bb, (step,)),),
             heads=tuple(head_entries),
@@ -303,42 +168,7 @@ def export_model(
         )
         write_manifest(staging, m)
 
-    return _atomic(Path(out_dir), overwrite, build)
-
-
-# ----------------------------------------------------------------------------- a run
-def _check_run_dir(run_dir: Path) -> None:
-    from fmtl_lightning.checkpoint import completed_rounds
-
-    if not run_dir.is_dir():
-        raise RunExportError(f"{run_dir} is not a run directory: it does not exist")
-    missing = [n for n in ("config.yaml", "spec.json") if not (run_dir / n).is_file()]
-    if not (run_dir / "checkpoints").is_dir():
-        missing.append("checkpoints/")
-    elif not completed_rounds(run_dir):
-        missing.append("checkpoints/round_NNNN (no completed round)")
-    if missing:
-        raise RunExportError(
-            f"{run_dir} is not a run directory (written by `fmtl simulate`): "
-            f"missing {', '.join(missing)}"
-        )
-
-
-def _match_width(w: float, available: Sequence[float]) -> float | None:
-    for a in available:
-        if abs(a - w) < WIDTH_TOL:
-            return a
-    return None
-
-
-def _read_run(run_dir: Path) -> RunArtifacts:
-    from fmtl_lightning.run_artifacts import RunArtifacts, RunArtifactsError
-
-    _check_run_dir(run_dir)
-    try:
-        return RunArtifacts(run_dir)
-    except RunArtifactsError as exc:
-        raise RunExportError(str(exc)) from exc
+    return build_atomically(Path(out_dir), overwrite, build)
 
 
 def export_run(
@@ -366,59 +196,17 @@ def export_run(
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)
-    _check_run_dir(run_dir)
-    _check_out(out_dir.absolute(), overwrite)
-    art = _read_run(run_dir)
+    check_run_dir(run_dir)
+    check_out_dir(out_dir.absolute(), overwrite)
+    art = read_run(run_dir)
     spec = art.spec
     if not spec.keys_of_kind("head"):
         raise RunExportError(f"{run_dir}: the model's roles declare no head; nothing to export")
-    a = art.config.algorithm
     last = art.round
     run_clients = art.clients
 
-    used = sorted({float(c.width) for c in run_clients}, reverse=True)
-    if a.width_assignment == "dynamic" and a.dynamic_widths:
-        used = sorted(set(used) | {float(w) for w in a.dynamic_widths}, reverse=True)
-    # a width no client runs at has a backbone only if the server holds all of it (not with
-    # per-client norms, static batch-norm statistics or local training): skip it by default
-    per_client = [k for k in spec.local_keys() if spec[k].kind != "head"]
-    has_client = {w: any(abs(c.width - w) < WIDTH_TOL for c in run_clients) for w in used}
-    if widths is None:
-        sel_w = [w for w in used if has_client[w] or not per_client]
-    else:
-        sel_w = []
-        for w in widths:
-            m = _match_width(float(w), used)
-            if m is None:
-                raise RunExportError(
-                    f"width {w:g} was never used by the run {run_dir}; "
-                    f"widths available: {', '.join(f'{u:g}' for u in used)}"
-                )
-            if per_client and not has_client[m]:
-                raise RunExportError(
-                    f"width {w:g}: no client runs at this width, and part of the backbone is "
-                    f"kept per client (e.g. {per_client[0]!r}); export a client's width: "
-                    + ", ".join(f"{u:g}" for u in used if has_client[u])
-                )
-            if m not in sel_w:
-                sel_w.append(m)
-    by_id = {c.client_id: c for c in run_clients}
-    if clients is None:
-        sel_c = [c for c in run_clients if _match_width(c.width, sel_w) is not None]
-    else:
-        sel_c = []
-        for cid in clients:
-            if cid not in by_id:
-                raise RunExportError(
-                    f"client {cid!r} is not in the run {run_dir}; clients: {', '.join(by_id)}"
-                )
-            c = by_id[cid]
-            if _match_width(c.width, sel_w) is None:
-                raise RunExportError(
-                    f"client {cid!r} has width {c.width:g}, which is not among the exported "
-                    f"widths {', '.join(f'{w:g}' for w in sel_w)}"
-                )
-            sel_c.append(c)
+    sel_w = select_widths(art, run_dir, widths)
+    sel_c = select_clients(art, run_dir, sel_w, clients)
 
     size = art.image_size
     shape = (art.backbone.in_channels, size, size)
@@ -441,7 +229,7 @@ def export_run(
         return {k.removeprefix("backbone."): state[k] for k in own if k in state}
 
     def build(staging: Path) -> None:
-        b = _Bundle(staging, opset, ort)
+        b = BundleWriter(staging, opset, ort)
         width_entries, head_entries, client_entries = [], [], []
         for w in sel_w:
             ws = art.width_spec(w)
@@ -456,7 +244,7 @@ def export_run(
                     )
                 shared_bb = bb_arrays(art.client_state(at_w[0].client_id, ws), backbone)
             load_arrays(backbone, shared_bb)
-            tag = _wtag(w)
+            tag = width_tag(w)
             bb = b.graph(
                 export_backbone(backbone, staging / f"backbone_w{tag}.onnx", example_x, opset)
             )
@@ -518,7 +306,7 @@ def export_run(
         top = norm_of((sel_c[0] if sel_c else run_clients[0]).client_id)
         m = Manifest(
             opset=opset,
-            created=_created(),
+            created=created_stamp(),
             normalisation=top,
             widths=tuple(width_entries),
             heads=tuple(head_entries),
@@ -529,23 +317,4 @@ def export_run(
         )
         write_manifest(staging, m)
 
-    return _atomic(out_dir, overwrite, build)
-
-
-def parse_widths(text: str) -> list[float]:
-    """``"1,0.5"`` -> ``[1.0, 0.5]`` (error names the bad item)."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            w = float(item)
-        except ValueError:
-            raise RunExportError(f"--widths: {item!r} is not a number") from None
-        if not (0 < w <= 1) or not math.isfinite(w):
-            raise RunExportError(f"--widths: {item!r} is outside (0, 1]")
-        out.append(w)
-    if not out:
-        raise RunExportError("--widths: no width given")
-    return out
+    return build_atomically(out_dir, overwrite, build)

@@ -6,14 +6,15 @@ clients, samples and splits (resume relies on this).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fmtl_lightning.config import ConfigError, RunConfig
-from fmtl_lightning.data import load_dataset
+from fmtl_lightning.data import ImageDataset, load_dataset
+from fmtl_lightning.errors import FederationError
 from fmtl_lightning.federation import ClientSpec, federation_summary
 from fmtl_lightning.partition import (
     partition_dirichlet,
@@ -91,13 +92,45 @@ def _partition(labels: np.ndarray, pool: np.ndarray, n: int, cfg: RunConfig, see
     return partition_shards(labels, n, p.classes_per_client, seed, indices=pool)
 
 
-def _to_x(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
+def images_to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
+    """uint8 images ``(N, H, W)`` -> the model's input: float32 ``(N, 1, H, W)``,
+    ``(images / 255 - mean) / std`` (``mean``/``std`` of the train split, 0..1 scale)."""
     x = (images.astype(np.float32) / 255.0 - mean) / std
     return torch.from_numpy(x[:, None, :, :].copy())  # (N, 1, H, W)
 
 
 def _targets(tasks: tuple[str, ...], labels: np.ndarray) -> dict[str, torch.Tensor]:
     return {t: torch.from_numpy(np.asarray(get_task(t).target(labels)).copy()) for t in tasks}
+
+
+def _client(
+    spec: ClientSpec,
+    lam: float | None,
+    train: ImageDataset,
+    test: ImageDataset,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    edge: bool = False,
+) -> ClientData:
+    """Client ``spec``'s tensors: ``train_idx`` of ``train``, ``test_idx`` of ``test``
+    (both normalised with the train split's constants), and the label masks of its
+    multiclass tasks (the classes its training samples hold)."""
+    y_tr = _targets(spec.tasks, train.labels[train_idx])
+    masks = {
+        t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
+        for t in spec.tasks
+        if get_task(t).kind == "multiclass"
+    }
+    return ClientData(
+        spec,
+        lam,
+        images_to_tensor(train.images[train_idx], train.mean, train.std),
+        y_tr,
+        images_to_tensor(test.images[test_idx], train.mean, train.std),
+        _targets(spec.tasks, test.labels[test_idx]),
+        masks,
+        edge,
+    )
 
 
 def build_federation(cfg: RunConfig) -> Federation:
@@ -132,24 +165,74 @@ def build_federation(cfg: RunConfig) -> Federation:
             tr, te = split_train_test(part, cfg.data.test_fraction, seed + 2 + j, labels=ds.labels)
             spec = ClientSpec(cid, tasks, width, tr, te, domain)
             specs[i] = spec
-            y_tr = _targets(tasks, ds.labels[tr])
-            masks = {
-                t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
-                for t in tasks
-                if get_task(t).kind == "multiclass"
-            }
-            clients[i] = ClientData(
-                spec,
-                lam,
-                _to_x(ds.images[tr], ds.mean, ds.std),
-                y_tr,
-                _to_x(ds.images[te], ds.mean, ds.std),
-                _targets(tasks, ds.labels[te]),
-                masks,
-                edge,
-            )
+            clients[i] = _client(spec, lam, ds, ds, tr, te, edge)
     if len(sizes) > 1:
         raise ConfigError(f"clients: domains with different image sizes {sorted(sizes)}")
     done = [c for c in clients if c is not None]
     summary = federation_summary([s for s in specs if s is not None], labels_by_domain)
     return Federation(done, sizes.pop(), summary, norms)
+
+
+def federation_from_parts(
+    train: ImageDataset,
+    test: ImageDataset,
+    tasks: Sequence[str],
+    widths: Sequence[float],
+    train_parts: Sequence[np.ndarray],
+    test_parts: Sequence[np.ndarray],
+) -> Federation:
+    """Clients of one dataset from explicit sample indices, tested on its test split.
+
+    Client ``i`` (id ``c{i:02d}``, every task of ``tasks``, width ``widths[i]``) trains on
+    ``train_parts[i]`` of ``train`` and is tested on ``test_parts[i]`` of ``test`` (the
+    same dataset's test split): the protocol of HeteroFL, whose clients share out the
+    dataset's test set, where :func:`build_federation` holds out part of each client's own
+    samples. Partition with :mod:`fmtl_lightning.partition` (e.g.
+    :func:`~fmtl_lightning.partition.partition_by_held_classes` for the test split).
+    A :class:`FederationError` names the client and the part that does not fit.
+    """
+    n = len(widths)
+    if n < 1 or len(train_parts) != n or len(test_parts) != n:
+        raise FederationError(
+            f"one width, train part and test part per client: got {n} widths, "
+            f"{len(train_parts)} train parts, {len(test_parts)} test parts"
+        )
+    if train.name != test.name or train.split != "train" or test.split != "test":
+        raise FederationError(
+            f"train and test must be the train and test splits of one dataset, got "
+            f"{train.name}/{train.split} and {test.name}/{test.split}"
+        )
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise FederationError(
+            f"{train.name}: train images {train.images.shape[1:]} and test images "
+            f"{test.images.shape[1:]} differ in size"
+        )
+    tasks = tuple(tasks)
+    domain = get_task(tasks[0]).domain if tasks else train.name
+    clients = []
+    for i, (w, tr, te) in enumerate(zip(widths, train_parts, test_parts, strict=True)):
+        spec = ClientSpec(f"c{i:02d}", tasks, float(w), tr, np.array([], dtype=np.int64), domain)
+        te = np.asarray(te)
+        for split, idx, ds in (("train", spec.train_idx, train), ("test", te, test)):
+            if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+                raise FederationError(
+                    f"client {spec.client_id!r}: the {split} part must be a 1-D integer array, "
+                    f"got dtype {idx.dtype} shape {idx.shape}"
+                )
+            if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
+                raise FederationError(
+                    f"client {spec.client_id!r}: {split} indices out of range for the "
+                    f"{len(ds)} images of {ds.name}/{ds.split} (min {idx.min()}, max {idx.max()})"
+                )
+        clients.append(_client(spec, None, train, test, spec.train_idx, te.astype(np.int64)))
+    specs = [c.spec for c in clients]
+    summary = federation_summary(specs, {domain: train.labels}) + (
+        f"\ntested on {sum(len(c.x_test) for c in clients)} images of the "
+        f"{len(test)}-image {test.name} test split, shared out among the clients"
+    )
+    return Federation(
+        clients,
+        int(train.images.shape[1]),
+        summary,
+        {domain: (float(train.mean), float(train.std))},
+    )

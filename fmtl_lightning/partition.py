@@ -1,10 +1,11 @@
 """Partitioning a labelled dataset into federated clients (pure numpy, seeded).
 
 Owns the non-IID schemes used by benchmarks and examples: IID, per-class Dirichlet label
-skew, and label shards of k classes per client, plus a per-client train/test split drawn
-from each client's own distribution, a large test set matching a client's label mix
-(:func:`matched_sample`), and a seeded subsample to reach the small-data regime
-(100-500 samples per client) where a shared backbone matters.
+skew, label shards of k classes per client, and a split of a (test) set by the classes each
+client holds, plus a per-client train/test split drawn from each client's own distribution,
+a large test set matching a client's label mix (:func:`matched_sample`), and a seeded
+subsample to reach the small-data regime (100-500 samples per client) where a shared
+backbone matters.
 
 Every partition function returns ``list[np.ndarray]`` of sorted int64 indices into
 ``labels``: disjoint, and together covering the partitioned indices exactly once. Pass
@@ -16,6 +17,7 @@ raise :class:`PartitionError` naming the argument and its value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -178,6 +180,45 @@ def partition_shards(
         shards.extend(np.array_split(members, n_shards))
     order = rng.permutation(num_shards).reshape(num_clients, classes_per_client)
     return _sorted_parts([np.concatenate([shards[s] for s in row]) for row in order])
+
+
+def partition_by_held_classes(
+    labels: np.ndarray, held: Sequence[np.ndarray], seed: int | Sequence[int]
+) -> list[np.ndarray]:
+    """Divide each class's samples among the clients that hold that class.
+
+    ``held[i]``: the class labels client ``i`` holds (e.g. the labels of its training
+    part; repeats are fine). In increasing class order, the samples of ``labels`` of each
+    class some client holds are shuffled and cut into near-equal consecutive chunks, one
+    per holder in client order; samples of a class no client holds are left out (the one
+    exception to "covering the indices exactly once"). HeteroFL's non-IID test split: each
+    client is tested on the classes it trained on. ``seed``: anything
+    ``np.random.default_rng`` takes.
+    """
+    labels = _check_labels(labels)
+    if not held:
+        raise PartitionError("held must name the classes of at least one client")
+    sets = []
+    for i, h in enumerate(held):
+        h = np.asarray(h)
+        if h.ndim != 1 or not (np.issubdtype(h.dtype, np.integer) or h.size == 0):
+            raise PartitionError(
+                f"held[{i}] must be a 1-D integer array, got dtype {h.dtype} shape {h.shape}"
+            )
+        sets.append(np.unique(h.astype(np.int64)))
+    rng = np.random.default_rng(seed)
+    chunks: list[list[np.ndarray]] = [[] for _ in sets]
+    for cls in np.unique(np.concatenate([labels.astype(np.int64), *sets])):
+        holders = [i for i, s in enumerate(sets) if cls in s]
+        if not holders:
+            continue
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        for i, chunk in zip(holders, np.array_split(members, len(holders)), strict=True):
+            chunks[i].append(chunk)
+    return [
+        np.sort(np.concatenate(ls)).astype(np.int64) if ls else np.array([], dtype=np.int64)
+        for ls in chunks
+    ]
 
 
 # --- per-client helpers ----------------------------------------------------------------------

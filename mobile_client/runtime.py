@@ -5,7 +5,9 @@ the backbone graph then the task's head graph. Training runs the exported SGD st
 graphs over the batches of :func:`mobile_client.batching.batch_order`, starting from
 the client's weights (``weights_{cid}.npz``) overlaid with the server's shared arrays;
 it returns the new state and its shared subset (what goes into the update). The
-heads stay on the device (:meth:`EdgeClient.save_local`).
+heads stay on the device (:meth:`EdgeClient.save_local`). The checks on arrays entering
+the client live in :mod:`mobile_client.edge_arrays`, the onnxruntime sessions in
+:mod:`mobile_client.sessions`.
 """
 
 from __future__ import annotations
@@ -21,19 +23,19 @@ from typing import Any
 import numpy as np
 
 from mobile_client.batching import batch_order, num_batches
-from mobile_client.errors import InputError, ManifestError
-from mobile_client.inputs import read_npz
-from mobile_client.manifest import (
-    ClientEntry,
-    FileEntry,
-    HeadEntry,
-    Manifest,
-    TrainStepEntry,
-    check_graph_names,
-    load_manifest,
-    verify_files,
+from mobile_client.edge_arrays import (
+    check_finite,
+    overlay,
+    prepare_targets,
+    prepare_x,
+    read_weights,
+    store_outputs,
 )
+from mobile_client.errors import InputError, ManifestError
+from mobile_client.manifest import Manifest, load_manifest, verify_files
+from mobile_client.manifest_entries import ClientEntry, FileEntry, HeadEntry, TrainStepEntry
 from mobile_client.safetensors_np import load_file, save_file
+from mobile_client.sessions import GraphSessions
 from mobile_client.update import state_hash
 
 WIDTH_TOL = 1e-9
@@ -48,44 +50,8 @@ class TrainResult:
     base_hash: str = ""  # state_hash of the shared arrays training started from
 
 
-def _store(state: dict[str, np.ndarray], f: FileEntry, res: Mapping[str, np.ndarray]) -> None:
-    """Write a step graph's new weights into ``state``; each keeps its shape and dtype
-    (a 0-d buffer such as ``num_batches_tracked`` stays 0-d, as the manifest declares)."""
-    for name, key in f.weight_outputs.items():
-        v, old = res[name], state[key]
-        if v.shape != old.shape or v.dtype != old.dtype:
-            raise ManifestError(
-                f"{f.path}: output {name!r} for key {key!r} is {v.dtype}{list(v.shape)}, "
-                f"the state holds {old.dtype}{list(old.shape)}"
-            )
-        state[key] = v
-
-
 def _fmt_widths(ws: list[float]) -> str:
     return ", ".join(f"{w:g}" for w in ws)
-
-
-def _ort_errors() -> tuple[type[Exception], ...]:
-    """What onnxruntime raises for a file that is no model or a graph that cannot run."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as st
-
-    own = (e for e in vars(st).values() if isinstance(e, type) and issubclass(e, Exception))
-    return (RuntimeError, ValueError, *own)
-
-
-def max_abs(dtype: np.dtype) -> float:
-    """The magnitude bound of a float value, as the server checks it: sqrt(finfo.max)."""
-    return float(np.sqrt(np.finfo(dtype).max, dtype=np.float64))
-
-
-def _check_finite(name: str, a: np.ndarray) -> np.ndarray:
-    bad = ~np.isfinite(a)
-    if bad.any():
-        raise InputError(
-            f"{name} has {int(bad.sum())} NaN/Inf values (first at {np.argwhere(bad)[0].tolist()}): "
-            "the input is outside the range the model can compute on"
-        )
-    return a
 
 
 class EdgeClient:
@@ -103,7 +69,6 @@ class EdgeClient:
         verify: bool = True,
         threads: int | None = None,
     ) -> None:
-        self.threads = threads  # onnxruntime intra-op threads (None: onnxruntime's default)
         self.dir = Path(bundle_dir)
         self.manifest: Manifest = load_manifest(self.dir)
         if self.dir.is_file():
@@ -120,10 +85,19 @@ class EdgeClient:
             client_id = ids[0]
         self.entry: ClientEntry = self.manifest.client(client_id)
         self.client_id = client_id
-        self._sessions: dict[str, Any] = {}
+        self._graphs = GraphSessions(self.dir, self.manifest, threads)
         self._weights: dict[str, np.ndarray] | None = None
         self._local: dict[str, np.ndarray] = {}  # heads loaded from a local file
         self.last: TrainResult | None = None
+
+    @property
+    def threads(self) -> int | None:
+        """onnxruntime intra-op threads of sessions opened from now on (None: its default)."""
+        return self._graphs.threads
+
+    @threads.setter
+    def threads(self, n: int | None) -> None:
+        self._graphs.threads = n
 
     # ------------------------------------------------------------------ lookups
     @property
@@ -176,94 +150,15 @@ class EdgeClient:
         raise ManifestError(f"width {w:g}: no train_step for client {self.client_id!r}")
 
     def session(self, f: FileEntry):  # -> onnxruntime.InferenceSession
-        if f.path not in self._sessions:
-            import onnxruntime as ort
-
-            p = self.dir / f.path
-            if not p.is_file():
-                raise ManifestError(f"file {f.path!r} named in the manifest is missing ({p})")
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            if self.threads is not None:
-                opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-            try:
-                self._sessions[f.path] = ort.InferenceSession(
-                    str(p), opts, providers=["CPUExecutionProvider"]
-                )
-            except _ort_errors() as exc:
-                raise ManifestError(f"file {f.path!r}: not a loadable ONNX model: {exc}") from exc
-            sess = self._sessions[f.path]
-            where = next((w for e, w in self.manifest.graph_entries() if e is f), f.path)
-            try:  # the names the manifest gives must be the graph's own
-                check_graph_names(
-                    f,
-                    {i.name for i in sess.get_inputs()},
-                    {o.name for o in sess.get_outputs()},
-                    where,
-                )
-            except ManifestError:
-                del self._sessions[f.path]
-                raise
-        return self._sessions[f.path]
-
-    def _outputs(self, f: FileEntry, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        sess = self.session(f)
-        try:
-            return sess.run(None, dict(feeds))
-        except _ort_errors() as exc:
-            raise ManifestError(f"file {f.path!r}: the graph does not run: {exc}") from exc
-
-    def _run(self, f: FileEntry, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self._outputs(f, feeds)
-        if len(out) != len(f.outputs):
-            raise ManifestError(f"file {f.path!r}: {len(out)} outputs, the manifest lists "
-                                f"{len(f.outputs)}")  # fmt: skip
-        return dict(zip([o.name for o in f.outputs], out, strict=True))
+        """The onnxruntime session of graph ``f`` (opened once, names checked)."""
+        return self._graphs.session(f)
 
     # ------------------------------------------------------------------ state
     def base_state(self) -> dict[str, np.ndarray]:
         """The client's weights from the bundle, overlaid with heads loaded locally."""
         if self._weights is None:
-            f = self.entry.weights
-            p = self.dir / f.path
-            if not p.is_file():
-                raise ManifestError(f"file {f.path!r} is missing ({p})")
-            keys = list(dict.fromkeys(f.weights.values()))
-            arrays = read_npz(p, keys, error=ManifestError)
-            specs = {t.name: t for t in f.outputs}
-            for k, a in arrays.items():
-                t = specs.get(k)
-                if t is not None and (list(a.shape) != list(t.shape) or str(a.dtype) != t.dtype):
-                    raise ManifestError(f"file {f.path!r}: key {k!r} is {a.dtype}{list(a.shape)}, "
-                                        f"the manifest says {t.dtype}{list(t.shape)}")  # fmt: skip
-                if a.dtype.kind == "f" and not np.isfinite(a).all():
-                    raise ManifestError(f"file {f.path!r}: key {k!r} has NaN/Inf")
-            self._weights = arrays
+            self._weights = read_weights(self.dir, self.entry.weights)
         return {**self._weights, **self._local}
-
-    def _overlay(
-        self, state: dict[str, np.ndarray], arrays: Mapping[str, np.ndarray], what: str
-    ) -> dict[str, np.ndarray]:
-        out = dict(state)
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            if k not in state:
-                raise InputError(f"{what}: key {k!r} is not in the client's state")
-            if v.shape != state[k].shape or v.dtype != state[k].dtype:
-                raise InputError(
-                    f"{what}: key {k!r} expected {state[k].dtype}{list(state[k].shape)}, "
-                    f"got {v.dtype}{list(v.shape)}"
-                )
-            if v.dtype.kind == "f" and not np.isfinite(v).all():
-                raise InputError(f"{what}: key {k!r} has NaN/Inf")
-            if v.dtype.kind == "f" and v.size and np.abs(v).max() > max_abs(v.dtype):
-                raise InputError(
-                    f"{what}: key {k!r} has |x| {float(np.abs(v).max()):.3g}, past the bound "
-                    f"sqrt(finfo.max) = {max_abs(v.dtype):.3g} an update must keep"
-                )
-            out[k] = v
-        return out
 
     def load_local(self, path: str | os.PathLike[str]) -> None:
         """Use the (non-shared) arrays of a file written by :meth:`save_local`."""
@@ -271,7 +166,7 @@ class EdgeClient:
         shared = [k for k in arrays if k in set(self.shared_keys)]
         if shared:
             raise InputError(f"{path}: local file holds shared keys {shared}")
-        self._local = self._overlay(self.base_state(), arrays, str(path))
+        self._local = overlay(self.base_state(), arrays, str(path))
         self._local = {k: self._local[k] for k in arrays}
 
     def save_local(self, path: str | os.PathLike[str]) -> Path:
@@ -288,7 +183,7 @@ class EdgeClient:
         state = self.base_state()
         if start_from is None:
             return state
-        state = self._overlay(state, start_from, "start_from")
+        state = overlay(state, start_from, "start_from")
         missing = [k for k in self.shared_keys if k not in start_from]
         if missing:
             raise InputError(
@@ -301,72 +196,27 @@ class EdgeClient:
     # ------------------------------------------------------------------ inputs
     def prepare_x(self, x: Any) -> np.ndarray:
         """Validate and normalise an input batch to float32 ``(B, C, H, W)``."""
-        norm = self.entry.normalisation
-        c, h, w = norm.input_shape
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"x must be a numpy array, got {type(x).__name__}")
-        if x.dtype == np.uint8:
-            x = ((x.astype(np.float32) * np.float32(norm.scale) - np.float32(norm.mean))
-                 / np.float32(norm.std)).astype(np.float32)  # fmt: skip
-        elif x.dtype != np.float32:
-            raise InputError(
-                f"x has dtype {x.dtype}; expected float32 (normalised) or uint8 (pixels)"
-            )
-        if x.ndim == 3 and c == 1:
-            x = x[:, None]  # (B, H, W) -> (B, 1, H, W)
-        if x.ndim != 4 or x.shape[1:] != (c, h, w) or x.shape[0] == 0:
-            want = f"(B, {c}, {h}, {w})" + (f" or (B, {h}, {w})" if c == 1 else "")
-            raise InputError(f"x has shape {tuple(x.shape)}; expected {want} with B >= 1")
-        bad = ~np.isfinite(x)
-        if bad.any():
-            raise InputError(f"x has {int(bad.sum())} NaN/Inf values (first at {np.argwhere(bad)[0].tolist()})")  # fmt: skip
-        return np.ascontiguousarray(x)
+        return prepare_x(x, self.entry.normalisation)
 
-    def prepare_targets(self, targets: Mapping[str, Any], tasks: tuple[str, ...], n: int):
-        out: dict[str, np.ndarray] = {}
-        missing = [t for t in tasks if t not in targets]
-        if missing:
-            raise InputError(f"targets missing for tasks {missing}; given {list(targets)}")
-        extra = [t for t in targets if t not in tasks]
-        if extra:
-            raise InputError(f"targets for unknown tasks {extra}; tasks: {list(tasks)}")
-        for t in tasks:
-            head = self.head(t)
-            k = len(head.labels)
-            y = np.asarray(targets[t])
-            if head.kind == "multiclass":
-                if y.dtype.kind not in "iu":
-                    raise InputError(
-                        f"targets[{t!r}] has dtype {y.dtype}; expected int64 class ids"
-                    )
-                if y.shape != (n,):
-                    raise InputError(f"targets[{t!r}] has shape {y.shape}; expected ({n},)")
-                if y.size and (y.min() < 0 or y.max() >= k):
-                    raise InputError(f"targets[{t!r}] has class ids in [{y.min()}, {y.max()}]; "
-                                     f"expected [0, {k - 1}]")  # fmt: skip
-                out[t] = y.astype(np.int64)
-            else:
-                if y.dtype != np.float32:
-                    raise InputError(f"targets[{t!r}] has dtype {y.dtype}; expected float32 0/1")
-                if y.shape != (n, k):
-                    raise InputError(f"targets[{t!r}] has shape {y.shape}; expected ({n}, {k})")
-                if not np.isin(y, (0.0, 1.0)).all():
-                    raise InputError(f"targets[{t!r}] has values other than 0/1 (or NaN)")
-                out[t] = y
-        return out
+    def prepare_targets(
+        self, targets: Mapping[str, Any], tasks: tuple[str, ...], n: int
+    ) -> dict[str, np.ndarray]:
+        """Check the targets of ``tasks`` for ``n`` examples against this client's heads."""
+        return prepare_targets(targets, tasks, n, self.head)
 
     # ------------------------------------------------------------------ inference
     def features(self, x: np.ndarray, width: float | None = None) -> np.ndarray:
         f = self.backbone_file(width)
         xin = f.x_input or (f.inputs[0].name if f.inputs else "x")
-        return _check_finite("features", self._outputs(f, {xin: self.prepare_x(x)})[0])  # (B, F)
+        feats = self._graphs.outputs(f, {xin: self.prepare_x(x)})[0]  # (B, F)
+        return check_finite("features", feats)
 
     def predict(self, task: str, x: Any, width: float | None = None) -> np.ndarray:
         """Logits ``(B, n_labels)`` of ``task`` for a batch ``x``."""
         head = self.head(task)
         feats = self.features(x, width)
         fin = head.file.features_input or (head.file.inputs[0].name if head.file.inputs else "")
-        logits = _check_finite("logits", self._outputs(head.file, {fin: feats})[0])
+        logits = check_finite("logits", self._graphs.outputs(head.file, {fin: feats})[0])
         if head.columns is not None:
             logits = logits[:, head.columns[0] : head.columns[1]]
         if logits.ndim != 2 or logits.shape[1] != len(head.labels):
@@ -442,8 +292,8 @@ class EdgeClient:
                     feed[s.features_input or "features"] = feats[idx]
                     feed[s.target_inputs["task"]] = ys[t][idx]
                     feed[s.lr_input or "lr"] = lr_arr
-                    res = self._run(s, feed)
-                    _store(state, s, res)
+                    res = self._graphs.run(s, feed)
+                    store_outputs(state, s, res)
                     total += float(res[s.loss_output or "loss"])
                 losses.append(total)
                 report(i)
@@ -456,8 +306,8 @@ class EdgeClient:
                 for t, y in ys.items():
                     feed[step.target_inputs[t]] = y[idx]
                 feed[step.lr_input or "lr"] = lr_arr
-                res = self._run(step, feed)
-                _store(state, step, res)
+                res = self._graphs.run(step, feed)
+                store_outputs(state, step, res)
                 losses.append(float(res[step.loss_output or "loss"]))
                 report(i)
         for k, v in state.items():

@@ -150,7 +150,7 @@ def test_heterofl_style_global_model_far_above_chance(tmp_path, partition):
 
 
 def test_part1_job_and_report_smoke():
-    from benchmarks import acc_part1
+    from benchmarks import acc_part1, acc_part1_report
 
     P = dict(acc_part1.PARAMS["quick"], rounds=1, steps=2, per_task=(1, 1, 1, 1, 1, 1))
     res = [
@@ -163,12 +163,12 @@ def test_part1_job_and_report_smoke():
         assert 0.0 <= r["worst"] <= r["mean"] <= 1.0
         assert len(r["clients"]) == 6 and r["curve"][-1][0] == 1
     assert res[2]["steps_per_round"] == 2.0  # Ditto: two fits of steps/2
-    text = acc_part1.report(res, P, [0], 1.0, "quick")
+    text = acc_part1_report.report(res, P, [0], 1.0, "quick")
     assert "### Verdict" in text and "fedrep" in text
 
 
 def test_sweep_report_pairs_each_seed_with_local_only():
-    from benchmarks import acc_part1
+    from benchmarks import acc_part1, acc_part1_report
 
     acc = {  # (samples, method) -> accuracy per seed 0, 1
         (40, "local"): (0.70, 0.80),
@@ -188,7 +188,7 @@ def test_sweep_report_pairs_each_seed_with_local_only():
         for m in acc_part1.SWEEP_METHODS
         for s in (0, 1)
     ]
-    text = acc_part1.report_sweep(results, acc_part1.PARAMS["default"], 60.0)
+    text = acc_part1_report.report_sweep(results, acc_part1.PARAMS["default"], 60.0)
     rows = {
         line.split(" |")[0].lstrip("| "): line
         for line in text.splitlines()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from export import run_export
-from export.run_export import RunExportError, export_model, export_run
+from export.bundle import RunExportError
+from export.run_export import export_model, export_run
 from export.trainstep import task_loss
 from fmtl_lightning.cli import main
 from fmtl_lightning.data import load_dataset

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.decompositions import convolution_backward, training_decompositions
+from export.conv_decompositions import convolution_backward
+from export.decompositions import training_decompositions
 
 aten = torch.ops.aten
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from export.run_export import RunExportError, export_run
+from export.bundle import RunExportError
+from export.run_export import export_run
 
 CFG = {
     "name": "artifacts",

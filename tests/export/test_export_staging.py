@@ -9,21 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export.run_export import _atomic
+from export.bundle import build_atomically
 
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import sys, time
 from pathlib import Path
-from export.run_export import _atomic
+from export.bundle import build_atomically
 
 def build(staging):
     (staging / "backbone_w1.onnx").write_bytes(b"x" * 4096)
     print(staging, flush=True)
     time.sleep(120)
 
-_atomic(Path(sys.argv[1]), False, build)
+build_atomically(Path(sys.argv[1]), False, build)
 """
 
 
@@ -45,7 +45,7 @@ def test_killed_export_staging_is_swept_by_the_next_export(tmp_path: Path) -> No
     other = tmp_path / ".other.tmp-1-x"  # another output's staging: not ours to touch
     other.mkdir()
 
-    _atomic(out, False, lambda st: (st / "manifest.json").write_text("{}"))
+    build_atomically(out, False, lambda st: (st / "manifest.json").write_text("{}"))
 
     assert not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

@@ -8,6 +8,7 @@ import pytest
 from fmtl_lightning.errors import PartitionError
 from fmtl_lightning.partition import (
     matched_sample,
+    partition_by_held_classes,
     partition_dirichlet,
     partition_iid,
     partition_shards,
@@ -215,3 +216,40 @@ def test_matched_sample_follows_the_mix_by_largest_remainder():
 def test_matched_sample_errors_name_the_problem(mix, n, words):
     with pytest.raises(PartitionError, match=words):
         matched_sample(LABELS, mix, n, seed=0)
+def test_partition_by_held_classes_by_hand():
+    # classes 0, 1, 2; client 0 holds {0, 1}, client 1 holds {1}, nobody holds 2
+    labels = np.array([0, 1, 2, 1, 0, 1, 1, 2, 0])
+    held = [np.array([1, 0, 0]), np.array([1])]
+    parts = partition_by_held_classes(labels, held, seed=5)
+    # the same draws by hand: class 0 (one holder), then class 1 (two, client order)
+    rng = np.random.default_rng(5)
+    zeros = rng.permutation(np.array([0, 4, 8]))
+    ones = rng.permutation(np.array([1, 3, 5, 6]))
+    np.testing.assert_array_equal(parts[0], np.sort(np.concatenate([zeros, ones[:2]])))
+    np.testing.assert_array_equal(parts[1], np.sort(ones[2:]))
+    assert all(p.dtype == np.int64 for p in parts)
+    assert not set(np.flatnonzero(labels == 2)) & set(np.concatenate(parts))  # class 2 left out
+    again = partition_by_held_classes(labels, held, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_partition_by_held_classes_gives_each_client_only_its_classes():
+    train = partition_shards(LABELS, 10, 2, seed=0)
+    test_labels = np.random.default_rng(1).integers(0, 10, 500)
+    parts = partition_by_held_classes(test_labels, [LABELS[p] for p in train], seed=[3, 7])
+    for p, tr in zip(parts, train, strict=True):
+        assert set(test_labels[p]) <= set(LABELS[tr])
+    _assert_exact_cover(parts, np.arange(test_labels.size))  # every class is held here
+
+
+def test_partition_by_held_classes_argument_errors():
+    with pytest.raises(PartitionError, match="at least one client"):
+        partition_by_held_classes(LABELS, [], seed=0)
+    with pytest.raises(PartitionError, match=r"held\[1\] must be a 1-D integer array"):
+        partition_by_held_classes(LABELS, [np.array([1]), np.array([0.5])], seed=0)
+    with pytest.raises(PartitionError, match="labels must be a 1-D integer array"):
+        partition_by_held_classes(LABELS.astype(float), [np.array([1])], seed=0)
+    # a client holding nothing gets an empty part
+    parts = partition_by_held_classes(LABELS, [np.array([], dtype=np.int64), np.array([3])], 0)
+    assert parts[0].size == 0 and parts[0].dtype == np.int64
+    np.testing.assert_array_equal(parts[1], np.flatnonzero(LABELS == 3))

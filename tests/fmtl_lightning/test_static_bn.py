@@ -292,7 +292,8 @@ def test_deployed_lightning_node_evaluates_with_the_statistics_of_its_training_d
 
 
 def test_export_refuses_a_width_no_client_holds_statistics_for(small_cfg, tmp_path):
-    from export.run_export import RunExportError, export_run
+    from export.bundle import RunExportError
+    from export.run_export import export_run
 
     cfg = _cfg(small_cfg, width_assignment="dynamic", dynamic_widths=[1.0, 0.5, 0.25])
     cfg["federation"]["rounds"] = 1

@@ -1,27 +1,11 @@
-"""Aggregation of client states into a new global state: pure numpy, no I/O.
-
-``aggregate(global_state, updates, spec)`` averages every entry over the clients
-that hold it (HeteroFL), uniformly (as in the HeteroFL authors' code) or weighted
-by sample count. Entries nobody holds keep their value. Plain FedAvg is the case
-where every client is at width 1. The server's choice of rule (this mean, the label
-split below, median, trimmed mean, norm-bounded mean) is :mod:`fmtl_lightning.aggregators`.
+"""The streaming mean over holders: :class:`Aggregator` (clients added one at a time)
+and :func:`aggregate` (all updates at once, validated first). Pure numpy, no I/O.
 
 Memory stays bounded: one running weighted sum per entry (plus a per-element
 weight array only for entries that some client held partially), never a stack
-of K client copies. :class:`Aggregator` takes clients one at a time, so a server
-can fold updates in as they arrive.
-
-Speed: sums are folded in blocks of rows (:data:`BLOCK` elements) so that a
-block of the running sum, and the scratch buffer for ``weight * x``, stay in
+of K client copies. Sums are folded in blocks of rows (:data:`BLOCK` elements) so
+that a block of the running sum, and the scratch buffer for ``weight * x``, stay in
 cache while the clients' arrays stream through once; no temporary arrays.
-
-No finite input can make a sum overflow: values are bounded (``|x| <=
-sqrt(finfo(dtype).max)``, :func:`~fmtl_lightning.validation.max_abs`), sample
-counts too (:data:`MAX_EXAMPLES`), and when the total weight of a round could let
-a sum of bounded values overflow, the weights are scaled to sum to 1 first (a
-convex combination never exceeds its largest value). An input that takes an
-average past the bound (or makes a sum overflow) raises :class:`StateValidationError`
-naming the client; the new global state is always finite and within the bound.
 """
 
 from __future__ import annotations
@@ -29,11 +13,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 
+from fmtl_lightning.aggregation.update import ClientUpdate, Weighting, client_weight, fold_int
 from fmtl_lightning.errors import StateValidationError
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.slicing import covers_all, regions
@@ -45,22 +29,7 @@ from fmtl_lightning.validation import (
     within_bound,
 )
 
-Weighting = Literal["uniform", "examples"]
-
 BLOCK = 1 << 17  # elements per block of rows: 512 KiB of float32, in L2 with its scratch
-# The largest sample count a client may claim under example weighting: 2**53 is the
-# largest integer a float64 weight holds exactly (any real dataset is far smaller).
-MAX_EXAMPLES = 2**53
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What one client returns: its shared arrays at its width, and its sample count."""
-
-    client_id: str
-    state: Mapping[str, np.ndarray]
-    num_examples: int
-    width: WidthSpec = field(default_factory=WidthSpec)
 
 
 @dataclass
@@ -167,7 +136,7 @@ class Aggregator:
         acc = self._acc[key]
         if not p.is_float:
             for u in updates:
-                acc.int_value = _fold_int(acc.int_value, np.asarray(u.state[key]), p.int_rule)
+                acc.int_value = fold_int(acc.int_value, np.asarray(u.state[key]), p.int_rule)
             return
         if not updates:
             return
@@ -283,48 +252,6 @@ def _fold_blocks(total: np.ndarray, pieces: list[_Piece], *, first_writes: bool)
                 np.add(tv, s, out=tv)
 
 
-def client_weight(update: ClientUpdate, weighting: Weighting) -> float:
-    """An update's aggregation weight: 1, or its sample count under example weighting
-    (an integer in ``[1, MAX_EXAMPLES]``, else :class:`StateValidationError`)."""
-    if weighting == "uniform":
-        return 1.0
-    n = update.num_examples
-    if not isinstance(n, int | np.integer) or isinstance(n, bool) or not 0 < n <= MAX_EXAMPLES:
-        raise StateValidationError(
-            f"num_examples must be an integer in [1, 2**53] for example weighting, got {n!r}",
-            client=update.client_id,
-        )
-    return float(n)
-
-
-def fold_ints(global_value: np.ndarray, values: Iterable[np.ndarray], rule: str) -> np.ndarray:
-    """An integer entry over its clients' values by its ``int_rule`` (never averaged); the
-    global value when no client sent one. An ndarray of the entry's shape and dtype."""
-    g = np.asarray(global_value)
-    acc = None
-    for x in values:
-        acc = _fold_int(acc, np.asarray(x), rule)
-    if acc is None:
-        return g.copy()
-    return np.array(acc, dtype=g.dtype, copy=True).reshape(g.shape)
-
-
-def _fold_int(current: np.ndarray | None, x: np.ndarray, rule: str) -> np.ndarray | None:
-    """Integer buffers (e.g. BatchNorm's num_batches_tracked) are never averaged.
-
-    Always an ndarray of ``x``'s shape: numpy ufuncs turn 0-d inputs into scalars.
-    """
-    if rule == "keep":
-        return current
-    if current is None:
-        return np.array(x, copy=True)
-    if rule == "max":
-        return np.asarray(np.maximum(current, x))
-    if rule == "sum":
-        return np.asarray(current + x)
-    raise ValueError(f"unknown int_rule {rule!r}")
-
-
 def aggregate(
     global_state: Mapping[str, np.ndarray],
     updates: Sequence[ClientUpdate],
@@ -388,66 +315,3 @@ def _validate_in_order(agg: Aggregator, updates: Sequence[ClientUpdate]) -> None
     for u in updates:
         validate_state(u.state, agg.spec, u.width, agg.keys, client=u.client_id)
         agg._weight(u)
-
-
-def aggregate_label_split(
-    global_state: Mapping[str, np.ndarray],
-    updates: Sequence[ClientUpdate],
-    spec: ModelSpec,
-    row_masks: Mapping[str, Mapping[str, np.ndarray]],
-    *,
-    weighting: Weighting = "uniform",
-) -> dict[str, np.ndarray]:
-    """:func:`aggregate`, with HeteroFL's label split on output rows.
-
-    ``row_masks[client_id][key]`` is a boolean vector over the rows (dim 0) of ``key``,
-    e.g. a classifier's output classes: ``True`` where the client holds the label.
-    Each such row is averaged only over the clients that hold it (HeteroFL's server,
-    for clients trained with masked cross-entropy); a row no client holds keeps its
-    global value. Clients or keys absent from ``row_masks`` hold every row. Every other
-    entry is aggregated exactly as :func:`aggregate` does.
-    """
-    new = aggregate(global_state, updates, spec, weighting=weighting)
-    ids = {u.client_id for u in updates}
-    for cid in row_masks:
-        if cid not in ids:
-            raise StateValidationError("row mask for a client without an update", client=cid)
-    row_keys = sorted({k for m in row_masks.values() for k in m})
-    for key in row_keys:
-        p = spec[key] if key in spec.keys else None
-        if p is None or key not in new or not p.shape or p.axes[0] is not None:
-            raise StateValidationError(
-                "label split needs an aggregated entry whose rows are not width-scaled",
-                key=key,
-            )
-        n_rows = p.shape[0]
-        holds = np.ones((len(updates), n_rows), dtype=bool)
-        for i, u in enumerate(updates):
-            m = row_masks.get(u.client_id, {}).get(key)
-            if m is None:
-                continue
-            m = np.asarray(m)
-            if m.dtype != np.bool_ or m.shape != (n_rows,):
-                raise StateValidationError(
-                    f"row mask must be a bool vector of {n_rows} rows, got {m.dtype} {m.shape}",
-                    client=u.client_id,
-                    key=key,
-                )
-            holds[i] = m
-        if holds.all():
-            continue
-        by_holders: dict[tuple[int, ...], list[int]] = {}
-        for r in range(n_rows):
-            by_holders.setdefault(tuple(np.flatnonzero(holds[:, r])), []).append(r)
-        out = new[key]
-        for holders, rows in by_holders.items():
-            if not holders:
-                out[rows] = global_state[key][rows]
-            elif len(holders) < len(updates):
-                sub = [
-                    ClientUpdate(u.client_id, {key: u.state[key]}, u.num_examples, u.width)
-                    for u in (updates[i] for i in holders)
-                ]
-                avg = aggregate(global_state, sub, spec, weighting=weighting, keys=[key])
-                out[rows] = avg[key][rows]
-    return new
