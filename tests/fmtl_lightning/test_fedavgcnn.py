@@ -151,5 +151,5 @@ def test_an_edge_client_trains_fedavgcnn_like_lightning(small_cfg, tmp_path):
     for k, v in lit.global_state.items():
         np.testing.assert_allclose(edg.global_state[k], v, rtol=0, atol=1e-5, err_msg=k)
         assert not np.allclose(v, start[k], atol=1e-4), k  # the round trained every key
-    for k, v in lit.stores["c01"].local.items():  # the device's heads, too
-        np.testing.assert_allclose(edg.stores["c01"].local[k], v, rtol=0, atol=1e-5, err_msg=k)
+    for k, v in lit.pool.stores["c01"].local.items():  # the device's heads, too
+        np.testing.assert_allclose(edg.pool.stores["c01"].local[k], v, rtol=0, atol=1e-5, err_msg=k)
