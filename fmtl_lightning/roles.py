@@ -9,7 +9,10 @@ A model declares, once, for every state-dict key:
   no policy shares them;
 * its *axes*: for each dim, the name of the channel group it indexes (scaled by
   width) or ``None`` (never scaled);
-* its full-width shape and dtype.
+* its full-width shape and dtype;
+* optionally its *blocks*: a scaled dim of size ``group * block`` holds each channel of
+  its group as a contiguous run of ``block`` entries (a linear layer over a flattened
+  ``(C, H, W)`` map: block ``H*W``), so a width keeps whole runs.
 
 A :class:`RolePolicy` maps kinds to roles (``shared``: aggregated by the server;
 ``local``: stays on the client). FedPer, FedBN and FedAvg are three policies over
@@ -107,6 +110,7 @@ class ParamSpec:
     axes: tuple[str | None, ...]
     dtype: str = "float32"
     int_rule: IntRule = "max"
+    blocks: tuple[int, ...] = ()  # () = every block 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -119,6 +123,19 @@ class ParamSpec:
             )
         if np.dtype(self.dtype).kind in "iu" and any(a is not None for a in self.axes):
             raise SpecError(f"key {self.key!r}: integer entries cannot be width-scaled")
+        if self.blocks and (
+            len(self.blocks) != len(self.shape)
+            or any(int(b) < 1 for b in self.blocks)
+            or any(b != 1 and a is None for b, a in zip(self.blocks, self.axes, strict=True))
+        ):
+            raise SpecError(
+                f"key {self.key!r}: blocks {self.blocks} must be >= 1, one per dim, "
+                f"and 1 on unscaled dims (axes {self.axes})"
+            )
+
+    def block(self, dim: int) -> int:
+        """Entries per channel along ``dim`` (1 unless the dim is a flattened channel map)."""
+        return int(self.blocks[dim]) if self.blocks else 1
 
     @property
     def is_float(self) -> bool:
@@ -167,10 +184,10 @@ class ModelSpec:
                     continue
                 if axis not in self.groups:
                     raise SpecError(f"key {p.key!r}: axis {axis!r} is not a declared group")
-                if self.groups[axis] != p.shape[dim]:
+                if self.groups[axis] * p.block(dim) != p.shape[dim]:
                     raise SpecError(
                         f"key {p.key!r}: dim {dim} has size {p.shape[dim]} but group "
-                        f"{axis!r} has {self.groups[axis]} channels"
+                        f"{axis!r} has {self.groups[axis]} channels x block {p.block(dim)}"
                     )
 
     # ----------------------------------------------------------------- lookup
@@ -210,8 +227,8 @@ class ModelSpec:
         w = width.width if isinstance(width, WidthSpec) else check_width(width)
         p = self[key]
         return tuple(
-            n if axis is None else channels_at(self.groups[axis], w)
-            for n, axis in zip(p.shape, p.axes, strict=True)
+            n if axis is None else channels_at(self.groups[axis], w) * p.block(dim)
+            for dim, (n, axis) in enumerate(zip(p.shape, p.axes, strict=True))
         )
 
     def num_elements(self, keys: Iterable[str], width: WidthSpec | float = 1.0) -> int:
@@ -235,6 +252,7 @@ class ModelSpec:
                         "axes": list(p.axes),
                         "dtype": p.dtype,
                         "int_rule": p.int_rule,
+                        **({"blocks": list(p.blocks)} if p.blocks else {}),
                     }
                     for p in self.params
                 ],
@@ -259,6 +277,7 @@ class ModelSpec:
                     axes=tuple(p["axes"]),
                     dtype=str(p["dtype"]),
                     int_rule=p["int_rule"],
+                    blocks=tuple(int(b) for b in p.get("blocks", ())),
                 )
                 for p in d["params"]
             )
