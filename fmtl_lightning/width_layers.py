@@ -13,15 +13,8 @@ import torch.fx as fx
 from torch import nn
 
 from fmtl_lightning.models import FlattenLinear
-from fmtl_lightning.width_ops import (
-    CAT,
-    EXPAND,
-    MATMUL,
-    REDUCE,
-    Flat,
-    Label,
-    Trace,
-)
+from fmtl_lightning.width_dims import Flat, Label
+from fmtl_lightning.width_ops import CAT, EXPAND, MATMUL, REDUCE, Trace
 
 
 class LayerTrace(Trace):

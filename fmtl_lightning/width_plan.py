@@ -55,8 +55,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fmtl_lightning.errors import WidthPlanError as WidthPlanError
 from fmtl_lightning.models import FlattenLinear
+from fmtl_lightning.width_dims import Dims, Flat
 from fmtl_lightning.width_layers import LayerTrace
-from fmtl_lightning.width_ops import Dims, Flat
 
 
 class Declaration(NamedTuple):

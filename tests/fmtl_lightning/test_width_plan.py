@@ -1,0 +1,385 @@
+"""Width plans inferred from traced models: the zoo at widths 1, 1/2, 1/4 (HeteroFL and
+FedRolex), hand-checked couplings, and every refusal (typed error naming the layer)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fmtl_lightning.errors import FMTLError, SpecError, WidthPlanError
+from fmtl_lightning.models import FlattenLinear, load_arrays, state_arrays
+from fmtl_lightning.roles import ModelSpec, ParamSpec, WidthSpec
+from fmtl_lightning.slicing import slice_state
+from fmtl_lightning.width_build import build_at_width, plan_spec
+from fmtl_lightning.width_plan import infer_plan
+from fmtl_lightning.zoo import ZOO, LeNet
+
+WIDTHS = (1.0, 0.5, 0.25)
+MODES = ("heterofl", "fedrolex")
+
+
+def _plan(name: str) -> tuple[nn.Module, torch.Tensor, dict, dict]:
+    e = ZOO[name]
+    torch.manual_seed(0)
+    model = e.build(1.0)
+    x = e.example(3)
+    groups, decl = infer_plan(model, x, heads=e.heads, not_scaled=e.not_scaled)
+    return model, x, groups, decl
+
+
+def _out(y: torch.Tensor | dict) -> torch.Tensor:
+    return torch.cat([v.flatten(1) for v in y.values()], 1) if isinstance(y, dict) else y
+
+
+def _randomize_stats(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so eval-mode forwards exercise their slices."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_at_width_matches_direct_build(name: str, width: float, mode: str) -> None:
+    model, x, groups, decl = _plan(name)
+    _randomize_stats(model)
+    ws = WidthSpec(width, mode, round_idx=5)
+    spec = plan_spec(model, groups, decl)
+    sub = build_at_width(model, groups, decl, ws).eval()
+    for key, t in sub.state_dict().items():
+        assert tuple(t.shape) == spec.shape_at(key, ws), key
+    direct = ZOO[name].build(width).eval()  # the zoo's own width argument: independent
+    load_arrays(direct, slice_state(state_arrays(model), spec, ws))
+    assert set(direct.state_dict()) == set(sub.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(sub(x)), _out(direct(x)), atol=1e-6, rtol=0)
+    sub.train()
+    direct.train()
+    torch.manual_seed(7)
+    y_sub = _out(sub(x))
+    torch.manual_seed(7)
+    torch.testing.assert_close(y_sub, _out(direct(x)), atol=1e-6, rtol=0)  # batch stats, dropout
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_width_one_is_the_full_model(name: str) -> None:
+    model, x, groups, decl = _plan(name)
+    model.eval()
+    sub = build_at_width(model, groups, decl, WidthSpec(1.0, "fedrolex", 3)).eval()
+    with torch.no_grad():
+        assert torch.equal(_out(sub(x)), _out(model(x)))
+    for key, t in model.state_dict().items():
+        assert torch.equal(sub.state_dict()[key], t), key
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    width=st.floats(0.05, 1.0),
+    round_idx=st.integers(0, 200),
+    name=st.sampled_from(["lenet", "resnet", "mobilenetv2", "seqconv"]),
+)
+def test_any_width_and_window(width: float, round_idx: int, name: str) -> None:
+    model, x, groups, decl = _plan(name)
+    ws = WidthSpec(width, "fedrolex", round_idx)
+    spec = plan_spec(model, groups, decl)
+    try:
+        sub = build_at_width(model, groups, decl, ws).eval()
+    except WidthPlanError as exc:  # only GroupNorm(4, .) may refuse an odd channel count
+        assert name == "seqconv" and "'gn2' (GroupNorm, 4 groups)" in str(exc)
+        return
+    direct = ZOO[name].build(width).eval()
+    load_arrays(direct, slice_state(state_arrays(model), spec, ws))
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x), direct(x), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------- hand-checked plans
+def test_resnet_residual_adds_couple_groups() -> None:
+    _, _, groups, decl = _plan("resnet")
+    # stage 0: stem conv, block conv2 and the identity shortcut share one group;
+    # stage 1: block conv2 and the 1x1 shortcut conv share one group (first creator names it)
+    assert groups == {"conv1": 8, "layers.0.conv1": 8, "layers.1.conv1": 16, "layers.1.conv2": 16}
+    assert decl["layers.0.conv2.weight"].axes == ("conv1", "layers.0.conv1", None, None)
+    assert decl["layers.1.shortcut.0.weight"].axes == ("layers.1.conv2", "conv1", None, None)
+    assert decl["layers.1.shortcut.1.running_var"] == ("norm_stat", ("layers.1.conv2",), ())
+    assert decl["conv1.weight"].axes == ("conv1", None, None, None)  # input channels fixed
+    assert decl["linear.weight"] == ("head", (None, "layers.1.conv2"), ())
+
+
+def test_mobilenet_depthwise_and_inverted_residual() -> None:
+    _, _, groups, decl = _plan("mobilenetv2")
+    # depthwise conv: output = input group; its weight's dim 1 (size 1) never scales
+    assert decl["features.4.conv.3.weight"].axes == ("features.4.conv.0", None, None, None)
+    # the second t=4 block's residual add couples its projection with the first block's
+    assert decl["features.5.conv.6.weight"].axes == (
+        "features.4.conv.6",
+        "features.5.conv.0",
+        None,
+        None,
+    )
+    assert groups["features.4.conv.6"] == 12 and groups["features.4.conv.0"] == 32
+
+
+def test_flatten_into_linear_is_a_blocked_axis() -> None:
+    model, _, groups, decl = _plan("lenet")
+    assert groups == {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
+    assert decl["fc1.weight"] == ("backbone", ("fc1", "conv2"), (1, 16))
+    spec = plan_spec(model, groups, decl)
+    ws = WidthSpec(0.5, "fedrolex", round_idx=13)  # window wraps: channels 13, 14, 15, 0, ...
+    assert spec.shape_at("fc1.weight", ws) == (60, 128)
+    full = model.fc1.weight.detach().numpy()
+    rows, chans = ws.indices(120), ws.indices(16)
+    cols = (chans[:, None] * 16 + np.arange(16)[None, :]).ravel()  # whole 4x4 maps per channel
+    sub = slice_state({"fc1.weight": full}, spec, ws)["fc1.weight"]
+    np.testing.assert_array_equal(sub, full[rows][:, cols])
+
+
+def test_tabular_mlp_heads_and_kinds() -> None:
+    _, _, groups, decl = _plan("mlp")
+    assert groups == {"fc1": 32, "fc2": 16}
+    assert decl["fc1.weight"] == ("backbone", ("fc1", None), ())  # input features fixed
+    assert decl["bn1.weight"].kind == "norm" and decl["bn1.running_mean"].kind == "norm_stat"
+    assert decl["bn1.num_batches_tracked"] == ("counter", (), ())
+    assert decl["heads.risk.weight"] == ("head", (None, "fc2"), ())
+    assert decl["heads.score.bias"] == ("head", (None,), ())
+
+
+def test_vit_scales_only_the_mlp_when_attention_is_not_scaled() -> None:
+    _, _, groups, decl = _plan("vit")
+    assert groups == {"blocks.0.mlp.0": 32, "blocks.1.mlp.0": 32}
+    assert decl["blocks.0.mlp.2.weight"].axes == (None, "blocks.0.mlp.0")
+    assert decl["pos_embed"].axes == (None, None, None)  # get_attr parameter, coupled to fixed D
+    assert decl["blocks.0.norm1.weight"] == ("norm", (None,), ())
+    assert decl["blocks.0.attn.in_proj_weight"] == ("backbone", (None, None), ())
+
+
+def test_kinds_come_from_types_not_names() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(1, 4, 3)  # named "head" but not declared a head
+            self.fc_norm = nn.GroupNorm(2, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc_norm(self.head(x)).mean((2, 3)))
+
+    groups, decl = infer_plan(Net(), torch.randn(2, 1, 6, 6), heads=["out"])
+    assert groups == {"head": 4}
+    assert decl["head.weight"].kind == "backbone" and decl["fc_norm.bias"].kind == "norm"
+    assert decl["out.weight"] == ("head", (None, "head"), ())
+
+
+def test_residual_add_couples_two_convs_into_one_group() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (
+                nn.Conv2d(3, 8, 1),
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Conv2d(8, 5, 1),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.a(x) + self.b(x)))
+
+    groups, decl = infer_plan(Net(), torch.randn(1, 3, 5, 5))
+    assert groups == {"a": 8, "c": 5}  # the model output is not a head: it may scale
+    assert decl["b.weight"].axes == ("a", None, None, None)
+    assert decl["c.weight"].axes == ("c", "a", None, None)
+
+
+def test_not_scaled_layer_keeps_its_channels() -> None:
+    model = ZOO["lenet"].build(1.0)
+    x = torch.randn(2, 1, 28, 28)
+    groups, decl = infer_plan(model, x, heads=["fc3"], not_scaled=["fc2"])
+    assert groups == {"conv1": 6, "conv2": 16}  # fc2's input (fc1's output) and output are fixed
+    assert decl["fc2.weight"].axes == (None, None)
+    assert decl["fc1.weight"] == ("backbone", (None, "conv2"), (1, 16))
+    assert decl["fc3.weight"] == ("head", (None, None), ())
+    sub = build_at_width(model, groups, decl, 0.5)
+    assert (sub.conv2.out_channels, sub.fc1.in_features, sub.fc1.out_features) == (8, 128, 120)
+
+
+def test_grouped_conv_with_equal_in_out_scales_its_group_count() -> None:
+    class Net(nn.Module):
+        def __init__(self, width: float = 1.0) -> None:
+            super().__init__()
+            c = max(1, int(16 * width))
+            self.a = nn.Conv2d(2, c, 1)
+            self.g = nn.Conv2d(c, c, 3, padding=1, groups=c // 4)  # 4 channels per group
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.g(self.a(x))
+
+    model, x = Net(), torch.randn(2, 2, 5, 5)
+    groups, decl = infer_plan(model, x)
+    assert decl["g.weight"].axes == ("a", None, None, None)
+    sub = build_at_width(model, groups, decl, 0.5)
+    assert sub.g.groups == 2 and sub.g.in_channels == 8
+    direct = Net(0.5)
+    load_arrays(direct, slice_state(state_arrays(model), plan_spec(model, groups, decl), 0.5))
+    torch.testing.assert_close(sub(x), direct(x), atol=1e-6, rtol=0)
+    with pytest.raises(WidthPlanError, match=r"layer 'g' \(grouped conv.*FedRolex"):
+        build_at_width(model, groups, decl, WidthSpec(0.5, "fedrolex", 1))
+    with pytest.raises(WidthPlanError, match=r"layer 'g' \(grouped conv, 4 channels per group\)"):
+        build_at_width(model, groups, decl, 0.3)  # ceil(4.8) = 5 channels: not whole groups
+
+
+def test_flatten_linear_module_is_supported() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = FlattenLinear(4, 2, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x))
+
+    groups, decl = infer_plan(Net(), torch.randn(2, 1, 4, 4))
+    assert decl["fc.weight"].axes == ("fc", "conv", None, None)
+    sub = build_at_width(Net(), groups, decl, 0.5)
+    assert tuple(sub.fc.weight.shape) == (3, 2, 2, 2)
+
+
+# ----------------------------------------------------------------- refusals
+def _conv_then(layer: nn.Module, c: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), layer)
+
+
+@pytest.mark.parametrize(
+    ("model", "pattern"),
+    [
+        (_conv_then(nn.Conv2d(8, 16, 3, groups=4)), r"layer '1' \(Conv2d\): a grouped conv with in_channels != out"),
+        (_conv_then(nn.Conv2d(8, 16, 3, groups=8)), r"layer '1' \(Conv2d\): a depthwise conv with a channel multiplier"),
+        (_conv_then(nn.PReLU(8)), r"layer '1' \(PReLU\): PReLU is not known to the width plan; pass '1' in not_scaled"),
+        (_conv_then(nn.ConvTranspose2d(8, 4, 2)), r"layer '1' \(ConvTranspose2d\)"),
+        (_conv_then(nn.BatchNorm2d(8, affine=False, track_running_stats=False)), r"layer '1' \(BatchNorm2d\): has no parameters"),
+        (_conv_then(nn.LayerNorm([8, 4, 4])), r"layer '1' \(LayerNorm\): normalizes over several dims"),
+    ],
+)  # fmt: skip
+def test_unsupported_layers_are_refused_by_name(model: nn.Module, pattern: str) -> None:
+    with pytest.raises(WidthPlanError, match=pattern):
+        infer_plan(model, torch.randn(2, 3, 4, 4))
+    groups, _ = infer_plan(model, torch.randn(2, 3, 4, 4), not_scaled=["1"])  # the escape hatch
+    assert groups == {}  # the conv's output feeds the full-width layer: it cannot scale
+
+
+def test_attention_refused_unless_not_scaled() -> None:
+    e = ZOO["vit"]
+    with pytest.raises(
+        WidthPlanError, match=r"layer 'blocks.0.attn' \(MultiheadAttention\).*not_scaled"
+    ):
+        infer_plan(e.build(1.0), e.example(2), heads=e.heads)
+    assert issubclass(WidthPlanError, FMTLError)
+
+
+class _Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class _Cumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(self.a(torch.cumsum(x, 1)), 1)  # fine on the fixed input only
+
+
+class _HardCodedView(LeNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(
+            torch.relu(self.conv2(torch.max_pool2d(torch.relu(self.conv1(x)), 2))), 2
+        )
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.view(-1, 256))))))
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum() > 0 else -self.a(x)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "pattern"),
+    [
+        (_Cat(), (2, 3, 4, 4), r"op 'cat' \(node 'cat', in the model's own forward\): concatenates width-scaled"),
+        (_Cumsum(), (2, 3, 4, 4), r"op 'cumsum' \(node 'cumsum_1'.*cannot follow"),
+        (_HardCodedView(), (2, 1, 28, 28), r"op 'view'.*hard-codes size 256"),
+        (_Branchy(), (2, 3), r"torch.fx cannot trace _Branchy"),
+    ],
+)  # fmt: skip
+def test_unsupported_ops_are_refused_by_name(model: nn.Module, shape: tuple, pattern: str) -> None:
+    with pytest.raises(WidthPlanError, match=pattern):
+        infer_plan(model, torch.randn(*shape), heads=["fc3"] if isinstance(model, LeNet) else ())
+
+
+def test_unknown_module_names_are_refused() -> None:
+    with pytest.raises(WidthPlanError, match=r"heads: \['head'\] are not submodules of TabularMLP"):
+        infer_plan(ZOO["mlp"].build(1.0), torch.randn(2, 12), heads=["head"])
+    with pytest.raises(WidthPlanError, match=r"not_scaled: \['fc9'\]"):
+        infer_plan(ZOO["mlp"].build(1.0), torch.randn(2, 12), not_scaled=["fc9"])
+
+
+def test_group_norm_that_would_not_divide_is_refused_at_build() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 12, 1), nn.GroupNorm(4, 12))
+    groups, decl = infer_plan(model, torch.randn(2, 3, 4, 4))
+    assert build_at_width(model, groups, decl, 1 / 3)[1].num_groups == 4  # 4 channels: fine
+    with pytest.raises(WidthPlanError, match=r"layer '1' \(GroupNorm, 4 groups\): 6 channels"):
+        build_at_width(model, groups, decl, 0.5)
+
+
+def test_plan_spec_refuses_mismatched_declarations() -> None:
+    model, _, groups, decl = _plan("mlp")
+    del decl["fc1.bias"]
+    with pytest.raises(WidthPlanError, match=r"undeclared \['fc1.bias'\]"):
+        plan_spec(model, groups, decl)
+
+
+def test_infer_plan_leaves_the_model_untouched() -> None:
+    model = ZOO["resnet"].build(1.0).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _ = infer_plan(model, torch.randn(4, 3, 16, 16), heads=["linear"])
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no running-stat update while shapes propagate
+
+
+# ----------------------------------------------------------------- blocked axes in the spec
+def test_blocks_in_model_spec_json_and_validation() -> None:
+    p = ParamSpec("w", "backbone", (3, 8), (None, "g"), blocks=(1, 4))
+    spec = ModelSpec(groups={"g": 2}, params=(p,))
+    assert spec.shape_at("w", 0.5) == (3, 4)
+    back = ModelSpec.from_json(spec.to_json())
+    assert back["w"].blocks == (1, 4)
+    assert (
+        "blocks"
+        not in json.loads(
+            ModelSpec(groups={"g": 2}, params=(ParamSpec("b", "backbone", (2,), ("g",)),)).to_json()
+        )["params"][0]
+    )  # specs without blocks serialise as before
+    with pytest.raises(SpecError, match="key 'w': blocks"):
+        ParamSpec("w", "backbone", (3, 8), (None, "g"), blocks=(2, 4))
+    with pytest.raises(SpecError, match="channels x block 3"):
+        ModelSpec(
+            groups={"g": 2},
+            params=(ParamSpec("w", "backbone", (3, 8), (None, "g"), blocks=(1, 3)),),
+        )
