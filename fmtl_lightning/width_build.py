@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,7 @@ from fmtl_lightning.errors import WidthPlanError
 from fmtl_lightning.models import state_arrays
 from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, WidthSpec
 from fmtl_lightning.slicing import slice_state
-
-Decl = tuple  # (kind, axes) or width_plan.Declaration(kind, axes, blocks)
+from fmtl_lightning.static_bn import StaticBatchNorm2d
 
 
 def plan_spec(
@@ -67,15 +67,15 @@ def _set_tensor(model: nn.Module, key: str, value: np.ndarray) -> None:
         owner._buffers[leaf] = t
 
 
-def _resize(name: str, mod: nn.Module, full: nn.Module, ws: WidthSpec) -> None:
+def _resize(name: str, mod: Any, full: Any, ws: WidthSpec) -> None:
     """Set a layer's size attributes from its (already sliced) tensors."""
     if isinstance(mod, nn.modules.conv._ConvNd):
         cout, per_group = mod.weight.shape[0], mod.weight.shape[1]
-        if full.groups == 1:  # type: ignore[union-attr]
+        if full.groups == 1:
             mod.in_channels, mod.out_channels = per_group, cout
             return
-        old_per = full.in_channels // full.groups  # type: ignore[union-attr,operator]
-        if cout == full.out_channels:  # type: ignore[union-attr]
+        old_per = full.in_channels // full.groups
+        if cout == full.out_channels:
             return
         if cout % old_per:
             raise WidthPlanError(
@@ -92,13 +92,15 @@ def _resize(name: str, mod: nn.Module, full: nn.Module, ws: WidthSpec) -> None:
         mod.out_features, mod.in_features = mod.weight.shape
     elif isinstance(mod, nn.Embedding):
         mod.embedding_dim = mod.weight.shape[1]
+    elif isinstance(mod, StaticBatchNorm2d):
+        mod.num_features = mod.weight.shape[0]
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
         t = mod.running_mean if mod.running_mean is not None else mod.weight
-        mod.num_features = t.shape[0]  # type: ignore[union-attr]
+        mod.num_features = t.shape[0]
     elif isinstance(mod, nn.GroupNorm):
         c = mod.weight.shape[0]
-        g = full.num_groups  # type: ignore[union-attr]
-        if g == full.num_channels:  # type: ignore[union-attr]
+        g = full.num_groups
+        if g == full.num_channels:
             g = c  # one channel per group (instance-norm style): the group count scales
         elif c % g:
             raise WidthPlanError(

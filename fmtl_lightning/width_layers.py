@@ -7,12 +7,13 @@ label their weights) and of ``matmul``, reductions, ``expand`` and ``cat``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch.fx as fx
 from torch import nn
 
 from fmtl_lightning.models import FlattenLinear
+from fmtl_lightning.static_bn import StaticBatchNorm2d
 from fmtl_lightning.width_dims import Flat, Label
 from fmtl_lightning.width_ops import CAT, EXPAND, MATMUL, REDUCE, Trace
 
@@ -80,6 +81,10 @@ class LayerTrace(Trace):
                 num_batches_tracked=(),
             )  # fmt: skip
             return x
+        if isinstance(mod, StaticBatchNorm2d):
+            c = self._plain(node, x[1])
+            self._weights(name, node, weight=(c,), bias=(c,), running_mean=(c,), running_var=(c,))
+            return x
         if isinstance(mod, nn.LayerNorm):
             n = len(mod.normalized_shape)
             if n != 1 or not mod.elementwise_affine:
@@ -140,7 +145,7 @@ class LayerTrace(Trace):
         parts = [self.labels(a) for a in node.args[0]]  # type: ignore[union-attr]
         if any(p is None for p in parts):
             return self.generic(node, "concatenates non-tensors")
-        dim = int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+        dim = int(cast(int, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)))
         first = parts[0]
         assert first is not None
         dim %= len(first)

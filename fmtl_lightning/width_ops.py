@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -74,7 +74,8 @@ class Trace:
     @staticmethod
     def shape(node: Any) -> tuple[int, ...] | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-        return tuple(meta.shape) if hasattr(meta, "shape") else None
+        shape = getattr(meta, "shape", None)
+        return None if shape is None else tuple(shape)
 
     def fixed(self, shape: tuple[int, ...]) -> tuple[Label, ...]:
         return tuple(self.dims.new(n, fixed=True) for n in shape)
@@ -86,8 +87,8 @@ class Trace:
             return tuple(self.dims.new(n, fixed=fixed) for n in shape)
 
         meta = node.meta.get("tensor_meta")
-        if hasattr(meta, "shape"):
-            return new(tuple(meta.shape))
+        if getattr(meta, "shape", None) is not None:
+            return new(tuple(meta.shape))  # type: ignore[union-attr]
         if isinstance(meta, (tuple, list)):
             return Multi(new(tuple(m.shape)) if hasattr(m, "shape") else None for m in meta)
         return None
@@ -164,9 +165,10 @@ class Trace:
     def _call_module(self, node: fx.Node) -> Any:
         name = str(node.target)
         if name in self.opaque:
-            fx.node.map_arg(
-                node.args, lambda a: [self.dims.fix(var_of(x)) for x in self.labels(a) or ()]
-            )
+            tensors: list[tuple[Label, ...]] = []
+            fx.node.map_arg(node.args, lambda a: tensors.append(self.labels(a) or ()))
+            for lab in (lab for t in tensors for lab in t):  # declared full width
+                self.dims.fix(var_of(lab))
             return self.fixed_out(node)
         mod = self.modules[name]
         x = self.labels(node.args[0]) if node.args else None
@@ -216,8 +218,11 @@ class Trace:
 
     # ------------------------------------------------------------------ shared rules
     def broadcast(self, node: fx.Node) -> tuple[Label, ...]:
-        ins = [(self.labels(a), self.shape(a)) for a in node.args if isinstance(a, fx.Node)]
-        ins = [(lab, s) for lab, s in ins if lab is not None and s is not None]
+        ins: list[tuple[tuple[Label, ...], tuple[int, ...]]] = []
+        for a in node.args:
+            lab, shp = self.labels(a), self.shape(a)
+            if lab is not None and shp is not None:
+                ins.append((lab, shp))
         out_shape = self.shape(node) or ()
         out: list[Label] = []
         for k in range(len(out_shape), 0, -1):
@@ -272,12 +277,12 @@ class Trace:
     def transpose(self, node: fx.Node, x: tuple[Label, ...]) -> tuple[Label, ...]:
         args = list(node.args[1:])
         if node.target in (torch.transpose, "transpose"):
-            d0, d1 = (int(d) % len(x) for d in args[:2])
+            d0, d1 = (int(cast(int, d)) % len(x) for d in args[:2])
             order = list(range(len(x)))
             order[d0], order[d1] = d1, d0
         else:
             perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-            order = [int(d) % len(x) for d in perm]
+            order = [int(cast(int, d)) % len(x) for d in perm]
         return tuple(x[d] for d in order)
 
     def getitem(self, node: fx.Node) -> Any:

@@ -9,7 +9,8 @@ variables that must have the same size at every width (a union-find over dims):
   their input and output (the group count scales with the channels);
 * ``Linear`` (last dim), ``Embedding`` (a new group for the embedding dim), and
   :class:`fmtl_lightning.models.FlattenLinear`;
-* ``BatchNorm1d/2d/3d``, ``GroupNorm`` (dim 1) and ``LayerNorm`` (last dim) follow their input;
+* ``BatchNorm1d/2d/3d``, :class:`~fmtl_lightning.static_bn.StaticBatchNorm2d`, ``GroupNorm``
+  (dim 1) and ``LayerNorm`` (last dim) follow their input;
 * elementwise ops (``+ - * /``, residual adds: coupled, with broadcasting), activations,
   pooling, dropout, ``softmax``, ``transpose``/``permute``, ``matmul``, reductions,
   ``getitem``, ``expand``, ``unsqueeze`` pass dims through;
@@ -55,6 +56,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fmtl_lightning.errors import WidthPlanError as WidthPlanError
 from fmtl_lightning.models import FlattenLinear
+from fmtl_lightning.static_bn import StaticBatchNorm2d
 from fmtl_lightning.width_dims import Dims, Flat
 from fmtl_lightning.width_layers import LayerTrace
 
@@ -80,7 +82,7 @@ class _Tracer(fx.Tracer):
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque or isinstance(m, FlattenLinear):
+        if qualname in self.opaque or isinstance(m, (FlattenLinear, StaticBatchNorm2d)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -90,6 +92,8 @@ def _kind(model: nn.Module, key: str, heads: tuple[str, ...], dtype: torch.dtype
     if _within(owner_name, heads):
         return "head"
     owner = model.get_submodule(owner_name)
+    if isinstance(owner, StaticBatchNorm2d):  # HeteroFL's sBN: statistics never trained
+        return "static_stat" if leaf.startswith("running_") else "norm"
     if isinstance(owner, nn.modules.batchnorm._BatchNorm):
         if leaf == "num_batches_tracked":
             return "counter"

@@ -383,3 +383,55 @@ def test_blocks_in_model_spec_json_and_validation() -> None:
             groups={"g": 2},
             params=(ParamSpec("w", "backbone", (3, 8), (None, "g"), blocks=(1, 3)),),
         )
+
+
+# ----------------------------------------------------------------- the built-in families
+BUILTIN = [
+    ("mlp", "none"),
+    ("cnn", "group"),
+    ("cnn", "batch"),
+    ("cnn", "static_batch"),
+    ("dwcnn", "batch"),
+    ("fedavgcnn", "group"),
+]
+
+
+@pytest.mark.parametrize(("family", "norm"), BUILTIN)
+def test_inferred_plan_equals_builtin_declarations(family: str, norm: str) -> None:
+    from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec
+
+    cfg = BackboneConfig(family=family, norm=norm, hidden=())  # type: ignore[arg-type]
+    tasks = {"digits/digit": 10, "digits/parity": 2}
+    torch.manual_seed(0)
+    model = MultiTaskModel(cfg, tasks)
+    x = torch.randn(3, 1, 28, 28)
+    groups, decl = infer_plan(model, x, heads=["heads"])
+    rename: dict[str, str] = {}
+    for key, (kind, axes) in model.declarations.items():
+        assert decl[key].kind == kind, key
+        for hand, inferred in zip(axes, decl[key].axes, strict=True):
+            assert (hand is None) == (inferred is None), key
+            if hand is not None:
+                assert rename.setdefault(hand, inferred) == inferred, key  # one-to-one groups
+    assert {rename[g]: n for g, n in cfg.groups().items()} == groups
+    hand_spec = model_spec(cfg, tasks)
+    ws = WidthSpec(0.5, "fedrolex", 2)
+    sub = build_at_width(model, groups, decl, ws).eval()
+    direct = MultiTaskModel(cfg, tasks, 0.5).eval()
+    load_arrays(direct, slice_state(state_arrays(model), hand_spec, ws))
+    with torch.no_grad():
+        torch.testing.assert_close(_out(sub(x)), _out(direct(x)), atol=1e-6, rtol=0)
+
+
+def test_module_called_twice_couples_its_input_and_output() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc0, self.shared, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.shared(torch.relu(self.shared(self.fc0(x)))))
+
+    groups, decl = infer_plan(Net(), torch.randn(2, 3), heads=["out"])
+    assert groups == {"fc0": 8}
+    assert decl["shared.weight"].axes == ("fc0", "fc0")
