@@ -37,6 +37,7 @@ Role = Literal["shared", "local"]
 Kind = Literal["backbone", "norm", "norm_stat", "static_stat", "head", "counter"]
 SliceMode = Literal["heterofl", "fedrolex"]
 IntRule = Literal["max", "sum", "keep"]
+Segment = tuple[str | None, int]  # (group, or None for channels that never scale; full size)
 
 KINDS: tuple[str, ...] = ("backbone", "norm", "norm_stat", "static_stat", "head", "counter")
 SPEC_FORMAT_VERSION = 1
@@ -167,13 +168,30 @@ POLICIES: dict[str, RolePolicy] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """All parameter declarations of a model plus the full size of each channel group."""
+    """All parameter declarations of a model plus the full size of each channel group.
+
+    ``segments`` declares *concatenated* groups (the channels after ``torch.cat``): an
+    entry ``{"cat(a,b)": (("a", 4), ("b", 4))}`` says that group's channels are group
+    ``a``'s followed by ``b``'s; at a width it keeps each segment's slice, in order.
+    """
 
     groups: Mapping[str, int]
     params: tuple[ParamSpec, ...]
     policy: RolePolicy = field(default_factory=lambda: POLICIES["fedper"])
+    segments: Mapping[str, tuple[Segment, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, segs in self.segments.items():
+            bad = [
+                (g, n)
+                for g, n in segs
+                if n < 1 or (g is not None and (self.groups.get(g) != n or g in self.segments))
+            ]
+            if name not in self.groups or bad or sum(n for _, n in segs) != self.groups[name]:
+                raise SpecError(
+                    f"concatenated group {name!r}: segments {segs} must be plain declared "
+                    f"groups (or None) with their full sizes, summing to groups[{name!r}]"
+                )
         seen: set[str] = set()
         for p in self.params:
             if p.key in seen:
@@ -223,11 +241,33 @@ class ModelSpec:
         return replace(self, params=tuple(p for p in self.params if p.key in wanted))
 
     # ----------------------------------------------------------------- widths
+    def channels(self, axis: str, width: WidthSpec | float) -> int:
+        """Channels of a group at ``width`` (a concatenated group: the sum of its segments')."""
+        w = width.width if isinstance(width, WidthSpec) else check_width(width)
+        segs = self.segments.get(axis)
+        if segs is None:
+            return channels_at(self.groups[axis], w)
+        return sum(n if g is None else channels_at(n, w) for g, n in segs)
+
+    def runs(self, axis: str, width: WidthSpec) -> list[tuple[int, int, int]]:
+        """:meth:`WidthSpec.runs` of a group; a concatenated group chains its segments' runs."""
+        segs = self.segments.get(axis)
+        if segs is None:
+            return width.runs(self.groups[axis])
+        out: list[tuple[int, int, int]] = []
+        g_off = l_off = 0
+        for g, n in segs:
+            part = [(0, n, 0)] if g is None else width.runs(n)
+            out += [(g_off + a, g_off + b, l_off + c) for a, b, c in part]
+            g_off += n
+            l_off += n if g is None else channels_at(n, width.width)
+        return out
+
     def shape_at(self, key: str, width: WidthSpec | float) -> tuple[int, ...]:
         w = width.width if isinstance(width, WidthSpec) else check_width(width)
         p = self[key]
         return tuple(
-            n if axis is None else channels_at(self.groups[axis], w) * p.block(dim)
+            n if axis is None else self.channels(axis, w) * p.block(dim)
             for dim, (n, axis) in enumerate(zip(p.shape, p.axes, strict=True))
         )
 
@@ -240,6 +280,11 @@ class ModelSpec:
             {
                 "format_version": SPEC_FORMAT_VERSION,
                 "groups": dict(self.groups),
+                **(
+                    {"segments": {k: [list(s) for s in v] for k, v in self.segments.items()}}
+                    if self.segments
+                    else {}
+                ),
                 "policy": {
                     "name": self.policy.name,
                     "shared_kinds": sorted(self.policy.shared_kinds),
@@ -285,6 +330,10 @@ class ModelSpec:
                 groups={str(k): int(v) for k, v in d["groups"].items()},
                 params=params,
                 policy=RolePolicy(str(pol["name"]), frozenset(pol["shared_kinds"])),
+                segments={
+                    str(k): tuple((None if g is None else str(g), int(n)) for g, n in v)
+                    for k, v in d.get("segments", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SpecError):

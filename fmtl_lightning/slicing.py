@@ -32,7 +32,7 @@ def regions(spec: ModelSpec, key: str, width: WidthSpec) -> Iterator[Region]:
             per_axis.append(
                 [
                     (slice(g0 * b, g1 * b), slice(l0 * b, (l0 + g1 - g0) * b))
-                    for g0, g1, l0 in width.runs(spec.groups[axis])
+                    for g0, g1, l0 in spec.runs(axis, width)
                 ]
             )
     for combo in itertools.product(*per_axis):

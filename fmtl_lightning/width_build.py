@@ -20,14 +20,14 @@ from torch import nn
 
 from fmtl_lightning.errors import WidthPlanError
 from fmtl_lightning.models import state_arrays
-from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, WidthSpec
+from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, Segment, WidthSpec
 from fmtl_lightning.slicing import slice_state
 from fmtl_lightning.static_bn import StaticBatchNorm2d
 
 
 def plan_spec(
     model: nn.Module,
-    groups: Mapping[str, int],
+    groups: Mapping[str, int | tuple[Segment, ...]],
     declarations: Mapping[str, Sequence],
     policy: RolePolicy | str = "fedper",
 ) -> ModelSpec:
@@ -51,7 +51,11 @@ def plan_spec(
         )
         for k in sd
     )
-    return ModelSpec(groups=dict(groups), params=params).with_policy(policy)
+    segments = {g: v for g, v in groups.items() if isinstance(v, tuple)}
+    sizes = {
+        g: (sum(n for _, n in v) if isinstance(v, tuple) else int(v)) for g, v in groups.items()
+    }
+    return ModelSpec(groups=sizes, params=params, segments=segments).with_policy(policy)
 
 
 def _set_tensor(model: nn.Module, key: str, value: np.ndarray) -> None:
@@ -115,7 +119,7 @@ def _resize(name: str, mod: Any, full: Any, ws: WidthSpec) -> None:
 
 def build_at_width(
     model: nn.Module,
-    groups: Mapping[str, int],
+    groups: Mapping[str, int | tuple[Segment, ...]],
     declarations: Mapping[str, Sequence],
     ws: WidthSpec | float,
 ) -> nn.Module:

@@ -21,15 +21,24 @@ class Flat(NamedTuple):
     block: int
 
 
-Label = int | Flat
+class Cat(NamedTuple):
+    """A dim made by ``torch.cat``: the channels of ``parts`` (vars) in order, ``sizes`` each."""
+
+    parts: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+Label = int | Flat | Cat
 
 
 class Multi(tuple):  # type: ignore[type-arg]
     """The labels of a node that returns several tensors (one entry per output)."""
 
 
-def var_of(lab: Label) -> int:
-    return lab.var if isinstance(lab, Flat) else lab
+def vars_of(lab: Label) -> tuple[int, ...]:
+    if isinstance(lab, Cat):
+        return lab.parts
+    return (lab.var,) if isinstance(lab, Flat) else (lab,)
 
 
 class Dims:
@@ -75,7 +84,7 @@ class Dims:
         return not self.fixed[r] and self.source[r] is not None
 
     def require_fixed(self, lab: Label, message: str) -> None:
-        self.deferred.append((var_of(lab), message))
+        self.deferred.extend((v, message) for v in vars_of(lab))
 
     def check_deferred(self) -> None:
         for v, message in self.deferred:

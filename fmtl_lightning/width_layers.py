@@ -14,14 +14,14 @@ from torch import nn
 
 from fmtl_lightning.models import FlattenLinear
 from fmtl_lightning.static_bn import StaticBatchNorm2d
-from fmtl_lightning.width_dims import Flat, Label
+from fmtl_lightning.width_dims import Cat, Flat, Label, vars_of
 from fmtl_lightning.width_ops import CAT, EXPAND, MATMUL, REDUCE, Trace
 
 
 class LayerTrace(Trace):
     """The FX pass of :func:`fmtl_lightning.width_plan.infer_plan`."""
 
-    def _plain(self, node: fx.Node, lab: Label) -> int:
+    def _plain(self, node: fx.Node, lab: Label) -> int | Cat:
         if isinstance(lab, Flat):
             self.refuse_scaled(node, "takes a flattened channel map as channels", (lab,))
             return lab.var
@@ -39,12 +39,19 @@ class LayerTrace(Trace):
             cin = self._plain(node, x[1])
             k = self.fixed(tuple(mod.kernel_size))
             g, cout = mod.groups, mod.out_channels
+            out: Label
             if g == 1:
                 out = d.new(cout, fixed=head, source=name)
                 w: tuple[Label, ...] = (out, cin, *k)
             elif mod.in_channels == cout:  # depthwise / grouped, in == out: coupled
+                if isinstance(cin, Cat) and g != cout:
+                    self.refuse_scaled(
+                        node, "a grouped conv over concatenated channels would regroup them "
+                        "when they scale", (cin,),
+                    )  # fmt: skip
                 if head:
-                    d.fix(cin)
+                    for v in vars_of(cin):
+                        d.fix(v)
                 out = cin
                 w = (out, d.new(mod.in_channels // g, fixed=True), *k)
             else:
@@ -142,22 +149,32 @@ class LayerTrace(Trace):
         return self.generic(node, "is an op whose channels the width plan cannot follow")
 
     def cat(self, node: fx.Node) -> Any:
-        parts = [self.labels(a) for a in node.args[0]]  # type: ignore[union-attr]
+        """``torch.cat``: other dims couple; along ``dim`` the output is a :class:`Cat`."""
+        args = node.args[0]
+        parts = [self.labels(a) for a in args] if isinstance(args, (list, tuple)) else [None]
         if any(p is None for p in parts):
             return self.generic(node, "concatenates non-tensors")
+        labs = [p for p in parts if p is not None]
         dim = int(cast(int, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)))
-        first = parts[0]
-        assert first is not None
-        dim %= len(first)
-        for p in parts[1:]:
-            assert p is not None
-            for i, (a, b) in enumerate(zip(first, p, strict=True)):
+        dim %= len(labs[0])
+        for p in labs[1:]:
+            for i, (a, b) in enumerate(zip(labs[0], p, strict=True)):
                 if i != dim:
                     self.unify(a, b, node)
-        self.refuse_scaled(
-            node, f"concatenates width-scaled channels along dim {dim} (a concatenated "
-            "axis would need one slice per input group)", [p[dim] for p in parts if p],
-        )  # fmt: skip
-        out = list(first)
-        out[dim] = self.dims.new((self.shape(node) or ())[dim], fixed=True)
+        pieces: list[int] = []
+        sizes: list[int] = []
+        for a, p in zip(args, labs, strict=True):  # type: ignore[arg-type]
+            lab, n = p[dim], (self.shape(a) or ())[dim]
+            if isinstance(lab, Cat):
+                pieces += lab.parts
+                sizes += lab.sizes
+            elif isinstance(lab, Flat):
+                self.refuse_scaled(node, "concatenates a flattened channel map", (lab,))
+                pieces.append(self.dims.new(n, fixed=True))
+                sizes.append(n)
+            else:
+                pieces.append(lab)
+                sizes.append(n)
+        out = list(labs[0])
+        out[dim] = Cat(tuple(pieces), tuple(sizes)) if len(pieces) > 1 else pieces[0]
         return tuple(out)

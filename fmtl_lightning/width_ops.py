@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fmtl_lightning.width_dims import Dims, Flat, Label, Multi, _within, align, var_of
+from fmtl_lightning.width_dims import Cat, Dims, Flat, Label, Multi, _within, align, vars_of
 
 PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
@@ -122,10 +122,15 @@ class Trace:
     def unify(self, a: Label, b: Label, node: fx.Node) -> None:
         if isinstance(a, Flat) and isinstance(b, Flat) and a.block == b.block:
             self.dims.union(a.var, b.var, self.where(node))
-        elif isinstance(a, Flat) or isinstance(b, Flat):
-            self.refuse_scaled(node, "mixes a flattened channel map with other dims", (a, b))
-        else:
+        elif isinstance(a, Cat) and isinstance(b, Cat) and a.sizes == b.sizes:
+            for u, v in zip(a.parts, b.parts, strict=True):
+                self.dims.union(u, v, self.where(node))
+        elif isinstance(a, int) and isinstance(b, int):
             self.dims.union(a, b, self.where(node))
+        else:
+            self.refuse_scaled(
+                node, "couples a flattened or concatenated channel dim with a different one", (a, b)
+            )
 
     def record(self, key: str, labs: tuple[Label, ...], node: fx.Node) -> None:
         if key not in self.keys:
@@ -168,7 +173,8 @@ class Trace:
             tensors: list[tuple[Label, ...]] = []
             fx.node.map_arg(node.args, lambda a: tensors.append(self.labels(a) or ()))
             for lab in (lab for t in tensors for lab in t):  # declared full width
-                self.dims.fix(var_of(lab))
+                for v in vars_of(lab):
+                    self.dims.fix(v)
             return self.fixed_out(node)
         mod = self.modules[name]
         x = self.labels(node.args[0]) if node.args else None
@@ -253,6 +259,9 @@ class Trace:
                     )
                 block = math.prod(a[i] for i in ins_nz[1:])
                 lead = x[ins_nz[0]]
+                if isinstance(lead, Cat):
+                    self.refuse_scaled(node, "flattens concatenated channels", (lead,))
+                    continue
                 lead_var, lead_block = (
                     (lead.var, lead.block) if isinstance(lead, Flat) else (lead, 1)
                 )

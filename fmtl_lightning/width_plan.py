@@ -56,8 +56,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fmtl_lightning.errors import WidthPlanError as WidthPlanError
 from fmtl_lightning.models import FlattenLinear
+from fmtl_lightning.roles import Segment
 from fmtl_lightning.static_bn import StaticBatchNorm2d
-from fmtl_lightning.width_dims import Dims, Flat
+from fmtl_lightning.width_dims import Cat, Dims, Flat
 from fmtl_lightning.width_layers import LayerTrace
 
 
@@ -111,8 +112,11 @@ def infer_plan(
     *,
     heads: Iterable[str] = (),
     not_scaled: Iterable[str] = (),
-) -> tuple[dict[str, int], dict[str, Declaration]]:
+) -> tuple[dict[str, int | tuple[Segment, ...]], dict[str, Declaration]]:
     """Channel groups ``{name: full size}`` and a :class:`Declaration` per state-dict key.
+
+    A concatenated group (after ``torch.cat``) maps to its segments instead of a size:
+    ``{"cat(a,b)": (("a", 4), ("b", 4))}`` (see :attr:`ModelSpec.segments`).
 
     ``example_input``: one tensor, or a tuple of positional inputs, at any batch size.
     ``heads``/``not_scaled``: qualified module names (``"head"``, ``"blocks.0.attn"``).
@@ -151,7 +155,8 @@ def infer_plan(
     for node in gm.graph.nodes:
         trace.visit(node)
     dims.check_deferred()
-    groups, names_of = dims.groups()
+    plain, names_of = dims.groups()
+    groups: dict[str, int | tuple[Segment, ...]] = dict(plain)
     sd = model.state_dict()
     decl: dict[str, Declaration] = {}
     for key, t in sd.items():
@@ -163,9 +168,24 @@ def infer_plan(
         axes: list[str | None] = []
         blocks: list[int] = []
         for lab in labels:
-            var, block = (lab.var, lab.block) if isinstance(lab, Flat) else (lab, 1)
-            name = names_of.get(dims.find(var))
+            block = lab.block if isinstance(lab, Flat) else 1
+            if isinstance(lab, Cat):
+                name = _concat_group(lab, dims, names_of, groups)
+            else:
+                name = names_of.get(dims.find(lab.var if isinstance(lab, Flat) else lab))
             axes.append(name)
             blocks.append(block if name is not None else 1)
         decl[key] = Declaration(kind, tuple(axes), tuple(blocks) if max(blocks) > 1 else ())
     return groups, decl
+
+
+def _concat_group(
+    lab: Cat, dims: Dims, names_of: dict[int, str], groups: dict[str, int | tuple[Segment, ...]]
+) -> str | None:
+    """Name (and register) the concatenated group of a ``torch.cat`` dim; None if none scales."""
+    segs = tuple((names_of.get(dims.find(v)), n) for v, n in zip(lab.parts, lab.sizes, strict=True))
+    if all(g is None for g, _ in segs):
+        return None
+    name = "cat(" + ",".join(g if g is not None else str(n) for g, n in segs) + ")"
+    groups[name] = segs
+    return name

@@ -2,8 +2,8 @@
 
 Plain ``nn.Module`` classes in the style of the originals (torchvision does not load
 here): a tabular MLP with two task heads, LeNet-5, a ResNet with basic blocks, a
-MobileNetV2 with inverted residuals, a 1-D conv net over sequences and a ViT with
-pre-norm attention blocks. Each takes an optional ``width`` multiplier that builds it
+MobileNetV2 with inverted residuals, a DenseNet block (concatenation), a 1-D conv net
+over sequences and a ViT with pre-norm attention blocks. Each takes an optional ``width`` multiplier that builds it
 directly at that width (``roles.channels_at`` per channel count), only so that tests
 can check :func:`fmtl_lightning.width_build.build_at_width` against an independent model.
 
@@ -181,6 +181,35 @@ class SeqConvNet(nn.Module):
         return self.fc(x.mean(dim=-1))
 
 
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C + growth, H, W)
+        return torch.cat([x, self.conv(F.relu(self.bn(x)))], 1)
+
+
+class DenseNet(nn.Module):
+    """A DenseNet in miniature: stem, one dense block (concatenation), transition, head."""
+
+    def __init__(self, stem: int = 8, growth: int = 4, layers: int = 2, n_classes: int = 10,
+                 width: float = 1.0):  # fmt: skip
+        super().__init__()
+        s, g = _c(stem, width), _c(growth, width)
+        self.conv0 = nn.Conv2d(3, s, 3, padding=1, bias=False)
+        self.dense = nn.Sequential(*(DenseLayer(s + i * g, g) for i in range(layers)))
+        self.norm = nn.BatchNorm2d(s + layers * g)
+        self.transition = nn.Conv2d(s + layers * g, _c(16, width), 1)
+        self.classifier = nn.Linear(_c(16, width), n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W)
+        x = self.dense(self.conv0(x))
+        x = F.avg_pool2d(self.transition(F.relu(self.norm(x))), 2)
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp: int):
         super().__init__()
@@ -235,6 +264,9 @@ ZOO: dict[str, ZooEntry] = {
     "resnet": ZooEntry(lambda w: ResNet(width=w), lambda b: torch.randn(b, 3, 16, 16), ("linear",)),
     "mobilenetv2": ZooEntry(
         lambda w: MobileNetV2(width=w), lambda b: torch.randn(b, 3, 16, 16), ("classifier",)
+    ),
+    "densenet": ZooEntry(
+        lambda w: DenseNet(width=w), lambda b: torch.randn(b, 3, 8, 8), ("classifier",)
     ),
     "seqconv": ZooEntry(lambda w: SeqConvNet(width=w), lambda b: torch.randn(b, 20, 6), ("fc",)),
     "vit": ZooEntry(

@@ -198,6 +198,42 @@ def test_residual_add_couples_two_convs_into_one_group() -> None:
     assert decl["c.weight"].axes == ("c", "a", None, None)
 
 
+def test_concatenation_makes_a_segmented_group() -> None:
+    model, _, groups, decl = _plan("densenet")
+    c1 = "cat(conv0,dense.0.conv)"
+    c2 = "cat(conv0,dense.0.conv,dense.1.conv)"
+    assert groups == {
+        "conv0": 8, "dense.0.conv": 4, "dense.1.conv": 4, "transition": 16,
+        c1: (("conv0", 8), ("dense.0.conv", 4)),
+        c2: (("conv0", 8), ("dense.0.conv", 4), ("dense.1.conv", 4)),
+    }  # fmt: skip
+    assert decl["dense.1.bn.running_mean"] == ("norm_stat", (c1,), ())
+    assert decl["dense.1.conv.weight"].axes == ("dense.1.conv", c1, None, None)
+    assert decl["transition.weight"].axes == ("transition", c2, None, None)
+    spec = plan_spec(model, groups, decl)
+    ws = WidthSpec(0.5, "fedrolex", round_idx=7)  # windows wrap inside each segment
+    assert spec.shape_at("transition.weight", ws) == (8, 8, 1, 1)
+    full = model.transition.weight.detach().numpy()
+    cols = np.concatenate([ws.indices(8), 8 + ws.indices(4), 12 + ws.indices(4)])
+    sub = slice_state({"transition.weight": full}, spec, ws)["transition.weight"]
+    np.testing.assert_array_equal(sub, full[ws.indices(16)][:, cols])
+
+
+def test_concatenation_along_a_fixed_dim_and_of_fixed_channels() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(7, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # input channels stay full width
+            return self.c(torch.cat([x, self.a(x)], dim=1))
+
+    groups, decl = infer_plan(Net(), torch.randn(2, 3, 4, 4), heads=["c"])
+    assert groups == {"a": 4, "cat(3,a)": ((None, 3), ("a", 4))}
+    sub = build_at_width(Net(), groups, decl, 0.25)
+    assert tuple(sub.c.weight.shape) == (2, 4, 1, 1) and sub.c.in_channels == 4
+
+
 def test_not_scaled_layer_keeps_its_channels() -> None:
     model = ZOO["lenet"].build(1.0)
     x = torch.randn(2, 1, 28, 28)
@@ -283,13 +319,13 @@ def test_attention_refused_unless_not_scaled() -> None:
     assert issubclass(WidthPlanError, FMTLError)
 
 
-class _Cat(nn.Module):
+class _CatFlat(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Linear(128, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+        return self.c(torch.cat([self.a(x), self.b(x)], dim=1).flatten(1))
 
 
 class _Cumsum(nn.Module):
@@ -321,7 +357,7 @@ class _Branchy(nn.Module):
 @pytest.mark.parametrize(
     ("model", "shape", "pattern"),
     [
-        (_Cat(), (2, 3, 4, 4), r"op 'cat' \(node 'cat', in the model's own forward\): concatenates width-scaled"),
+        (_CatFlat(), (2, 3, 4, 4), r"op 'flatten' \(node 'flatten', in the model's own forward\): flattens concatenated channels"),
         (_Cumsum(), (2, 3, 4, 4), r"op 'cumsum' \(node 'cumsum_1'.*cannot follow"),
         (_HardCodedView(), (2, 1, 28, 28), r"op 'view'.*hard-codes size 256"),
         (_Branchy(), (2, 3), r"torch.fx cannot trace _Branchy"),
@@ -364,6 +400,25 @@ def test_infer_plan_leaves_the_model_untouched() -> None:
 
 
 # ----------------------------------------------------------------- blocked axes in the spec
+def test_segments_in_model_spec_json_and_validation() -> None:
+    p = ParamSpec("w", "backbone", (9,), ("cat(a,3)",))
+    segs = {"cat(a,3)": (("a", 6), (None, 3))}
+    spec = ModelSpec(groups={"a": 6, "cat(a,3)": 9}, params=(p,), segments=segs)
+    ws = WidthSpec(0.5, "fedrolex", 4)
+    assert spec.shape_at("w", ws) == (6,) and spec.runs("cat(a,3)", ws) == [
+        (4, 6, 0),
+        (0, 1, 2),
+        (6, 9, 3),
+    ]
+    assert ModelSpec.from_json(spec.to_json()).segments == segs
+    with pytest.raises(SpecError, match=r"concatenated group 'cat\(a,3\)'"):
+        ModelSpec(
+            groups={"a": 6, "cat(a,3)": 9},
+            params=(p,),
+            segments={"cat(a,3)": (("a", 5), (None, 4))},
+        )
+
+
 def test_blocks_in_model_spec_json_and_validation() -> None:
     p = ParamSpec("w", "backbone", (3, 8), (None, "g"), blocks=(1, 4))
     spec = ModelSpec(groups={"g": 2}, params=(p,))
