@@ -113,6 +113,17 @@ def _resize(name: str, mod: Any, full: Any, ws: WidthSpec) -> None:
                 "divides every width's channels, or pass it in not_scaled"
             )
         mod.num_channels, mod.num_groups = c, g
+    elif isinstance(mod, nn.MultiheadAttention):
+        e, hd = mod.out_proj.weight.shape[0], full.head_dim
+        if e % hd or (hd > 1 and ws.mode == "fedrolex" and e < full.embed_dim):
+            why = "a FedRolex window" if e % hd == 0 else f"{e} channels at width {ws.width}"
+            raise WidthPlanError(
+                f"layer {name!r} (MultiheadAttention, heads of {hd} channels): {why} does "
+                "not keep whole heads; use heterofl, widths that keep whole heads, or pass it "
+                "in not_scaled"
+            )
+        mod.embed_dim = mod.kdim = mod.vdim = e
+        mod.num_heads = e // hd
     elif isinstance(mod, nn.LayerNorm):
         mod.normalized_shape = tuple(mod.weight.shape)
 

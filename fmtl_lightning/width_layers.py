@@ -14,7 +14,7 @@ from torch import nn
 
 from fmtl_lightning.models import FlattenLinear
 from fmtl_lightning.static_bn import StaticBatchNorm2d
-from fmtl_lightning.width_dims import Cat, Flat, Label, vars_of
+from fmtl_lightning.width_dims import Cat, Flat, Label, Multi, vars_of
 from fmtl_lightning.width_ops import CAT, EXPAND, MATMUL, REDUCE, Trace
 
 
@@ -100,11 +100,42 @@ class LayerTrace(Trace):
             self._weights(name, node, weight=tuple(x[-n:]), bias=tuple(x[-n:]))
             return x
         if isinstance(mod, nn.MultiheadAttention):
-            return self.generic(
-                node, "nn.MultiheadAttention splits its embedding dim into heads, so the "
-                "embedding dim cannot scale",
-            )  # fmt: skip
+            return self.attention(node, mod, name, head)
         return self.generic(node, f"{type(mod).__name__} is not known to the width plan")
+
+    def attention(self, node: fx.Node, mod: nn.MultiheadAttention, name: str, head: bool) -> Any:
+        """Embedding dim = one group (query, key, value, output); heads keep their size."""
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None:
+            return self.generic(
+                node, "nn.MultiheadAttention with kdim/vdim != embed_dim or add_bias_kv "
+                "is not known to the width plan",
+            )  # fmt: skip
+        names = ("query", "key", "value")
+        qkv = [
+            node.kwargs.get(n, node.args[i] if i < len(node.args) else None)
+            for i, n in enumerate(names)
+        ]
+        labs = [self.labels(a) for a in qkv]
+        if any(lab is None for lab in labs):
+            return self.generic(node, "takes no tensor the plan can follow")
+        e = labs[0][-1]  # type: ignore[index]
+        for lab in labs[1:]:
+            self.unify(e, lab[-1], node)  # type: ignore[index]
+        if not isinstance(e, int):
+            self.refuse_scaled(node, "attends over flattened or concatenated channels", (e,))
+            e = self.dims.new(mod.embed_dim, fixed=True)
+        if head:
+            self.dims.fix(e)
+        n = mod.embed_dim
+        self._weights(
+            name,
+            node,
+            in_proj_weight=(Cat((e, e, e), (n, n, n)), e),
+            in_proj_bias=(Cat((e, e, e), (n, n, n)),),
+        )
+        self._weights(f"{name}.out_proj", node, weight=(e, e), bias=(e,))
+        out = self.fixed_out(node)  # (attn_output, attn_weights or None)
+        return Multi((tuple(labs[0][:-1]) + (e,), *out[1:]))  # type: ignore[index]
 
     def function_rule(self, node: fx.Node, fn: Any, x: tuple[Label, ...]) -> Any:
         out_shape = self.shape(node) or ()

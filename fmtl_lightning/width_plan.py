@@ -11,6 +11,13 @@ variables that must have the same size at every width (a union-find over dims):
   :class:`fmtl_lightning.models.FlattenLinear`;
 * ``BatchNorm1d/2d/3d``, :class:`~fmtl_lightning.static_bn.StaticBatchNorm2d`, ``GroupNorm``
   (dim 1) and ``LayerNorm`` (last dim) follow their input;
+* ``nn.MultiheadAttention`` (``kdim == vdim == embed_dim``, no ``add_bias_kv``): query,
+  key, value and output share the embedding group; ``in_proj_weight`` is a concatenated
+  ``(q, k, v)`` axis; at a width the head count scales and the head size stays;
+* ``torch.cat`` along a channel dim makes a *concatenated* group: each input keeps its
+  group and the output dim is their segments in order (:attr:`ModelSpec.segments`), so
+  the layer after it keeps each segment's slice (DenseNet); cat along fixed dims (a class
+  token) is plain;
 * elementwise ops (``+ - * /``, residual adds: coupled, with broadcasting), activations,
   pooling, dropout, ``softmax``, ``transpose``/``permute``, ``matmul``, reductions,
   ``getitem``, ``expand``, ``unsqueeze`` pass dims through;
@@ -26,12 +33,15 @@ of coupled dims is a *group* (named after the first layer that creates it) unles
 touches a fixed dim. Kinds come from module types, never from names.
 
 Refused, with :class:`WidthPlanError` naming the layer and suggesting ``not_scaled``,
-whenever a width-scaled dim reaches: ``nn.MultiheadAttention`` (its heads split the
-embedding dim), ``torch.cat``/``stack`` along a scaled dim, a view that splits or reorders
-a scaled dim or hard-codes its size, a grouped conv with ``in != out``, a depthwise conv
-with a channel multiplier, a multi-dim ``LayerNorm``, a norm with no parameters or
-statistics, or any other module/function the pass does not know. Ops it does not know
-are fine on unscaled tensors.
+whenever a width-scaled dim reaches: a view that splits, reorders or flattens
+concatenated channels or hard-codes a scaled size; indexing into a scaled dim; a grouped
+conv with ``in != out`` (or over concatenated channels); a depthwise conv with a channel
+multiplier; ``ConvTranspose``; attention with other key/value dims; a multi-dim
+``LayerNorm``; a norm with neither parameters nor statistics; ``stack``; or any other
+module or function the pass does not know (ops it does not know are fine on unscaled
+tensors). :func:`fmtl_lightning.width_build.build_at_width` refuses widths at which a
+GroupNorm's channels, a grouped conv's groups or attention heads would not stay whole,
+and FedRolex windows through grouped convs or attention heads.
 
 Why an own FX pass and not ``torch-pruning`` (1.6.1)'s ``DependencyGraph``: it answers a
 different question (which *channel indices* to remove together, by tracing autograd

@@ -14,11 +14,11 @@ from torch import nn
 
 from fmtl_lightning.errors import FMTLError, SpecError, WidthPlanError
 from fmtl_lightning.models import FlattenLinear, load_arrays, state_arrays
-from fmtl_lightning.roles import ModelSpec, ParamSpec, WidthSpec
+from fmtl_lightning.roles import ModelSpec, ParamSpec, WidthSpec, channels_at
 from fmtl_lightning.slicing import slice_state
 from fmtl_lightning.width_build import build_at_width, plan_spec
 from fmtl_lightning.width_plan import infer_plan
-from fmtl_lightning.zoo import ZOO, LeNet
+from fmtl_lightning.zoo import ZOO, LeNet, TinyViT
 
 WIDTHS = (1.0, 0.5, 0.25)
 MODES = ("heterofl", "fedrolex")
@@ -53,11 +53,19 @@ def test_zoo_model_at_width_matches_direct_build(name: str, width: float, mode: 
     model, x, groups, decl = _plan(name)
     _randomize_stats(model)
     ws = WidthSpec(width, mode, round_idx=5)
+    direct = ZOO[name].build(width).eval()  # the zoo's own width argument: independent
+    if name == "vit" and mode == "fedrolex" and width < 1:
+        # a rolling window cuts through attention heads: refused, and with the attention
+        # kept at full width only the MLPs scale (and roll)
+        with pytest.raises(WidthPlanError, match=r"'blocks.0.attn' \(MultiheadAttention, heads"):
+            build_at_width(model, groups, decl, ws)
+        attn = ("blocks.0.attn", "blocks.1.attn")
+        groups, decl = infer_plan(model, x, heads=["head"], not_scaled=attn)
+        direct = TinyViT(mlp=channels_at(32, width)).eval()
     spec = plan_spec(model, groups, decl)
     sub = build_at_width(model, groups, decl, ws).eval()
     for key, t in sub.state_dict().items():
         assert tuple(t.shape) == spec.shape_at(key, ws), key
-    direct = ZOO[name].build(width).eval()  # the zoo's own width argument: independent
     load_arrays(direct, slice_state(state_arrays(model), spec, ws))
     assert set(direct.state_dict()) == set(sub.state_dict())
     with torch.no_grad():
@@ -153,8 +161,31 @@ def test_tabular_mlp_heads_and_kinds() -> None:
     assert decl["heads.score.bias"] == ("head", (None,), ())
 
 
+def test_vit_attention_scales_by_whole_heads() -> None:
+    model, x, groups, decl = _plan("vit")
+    qkv = "cat(patch_embed,patch_embed,patch_embed)"  # in_proj stacks q, k, v projections
+    assert groups == {
+        "patch_embed": 16, "blocks.0.mlp.0": 32, "blocks.1.mlp.0": 32,
+        qkv: (("patch_embed", 16),) * 3,
+    }  # fmt: skip
+    assert decl["blocks.1.attn.in_proj_weight"].axes == (qkv, "patch_embed")
+    assert decl["blocks.1.attn.out_proj.weight"].axes == ("patch_embed", "patch_embed")
+    assert decl["pos_embed"].axes == (None, None, "patch_embed")  # get_attr parameter
+    assert decl["cls_token"].axes == (None, None, "patch_embed")
+    assert decl["head.weight"] == ("head", (None, "patch_embed"), ())
+    sub = build_at_width(model, groups, decl, 0.5)
+    assert (sub.blocks[0].attn.num_heads, sub.blocks[0].attn.embed_dim) == (2, 8)
+    with pytest.raises(
+        WidthPlanError,
+        match=r"'blocks.0.attn' \(MultiheadAttention, heads of 4 channels\): 5 channels",
+    ):
+        build_at_width(model, groups, decl, 0.3)
+
+
 def test_vit_scales_only_the_mlp_when_attention_is_not_scaled() -> None:
-    _, _, groups, decl = _plan("vit")
+    e = ZOO["vit"]
+    attn = ["blocks.0.attn", "blocks.1.attn"]
+    groups, decl = infer_plan(e.build(1.0), e.example(2), heads=e.heads, not_scaled=attn)
     assert groups == {"blocks.0.mlp.0": 32, "blocks.1.mlp.0": 32}
     assert decl["blocks.0.mlp.2.weight"].axes == (None, "blocks.0.mlp.0")
     assert decl["pos_embed"].axes == (None, None, None)  # get_attr parameter, coupled to fixed D
@@ -310,12 +341,26 @@ def test_unsupported_layers_are_refused_by_name(model: nn.Module, pattern: str) 
     assert groups == {}  # the conv's output feeds the full-width layer: it cannot scale
 
 
-def test_attention_refused_unless_not_scaled() -> None:
-    e = ZOO["vit"]
+class _CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv = nn.Linear(4, 8), nn.Linear(4, 6)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 4)
+        kv = self.kv(x)
+        return self.attn(self.q(x), kv, kv)[0]
+
+
+def test_attention_with_other_key_dims_refused_unless_not_scaled() -> None:
+    x = torch.randn(2, 5, 4)
     with pytest.raises(
-        WidthPlanError, match=r"layer 'blocks.0.attn' \(MultiheadAttention\).*not_scaled"
+        WidthPlanError,
+        match=r"layer 'attn' \(MultiheadAttention\): .*kdim.*pass 'attn' in not_scaled",
     ):
-        infer_plan(e.build(1.0), e.example(2), heads=e.heads)
+        infer_plan(_CrossAttention(), x)
+    groups, decl = infer_plan(_CrossAttention(), x, not_scaled=["attn"])
+    assert groups == {} and decl["attn.k_proj_weight"] == ("backbone", (None, None), ())
     assert issubclass(WidthPlanError, FMTLError)
 
 
