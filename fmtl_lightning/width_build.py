@@ -4,8 +4,9 @@
 declarations of :func:`fmtl_lightning.width_plan.infer_plan` plus the real shapes and
 dtypes. :func:`build_at_width` deep-copies the full model, replaces every width-scaled
 tensor by its slice (:func:`fmtl_lightning.slicing.slice_state`, so HeteroFL prefixes and
-FedRolex windows both work) and resizes the layers' own bookkeeping (channel counts, conv
-and GroupNorm group counts, LayerNorm shapes) so the copy is the model at that width.
+FedRolex windows both work) and resizes the layers' own bookkeeping (channel counts, conv,
+GroupNorm and attention group/head counts, LayerNorm shapes, HeteroFL's ``Scaler`` rate)
+so the copy is the model at that width.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from fmtl_lightning.errors import WidthPlanError
-from fmtl_lightning.models import state_arrays
+from fmtl_lightning.models import Scaler, state_arrays
 from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, Segment, WidthSpec
 from fmtl_lightning.slicing import slice_state
 from fmtl_lightning.static_bn import StaticBatchNorm2d
@@ -148,4 +149,7 @@ def build_at_width(
             touched.add(key.rpartition(".")[0])
     for name in sorted(touched):
         _resize(name, out.get_submodule(name), full_modules[name], ws)
+    for mod in out.modules():
+        if isinstance(mod, Scaler):  # HeteroFL's scaler divides by the width while training
+            mod.rate = ws.width
     return out

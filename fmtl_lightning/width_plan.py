@@ -44,14 +44,17 @@ GroupNorm's channels, a grouped conv's groups or attention heads would not stay 
 and FedRolex windows through grouped convs or attention heads.
 
 Why an own FX pass and not ``torch-pruning`` (1.6.1)'s ``DependencyGraph``: it answers a
-different question (which *channel indices* to remove together, by tracing autograd
-``grad_fn`` nodes and mutating layers in place), so a per-dim named group (what the
-:class:`~fmtl_lightning.roles.ModelSpec` contract, slicing, aggregation and export need)
-would have to be reverse-engineered from index-pruning groups; it also treats unknown
-ops permissively (it warns about "unwrapped parameters") where we must refuse, and it
-would add a dependency to the training stack for about 400 lines of code. FX gives the
-graph and the qualified module names that errors must name; ``torch.export`` would lower
-modules to aten ops and lose the module boundaries the declarations are keyed on.
+different question, which *channel indices* to remove together (it records autograd
+``grad_fn`` nodes with forward hooks and returns groups of (layer, prune function,
+indices) that mutate layers in place); on this zoo it finds comparable coupled groups,
+but the :class:`~fmtl_lightning.roles.ModelSpec` contract (slicing, aggregation, export)
+needs a named group per dim, flattened and concatenated axes and deterministic names,
+which would have to be reverse-engineered from index groups. It is also permissive where
+we must refuse: an unknown parameter gets "prune the last non-singleton dim" with a
+warning. And it would add a dependency to the training stack for about 900 lines of
+code here. FX gives the graph, shapes (``ShapeProp``) and the qualified module names that
+errors must name; ``torch.export`` would lower modules to aten ops and lose the module
+boundaries the declarations are keyed on.
 """
 
 from __future__ import annotations

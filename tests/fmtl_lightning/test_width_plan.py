@@ -319,20 +319,20 @@ def test_flatten_linear_module_is_supported() -> None:
 
 # ----------------------------------------------------------------- the built-in families
 BUILTIN = [
-    ("mlp", "none"),
-    ("cnn", "group"),
-    ("cnn", "batch"),
-    ("cnn", "static_batch"),
-    ("dwcnn", "batch"),
-    ("fedavgcnn", "group"),
+    ("mlp", "none", False),
+    ("cnn", "group", True),
+    ("cnn", "batch", False),
+    ("cnn", "static_batch", True),
+    ("dwcnn", "batch", True),
+    ("fedavgcnn", "group", False),
 ]
 
 
-@pytest.mark.parametrize(("family", "norm"), BUILTIN)
-def test_inferred_plan_equals_builtin_declarations(family: str, norm: str) -> None:
+@pytest.mark.parametrize(("family", "norm", "scaler"), BUILTIN)
+def test_inferred_plan_equals_builtin_declarations(family: str, norm: str, scaler: bool) -> None:
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec
 
-    cfg = BackboneConfig(family=family, norm=norm, hidden=())  # type: ignore[arg-type]
+    cfg = BackboneConfig(family=family, norm=norm, scaler=scaler)  # type: ignore[arg-type]
     tasks = {"digits/digit": 10, "digits/parity": 2}
     torch.manual_seed(0)
     model = MultiTaskModel(cfg, tasks)
@@ -353,6 +353,9 @@ def test_inferred_plan_equals_builtin_declarations(family: str, norm: str) -> No
     load_arrays(direct, slice_state(state_arrays(model), hand_spec, ws))
     with torch.no_grad():
         torch.testing.assert_close(_out(sub(x)), _out(direct(x)), atol=1e-6, rtol=0)
+        sub.train()
+        direct.train()  # batch statistics and HeteroFL's scaler (divides by the width)
+        torch.testing.assert_close(_out(sub(x)), _out(direct(x)), atol=1e-5, rtol=0)
 
 
 def test_module_called_twice_couples_its_input_and_output() -> None:
