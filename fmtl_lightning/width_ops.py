@@ -200,14 +200,14 @@ class Trace:
         x = self.labels(node.args[0]) if node.args else None
         if fn in CAT:
             return self.function_rule(node, fn, ())
+        if fn in BINARY:  # also ``1 - x``: the first operand may be a number
+            return self.broadcast(node)
         if x is None:
             return self.generic(node, "is an op whose channels the width plan cannot follow")
         if fn in PASS_FUNCS or fn in PASS_METHODS:
             return (
                 x if len(x) == len(self.shape(node) or ()) else self.generic(node, "changes rank")
             )
-        if fn in BINARY:
-            return self.broadcast(node)
         if fn in RESHAPE:
             return self.reshape(node, x)
         if fn in TRANSPOSE:

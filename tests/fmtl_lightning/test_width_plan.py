@@ -358,6 +358,27 @@ def test_inferred_plan_equals_builtin_declarations(family: str, norm: str, scale
         torch.testing.assert_close(_out(sub(x)), _out(direct(x)), atol=1e-5, rtol=0)
 
 
+def test_layer_scale_parameter_and_scalar_first_ops_follow_the_group() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.gamma, self.out = (
+                nn.Linear(3, 6),
+                nn.Parameter(torch.ones(6)),
+                nn.Linear(6, 2),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.out(h + (1 - torch.sigmoid(h)) * self.gamma)  # gated, layer-scaled
+
+    model, x = Net(), torch.randn(2, 3)
+    groups, decl = infer_plan(model, x, heads=["out"])
+    assert groups == {"fc": 6} and decl["gamma"] == ("backbone", ("fc",), ())
+    sub = build_at_width(model, groups, decl, 0.5)
+    assert tuple(sub.gamma.shape) == (3,) and sub(x).shape == (2, 2)
+
+
 def test_module_called_twice_couples_its_input_and_output() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
