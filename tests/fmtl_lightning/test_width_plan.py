@@ -391,3 +391,27 @@ def test_module_called_twice_couples_its_input_and_output() -> None:
     groups, decl = infer_plan(Net(), torch.randn(2, 3), heads=["out"])
     assert groups == {"fc0": 8}
     assert decl["shared.weight"].axes == ("fc0", "fc0")
+
+
+def test_aggregation_over_blocked_and_concatenated_axes() -> None:
+    from fmtl_lightning.aggregation import ClientUpdate, aggregate
+
+    model, _, groups, decl = _plan("densenet")
+    lenet, _, lgroups, ldecl = _plan("lenet")
+    for m, g, d, key, cols_of in (
+        (model, groups, decl, "transition.weight",
+         lambda ws: np.concatenate([ws.indices(8), 8 + ws.indices(4), 12 + ws.indices(4)])),
+        (lenet, lgroups, ldecl, "fc1.weight",
+         lambda ws: (ws.indices(16)[:, None] * 16 + np.arange(16)).ravel()),
+    ):  # fmt: skip
+        spec = plan_spec(m, g, d).restrict([key])
+        full = {key: np.zeros(spec[key].shape, np.float32)}
+        ws = WidthSpec(0.5, "fedrolex", 11)
+        updates = [
+            ClientUpdate("a", {key: np.full(spec[key].shape, 2.0, np.float32)}, 10),
+            ClientUpdate("b", {key: np.full(spec.shape_at(key, ws), 4.0, np.float32)}, 10, ws),
+        ]
+        new = aggregate(full, updates, spec)[key]
+        expected = np.full(spec[key].shape, 2.0, np.float32).reshape(spec[key].shape[0], -1)
+        expected[np.ix_(ws.indices(spec[key].shape[0]), cols_of(ws))] = 3.0  # held by both
+        np.testing.assert_array_equal(new.reshape(expected.shape), expected)
