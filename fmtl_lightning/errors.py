@@ -76,3 +76,7 @@ class PartitionError(FMTLError, ValueError):
 
 class FederationError(FMTLError, ValueError):
     """A client spec that contradicts itself: tasks from several domains, width outside (0, 1]."""
+
+
+class WidthPlanError(FMTLError, ValueError):
+    """A layer whose channels a width plan cannot follow or resize; names the layer."""

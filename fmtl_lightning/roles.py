@@ -9,7 +9,10 @@ A model declares, once, for every state-dict key:
   no policy shares them;
 * its *axes*: for each dim, the name of the channel group it indexes (scaled by
   width) or ``None`` (never scaled);
-* its full-width shape and dtype.
+* its full-width shape and dtype;
+* optionally its *blocks*: a scaled dim of size ``group * block`` holds each channel of
+  its group as a contiguous run of ``block`` entries (a linear layer over a flattened
+  ``(C, H, W)`` map: block ``H*W``), so a width keeps whole runs.
 
 A :class:`RolePolicy` maps kinds to roles (``shared``: aggregated by the server;
 ``local``: stays on the client). FedPer, FedBN and FedAvg are three policies over
@@ -34,6 +37,7 @@ Role = Literal["shared", "local"]
 Kind = Literal["backbone", "norm", "norm_stat", "static_stat", "head", "counter"]
 SliceMode = Literal["heterofl", "fedrolex"]
 IntRule = Literal["max", "sum", "keep"]
+Segment = tuple[str | None, int]  # (group, or None for channels that never scale; full size)
 
 KINDS: tuple[str, ...] = ("backbone", "norm", "norm_stat", "static_stat", "head", "counter")
 SPEC_FORMAT_VERSION = 1
@@ -107,6 +111,7 @@ class ParamSpec:
     axes: tuple[str | None, ...]
     dtype: str = "float32"
     int_rule: IntRule = "max"
+    blocks: tuple[int, ...] = ()  # () = every block 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -119,6 +124,19 @@ class ParamSpec:
             )
         if np.dtype(self.dtype).kind in "iu" and any(a is not None for a in self.axes):
             raise SpecError(f"key {self.key!r}: integer entries cannot be width-scaled")
+        if self.blocks and (
+            len(self.blocks) != len(self.shape)
+            or any(int(b) < 1 for b in self.blocks)
+            or any(b != 1 and a is None for b, a in zip(self.blocks, self.axes, strict=True))
+        ):
+            raise SpecError(
+                f"key {self.key!r}: blocks {self.blocks} must be >= 1, one per dim, "
+                f"and 1 on unscaled dims (axes {self.axes})"
+            )
+
+    def block(self, dim: int) -> int:
+        """Entries per channel along ``dim`` (1 unless the dim is a flattened channel map)."""
+        return int(self.blocks[dim]) if self.blocks else 1
 
     @property
     def is_float(self) -> bool:
@@ -150,13 +168,30 @@ POLICIES: dict[str, RolePolicy] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """All parameter declarations of a model plus the full size of each channel group."""
+    """All parameter declarations of a model plus the full size of each channel group.
+
+    ``segments`` declares *concatenated* groups (the channels after ``torch.cat``): an
+    entry ``{"cat(a,b)": (("a", 4), ("b", 4))}`` says that group's channels are group
+    ``a``'s followed by ``b``'s; at a width it keeps each segment's slice, in order.
+    """
 
     groups: Mapping[str, int]
     params: tuple[ParamSpec, ...]
     policy: RolePolicy = field(default_factory=lambda: POLICIES["fedper"])
+    segments: Mapping[str, tuple[Segment, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, segs in self.segments.items():
+            bad = [
+                (g, n)
+                for g, n in segs
+                if n < 1 or (g is not None and (self.groups.get(g) != n or g in self.segments))
+            ]
+            if name not in self.groups or bad or sum(n for _, n in segs) != self.groups[name]:
+                raise SpecError(
+                    f"concatenated group {name!r}: segments {segs} must be plain declared "
+                    f"groups (or None) with their full sizes, summing to groups[{name!r}]"
+                )
         seen: set[str] = set()
         for p in self.params:
             if p.key in seen:
@@ -167,10 +202,10 @@ class ModelSpec:
                     continue
                 if axis not in self.groups:
                     raise SpecError(f"key {p.key!r}: axis {axis!r} is not a declared group")
-                if self.groups[axis] != p.shape[dim]:
+                if self.groups[axis] * p.block(dim) != p.shape[dim]:
                     raise SpecError(
                         f"key {p.key!r}: dim {dim} has size {p.shape[dim]} but group "
-                        f"{axis!r} has {self.groups[axis]} channels"
+                        f"{axis!r} has {self.groups[axis]} channels x block {p.block(dim)}"
                     )
 
     # ----------------------------------------------------------------- lookup
@@ -206,12 +241,34 @@ class ModelSpec:
         return replace(self, params=tuple(p for p in self.params if p.key in wanted))
 
     # ----------------------------------------------------------------- widths
+    def channels(self, axis: str, width: WidthSpec | float) -> int:
+        """Channels of a group at ``width`` (a concatenated group: the sum of its segments')."""
+        w = width.width if isinstance(width, WidthSpec) else check_width(width)
+        segs = self.segments.get(axis)
+        if segs is None:
+            return channels_at(self.groups[axis], w)
+        return sum(n if g is None else channels_at(n, w) for g, n in segs)
+
+    def runs(self, axis: str, width: WidthSpec) -> list[tuple[int, int, int]]:
+        """:meth:`WidthSpec.runs` of a group; a concatenated group chains its segments' runs."""
+        segs = self.segments.get(axis)
+        if segs is None:
+            return width.runs(self.groups[axis])
+        out: list[tuple[int, int, int]] = []
+        g_off = l_off = 0
+        for g, n in segs:
+            part = [(0, n, 0)] if g is None else width.runs(n)
+            out += [(g_off + a, g_off + b, l_off + c) for a, b, c in part]
+            g_off += n
+            l_off += n if g is None else channels_at(n, width.width)
+        return out
+
     def shape_at(self, key: str, width: WidthSpec | float) -> tuple[int, ...]:
         w = width.width if isinstance(width, WidthSpec) else check_width(width)
         p = self[key]
         return tuple(
-            n if axis is None else channels_at(self.groups[axis], w)
-            for n, axis in zip(p.shape, p.axes, strict=True)
+            n if axis is None else self.channels(axis, w) * p.block(dim)
+            for dim, (n, axis) in enumerate(zip(p.shape, p.axes, strict=True))
         )
 
     def num_elements(self, keys: Iterable[str], width: WidthSpec | float = 1.0) -> int:
@@ -223,6 +280,11 @@ class ModelSpec:
             {
                 "format_version": SPEC_FORMAT_VERSION,
                 "groups": dict(self.groups),
+                **(
+                    {"segments": {k: [list(s) for s in v] for k, v in self.segments.items()}}
+                    if self.segments
+                    else {}
+                ),
                 "policy": {
                     "name": self.policy.name,
                     "shared_kinds": sorted(self.policy.shared_kinds),
@@ -235,6 +297,7 @@ class ModelSpec:
                         "axes": list(p.axes),
                         "dtype": p.dtype,
                         "int_rule": p.int_rule,
+                        **({"blocks": list(p.blocks)} if p.blocks else {}),
                     }
                     for p in self.params
                 ],
@@ -259,6 +322,7 @@ class ModelSpec:
                     axes=tuple(p["axes"]),
                     dtype=str(p["dtype"]),
                     int_rule=p["int_rule"],
+                    blocks=tuple(int(b) for b in p.get("blocks", ())),
                 )
                 for p in d["params"]
             )
@@ -266,6 +330,10 @@ class ModelSpec:
                 groups={str(k): int(v) for k, v in d["groups"].items()},
                 params=params,
                 policy=RolePolicy(str(pol["name"]), frozenset(pol["shared_kinds"])),
+                segments={
+                    str(k): tuple((None if g is None else str(g), int(n)) for g, n in v)
+                    for k, v in d.get("segments", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SpecError):

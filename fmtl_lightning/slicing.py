@@ -24,14 +24,15 @@ def regions(spec: ModelSpec, key: str, width: WidthSpec) -> Iterator[Region]:
     """
     p = spec[key]
     per_axis: list[list[tuple[slice, slice]]] = []
-    for n, axis in zip(p.shape, p.axes, strict=True):
+    for dim, (n, axis) in enumerate(zip(p.shape, p.axes, strict=True)):
         if axis is None:
             per_axis.append([(slice(0, n), slice(0, n))])
         else:
+            b = p.block(dim)  # a channel is a run of b entries (flattened maps)
             per_axis.append(
                 [
-                    (slice(g0, g1), slice(l0, l0 + g1 - g0))
-                    for g0, g1, l0 in width.runs(spec.groups[axis])
+                    (slice(g0 * b, g1 * b), slice(l0 * b, (l0 + g1 - g0) * b))
+                    for g0, g1, l0 in spec.runs(axis, width)
                 ]
             )
     for combo in itertools.product(*per_axis):
