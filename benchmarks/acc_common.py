@@ -76,7 +76,13 @@ def global_model_logits(
 def sim_global_logits(sim: Any, width: float, x: Any, stats_x: Any = None) -> np.ndarray:
     """:func:`global_model_logits` for a FedAvg :class:`~fmtl_lightning.simulation.Simulation`."""
     return global_model_logits(
-        sim.global_state, sim.spec, sim.engine.plan.backbone, sim.engine.plan.layout.model_tasks, width, x, stats_x=stats_x
+        sim.global_state,
+        sim.spec,
+        sim.engine.plan.model.cfg,
+        sim.engine.plan.layout.model_tasks,
+        width,
+        x,
+        stats_x=stats_x,
     )
 
 

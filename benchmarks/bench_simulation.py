@@ -63,8 +63,9 @@ def run_bare(sim: Simulation) -> float:
         for i, c in enumerate(sim.fed.clients):
             key = (c.tasks, c.width)
             if key not in models:
+                outputs = sim.engine.plan.layout.task_outputs
                 models[key] = MultiTaskModel(
-                    sim.engine.plan.backbone, {t: sim.engine.plan.layout.task_outputs[t] for t in c.tasks}, c.width
+                    sim.engine.plan.model.cfg, {t: outputs[t] for t in c.tasks}, c.width
                 )
             m = models[key]
             load_arrays(m, sim.client_state(c, sim.engine.width_of(i, r)))

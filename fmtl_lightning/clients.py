@@ -37,7 +37,8 @@ from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
 from fmtl_lightning.engine.plan import PlannedClient, ServerPlan, server_plan
 from fmtl_lightning.fed_data import ClientData, Federation
 from fmtl_lightning.local_fit import FitPlan
-from fmtl_lightning.models import MultiTaskModel, load_arrays, model_spec
+from fmtl_lightning.model_source import ModelSource
+from fmtl_lightning.models import load_arrays
 from fmtl_lightning.module import MultiTaskModule
 from fmtl_lightning.roles import WidthSpec
 from fmtl_lightning.run_artifacts import ClientStore, deployed_state
@@ -47,13 +48,16 @@ from fmtl_lightning.tasks import get_task
 State = dict[str, np.ndarray]
 
 
-def federation_plan(cfg: RunConfig, fed: Federation) -> ServerPlan:
+def federation_plan(
+    cfg: RunConfig, fed: Federation, model: ModelSource | None = None
+) -> ServerPlan:
     """The server plan of a loaded federation: its clients, task sizes and image size
-    (which a custom federation may set differently from what the config alone says)."""
+    (which a custom federation may set differently from what the config alone says);
+    ``model``: a user's model (default: the configured built-in family)."""
     clients = [PlannedClient(i, c.cid, c.tasks, c.width, c.edge, c.lam)
                for i, c in enumerate(fed.clients)]  # fmt: skip
     return server_plan(cfg, clients=clients, task_outputs=fed.task_outputs(),
-                       image_size=fed.image_size)  # fmt: skip
+                       image_size=fed.image_size, model=model)  # fmt: skip
 
 
 class ClientPool:
@@ -101,7 +105,7 @@ class ClientPool:
     def client_keys(self, c: ClientData) -> tuple[str, ...]:
         """The keys of a client's model, as its ModelSpec declares them (no name matching)."""
         if c.tasks not in self._client_keys:
-            self._client_keys[c.tasks] = model_spec(self.plan.backbone, self.client_tasks(c)).keys
+            self._client_keys[c.tasks] = self.plan.model.spec(self.client_tasks(c)).keys
         return self._client_keys[c.tasks]
 
     def module_for(self, c: ClientData, width: float) -> MultiTaskModule:
@@ -110,7 +114,7 @@ class ClientPool:
         if key not in self._modules:
             o = self.cfg.optimizer
             self._modules[key] = MultiTaskModule(
-                MultiTaskModel(self.plan.backbone, self.client_tasks(c), width),
+                self.plan.model.build(self.client_tasks(c), width),
                 {t: get_task(t).kind for t in c.tasks},
                 lr=o.lr,
                 momentum=o.momentum,

@@ -7,7 +7,9 @@ client's :class:`MultiTaskModule` supplies ``training_step`` and
 
 Batch order comes from a numpy generator seeded by (run seed, round, client,
 phase), never from global RNG state, so a resumed run replays the same batches
-and an edge client (numpy + onnxruntime) sees the very same batches.
+and an edge client (numpy + onnxruntime) sees the very same batches. Randomness
+inside a model (dropout) uses torch's RNG seeded by the same seed, in a forked RNG
+state that leaves the caller's untouched.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def fit(
     for p in frozen:
         p.requires_grad_(False)
     steps, total = 0, 0.0
+    # randomness inside the model (dropout in a user's model) draws from torch's RNG,
+    # seeded like the batch order and isolated from the caller's: a resumed run replays it
+    rng = torch.random.fork_rng(devices=[])
+    rng.__enter__()
+    torch.manual_seed(seed)
     try:
         for idx in batch_indices(x.shape[0], plan, seed):
             batch = (x[idx], {t: v[idx] for t, v in y.items()})
@@ -78,6 +85,7 @@ def fit(
             total += float(loss.detach())
             steps += 1
     finally:
+        rng.__exit__(None, None, None)
         for p in frozen:
             p.requires_grad_(True)
     return steps, total / max(steps, 1)

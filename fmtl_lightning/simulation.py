@@ -39,6 +39,7 @@ from fmtl_lightning.engine import ServerEngine
 from fmtl_lightning.engine.metrics import client_scores, metric_rows, rows_csv, summarize
 from fmtl_lightning.errors import FMTLError
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
+from fmtl_lightning.model_source import ModelSource
 from fmtl_lightning.roles import ModelSpec, WidthSpec
 from fmtl_lightning.run_artifacts import write_normalisation
 from fmtl_lightning.slicing import slice_state
@@ -64,6 +65,9 @@ class Simulation:
     ``cfg.algorithm.aggregator`` for this object only (e.g. a benchmark's wrapper around
     a registered rule); ``config.yaml`` in the run still names the configured one. It
     must fit ``algorithm.weighting`` (its own call raises ``ValueError`` otherwise).
+    ``model``: a user's own model (:class:`~fmtl_lightning.model_source.FederatedModel`)
+    instead of the configured built-in family; ``federation``: the clients' data (default:
+    the config's dataset, partitioned as it says).
     """
 
     def __init__(
@@ -74,12 +78,13 @@ class Simulation:
         progress: bool = True,
         federation: Federation | None = None,
         aggregator: AggregationRule | None = None,
+        model: ModelSource | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.fed = fed = federation if federation is not None else build_federation(cfg)
-        plan = federation_plan(cfg, fed)
+        plan = federation_plan(cfg, fed, model)
         self.engine = ServerEngine(plan, self.run_dir, aggregator=aggregator)
         # Lightning's own CSV logger gets the per-round aggregates; our metrics.csv the details
         self.logger = CSVLogger(str(self.run_dir), name="lightning_logs")
@@ -261,38 +266,56 @@ def local_baseline(cfg: RunConfig, fed: Federation) -> tuple[RunConfig, Federati
     return local_cfg, dataclasses.replace(fed, clients=clients)
 
 
-def run_config(cfg: RunConfig | dict, run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Python API of ``fmtl simulate``: the run, then (optionally) its local-only baseline."""
+def run_config(
+    cfg: RunConfig | dict,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    model: ModelSource | None = None,
+    federation: Federation | None = None,
+) -> dict:
+    """Python API of ``fmtl simulate``: the run, then (optionally) its local-only baseline.
+
+    ``model``: a user's own model instead of the configured family; ``federation``: the
+    clients' own data (:mod:`fmtl_lightning.fed_data`) instead of the configured dataset.
+    """
     from fmtl_lightning.report import write_report
 
     cfg = parse_config(cfg) if isinstance(cfg, dict) else cfg
     run_dir = Path(run_dir)
-    sim = Simulation(cfg, run_dir, progress=progress)
+    sim = Simulation(cfg, run_dir, progress=progress, model=model, federation=federation)
     summary = sim.run()
     baseline = None
     if cfg.compare_local and cfg.algorithm.name != "local":
         local_cfg, local_fed = local_baseline(cfg, sim.fed)
-        bsim = Simulation(
-            local_cfg, run_dir / "local_baseline", progress=progress, federation=local_fed
-        )
+        bsim = Simulation(local_cfg, run_dir / "local_baseline", progress=progress,
+                          federation=local_fed, model=model)  # fmt: skip
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)
 
 
-def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Python API of ``fmtl simulate --resume RUN_DIR``."""
+def resume_run(
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    model: ModelSource | None = None,
+    federation: Federation | None = None,
+) -> dict:
+    """Python API of ``fmtl simulate --resume RUN_DIR`` (pass the ``model`` and
+    ``federation`` the run was started with, if it was started with its own)."""
     from fmtl_lightning.report import write_report
 
     run_dir = Path(run_dir)
-    sim = Simulation.resume(run_dir, progress=progress)
+    sim = Simulation.resume(run_dir, progress=progress, model=model, federation=federation)
     summary = sim.run()
     baseline = None
     bdir = run_dir / "local_baseline"
     if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
         local_cfg, local_fed = local_baseline(sim.cfg, sim.fed)
+        kw: dict[str, Any] = {"progress": progress, "federation": local_fed, "model": model}
         if bdir.is_dir() and (bdir / "config.yaml").exists():
-            bsim = Simulation.resume(bdir, progress=progress, federation=local_fed)
+            bsim = Simulation.resume(bdir, **kw)
         else:
-            bsim = Simulation(local_cfg, bdir, progress=progress, federation=local_fed)
+            bsim = Simulation(local_cfg, bdir, **kw)
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)

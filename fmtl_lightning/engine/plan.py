@@ -23,8 +23,8 @@ from fmtl_lightning.roles import ModelSpec
 from fmtl_lightning.tasks import get_task
 
 if TYPE_CHECKING:
+    from fmtl_lightning.model_source import ModelSource
     from fmtl_lightning.models import BackboneConfig
-
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,10 @@ class PlannedClient:
 class ServerPlan:
     """A run as the server holds it: config, clients, roles and the initial model.
 
-    ``initial_state`` holds every key of the full-width model (``shared_keys`` start the
-    global state; clients start their local arrays from the rest); ``layout`` and
-    ``backbone`` are what the model was built from.
+    ``initial_model`` holds every key of the full-width model (``shared_keys`` start the
+    global state; clients start their local arrays from the rest); ``layout`` is its heads
+    and ``model`` the :class:`~fmtl_lightning.model_source.ModelSource` that builds it at
+    every width (a built-in family, or a user's own model).
     """
 
     cfg: RunConfig
@@ -52,7 +53,7 @@ class ServerPlan:
     shared_keys: tuple[str, ...]
     initial_model: dict[str, np.ndarray]
     layout: ModelLayout
-    backbone: BackboneConfig
+    model: ModelSource
 
     @property
     def initial_state(self) -> dict[str, np.ndarray]:
@@ -128,27 +129,31 @@ def server_plan(
     clients: Sequence[PlannedClient] | None = None,
     task_outputs: dict[str, int] | None = None,
     image_size: int | None = None,
+    model: ModelSource | None = None,
 ) -> ServerPlan:
     """Clients, roles and initial global state of ``cfg`` (torch only to build the init).
 
     ``clients``, ``task_outputs`` and ``image_size`` default to what the config alone
     says (:func:`planned_clients`, the task registry, the domain's image size); the
-    in-process simulation passes those of the federation it loaded.
+    in-process simulation passes those of the federation it loaded. ``model`` defaults
+    to the configured built-in family (:class:`~fmtl_lightning.model_source.BuiltinModel`).
     """
     import torch
 
-    from fmtl_lightning.models import MultiTaskModel, model_spec, state_arrays
+    from fmtl_lightning.model_source import BuiltinModel
+    from fmtl_lightning.models import state_arrays
 
     clients = list(planned_clients(cfg) if clients is None else clients)
-    if image_size is None:
-        image_size = IMAGE_SIZES[get_task(clients[0].tasks[0]).domain]
-    bcfg = backbone_config(cfg, image_size)
+    if model is None:
+        if image_size is None:
+            image_size = IMAGE_SIZES[get_task(clients[0].tasks[0]).domain]
+        model = BuiltinModel(backbone_config(cfg, image_size))
     layout = model_layout(cfg, task_outputs)
-    spec = model_spec(bcfg, layout.model_tasks, layout.policy)
+    spec = model.spec(layout.model_tasks, layout.policy)
     shared = spec.shared_keys()
     torch.manual_seed(cfg.seed)
-    init = state_arrays(MultiTaskModel(bcfg, layout.model_tasks, 1.0))
-    return ServerPlan(cfg, clients, spec, shared, init, layout, bcfg)
+    init = state_arrays(model.build(layout.model_tasks, 1.0))
+    return ServerPlan(cfg, clients, spec, shared, init, layout, model)
 
 
 def refuse_label_masks(cfg: RunConfig) -> None:

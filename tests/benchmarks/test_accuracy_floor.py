@@ -91,7 +91,7 @@ def test_width_quarter_submodel_of_width_mix_is_far_above_chance(tmp_path):
         logits = global_model_logits(
             sim.global_state,
             sim.spec,
-            sim.engine.plan.backbone,
+            sim.engine.plan.model.cfg,
             sim.engine.plan.layout.model_tasks,
             w,
             ev["x_test"],
@@ -123,7 +123,11 @@ def test_heterofl_style_global_model_far_above_chance(tmp_path, partition):
         task="digits/digit",
     )
     sim = _run(raw, tmp_path, fed)
-    assert {sim.engine.width_of(i, r).width for i in range(n) for r in range(10)} == {1.0, 0.5, 0.25}
+    assert {sim.engine.width_of(i, r).width for i in range(n) for r in range(10)} == {
+        1.0,
+        0.5,
+        0.25,
+    }
     for c, mask in zip(fed.clients, ev["client_mask"], strict=True):
         assert bool(np.all(mask == c.label_masks["digits/digit"].numpy()))
         if partition == "shards":
@@ -138,7 +142,7 @@ def test_heterofl_style_global_model_far_above_chance(tmp_path, partition):
     logits = global_model_logits(
         sim.global_state,
         sim.spec,
-        sim.engine.plan.backbone,
+        sim.engine.plan.model.cfg,
         sim.engine.plan.layout.model_tasks,
         1.0,
         ev["x_test"],

@@ -45,7 +45,9 @@ def _sim(cfg: dict, tmp_path, name: str = "run") -> Simulation:
 def _init(sim: Simulation) -> dict[str, np.ndarray]:
     """The run's initial full-width model, rebuilt independently (same seed, same tasks)."""
     torch.manual_seed(sim.cfg.seed)
-    return state_arrays(MultiTaskModel(sim.engine.plan.backbone, sim.engine.plan.layout.model_tasks, 1.0))
+    return state_arrays(
+        MultiTaskModel(sim.engine.plan.model.cfg, sim.engine.plan.layout.model_tasks, 1.0)
+    )
 
 
 def _rows(sim: Simulation, round_no: int) -> dict[tuple[str, str], dict]:
@@ -225,7 +227,7 @@ def _hand_finetune_eval(pool: ClientPool, idx: int, state: dict, width: float, r
     """FedAvg+FT by hand: plain torch SGD over the whole union-head model on the client's
     training split (batches of the phase seed), then its test metrics."""
     c = pool.fed.clients[idx]
-    model = MultiTaskModel(pool.plan.backbone, pool.plan.layout.model_tasks, width)
+    model = MultiTaskModel(pool.plan.model.cfg, pool.plan.layout.model_tasks, width)
     with torch.no_grad():
         for k, t in model.state_dict().items():
             t.copy_(torch.from_numpy(np.array(state[k])))

@@ -144,7 +144,10 @@ def test_simulation_label_split_rescales_each_row_to_its_holders(small_cfg, tmp_
         sims[split].run()
     plain, split = sims[False].global_state, sims[True].global_state
     holders = np.sum(
-        [sims[True].pool.head_row_masks(c)[f"heads.{UNION_HEAD}.bias"] for c in sims[True].fed.clients],
+        [
+            sims[True].pool.head_row_masks(c)[f"heads.{UNION_HEAD}.bias"]
+            for c in sims[True].fed.clients
+        ],
         axis=0,
     )
     assert holders.sum() == 12 and 2 <= holders.max() < 6  # 2 classes each, shared, not by all

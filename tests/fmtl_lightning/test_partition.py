@@ -216,6 +216,8 @@ def test_matched_sample_follows_the_mix_by_largest_remainder():
 def test_matched_sample_errors_name_the_problem(mix, n, words):
     with pytest.raises(PartitionError, match=words):
         matched_sample(LABELS, mix, n, seed=0)
+
+
 def test_partition_by_held_classes_by_hand():
     # classes 0, 1, 2; client 0 holds {0, 1}, client 1 holds {1}, nobody holds 2
     labels = np.array([0, 1, 2, 1, 0, 1, 1, 2, 0])

@@ -62,7 +62,9 @@ def test_fedrep_phases_train_what_the_spec_declares(small_cfg, tmp_path, monkeyp
 def test_client_keys_are_the_keys_of_the_clients_own_model(small_cfg, tmp_path):
     sim = Simulation(parse_config(small_cfg), tmp_path / "run", progress=False)
     for c in sim.fed.clients:
-        model = MultiTaskModel(sim.engine.plan.backbone, {t: sim.engine.plan.layout.task_outputs[t] for t in c.tasks})
+        model = MultiTaskModel(
+            sim.engine.plan.model.cfg, {t: sim.engine.plan.layout.task_outputs[t] for t in c.tasks}
+        )
         assert set(sim.pool.client_keys(c)) == set(model.state_dict()), c.cid
 
 

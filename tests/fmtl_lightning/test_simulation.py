@@ -55,7 +55,9 @@ def test_fedrep_trains_head_then_body(small_cfg, tmp_path):
     sim = _sim(small_cfg, tmp_path)
     sim.pool.phase_log = {}
     sim.run()
-    assert sim.pool.phase_log == {c: ["head", "body", "head", "body"] for c in ("c00", "c01", "c02")}
+    assert sim.pool.phase_log == {
+        c: ["head", "body", "head", "body"] for c in ("c00", "c01", "c02")
+    }
 
 
 def test_train_keys_move_exactly_the_named_parameters(small_cfg, tmp_path):
@@ -65,7 +67,9 @@ def test_train_keys_move_exactly_the_named_parameters(small_cfg, tmp_path):
     for moved in (local, list(sim.shared_keys)):
         m = sim.pool.module_for(c, 1.0)
         before = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
-        fit(sim.pool.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0, TrainSpec(frozenset(moved)))
+        fit(
+            sim.pool.fabric, m, c.x_train, c.y_train, FitPlan(16, 1), 0, TrainSpec(frozenset(moved))
+        )
         after = m.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before if k not in moved)
         assert all(not torch.equal(before[k], after[k]) for k in moved)
@@ -138,7 +142,7 @@ def test_one_fedavg_round_matches_hand_rolled_pytorch(small_cfg, tmp_path):
     sums = {k: np.zeros_like(v, dtype=np.float64) for k, v in g0.items()}
     total = 0
     for i, c in enumerate(sim.fed.clients):
-        model = MultiTaskModel(sim.engine.plan.backbone, sim.engine.plan.layout.model_tasks, 1.0)
+        model = MultiTaskModel(sim.engine.plan.model.cfg, sim.engine.plan.layout.model_tasks, 1.0)
         load_arrays(model, g0)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         seed = phase_seed(sim.cfg.seed, 0, i, "global")

@@ -1,0 +1,158 @@
+"""Bring your own model: every zoo architecture federated like a built-in family.
+
+Each zoo model (written the way users write them, :mod:`fmtl_lightning.zoo`) is given to
+the library as a whole model with its head declared (:meth:`FederatedModel.from_model`)
+and federated under FedPer on real data (sklearn digits, reshaped to the input the model
+takes) by clients at widths 1 and 1/2: two rounds, then a run killed after round 1 and
+resumed gives the same states bit for bit; the global state holds the backbone at full
+width, the clients only their heads, and a width-1/2 client trains exactly the sliced shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmtl_lightning.checkpoint import completed_rounds, read_round
+from fmtl_lightning.config import parse_config
+from fmtl_lightning.errors import WidthPlanError
+from fmtl_lightning.fed_data import build_federation
+from fmtl_lightning.model_source import FederatedModel
+from fmtl_lightning.roles import WidthSpec
+from fmtl_lightning.simulation import Simulation, resume_run, run_config
+from fmtl_lightning.zoo import DenseNet, LeNet, MobileNetV2, ResNet, SeqConvNet, TinyViT
+from tests.fmtl_lightning.conftest import BASE
+
+
+class TabularBackbone(nn.Module):
+    """What a user writes for tabular data: features -> hidden layers (BatchNorm, dropout)."""
+
+    def __init__(self, in_features: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 32)
+        self.bn1 = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 16)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(F.relu(self.fc2(F.relu(self.bn1(self.fc1(x))))))
+
+
+def _rgb16(x: torch.Tensor) -> torch.Tensor:  # (N, 1, 8, 8) digits -> (N, 3, 16, 16)
+    return F.interpolate(x, size=16, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+
+
+# name -> (the user's model, the head submodule, how the digits become its input)
+CASES = {
+    "tabular": (None, None, lambda x: x.flatten(1)),
+    "lenet": (lambda: LeNet(), "fc3", lambda x: F.interpolate(x, size=28, mode="bilinear")),
+    "resnet": (lambda: ResNet(), "linear", _rgb16),
+    "mobilenetv2": (lambda: MobileNetV2(), "classifier", _rgb16),
+    "densenet": (lambda: DenseNet(), "classifier", _rgb16),
+    "seqconv": (lambda: SeqConvNet(in_features=8), "fc", lambda x: x[:, 0]),  # 8 rows of 8
+    "vit": (lambda: TinyViT(), "head", _rgb16),
+}
+
+
+def _setup(name: str):
+    make, head, to_input = CASES[name]
+    raw = copy.deepcopy(BASE)
+    raw["optimizer"]["lr"] = 0.05
+    cfg = parse_config(raw)
+    fed = build_federation(cfg)
+    clients = [dataclasses.replace(c, x_train=to_input(c.x_train), x_test=to_input(c.x_test))
+               for c in fed.clients]  # fmt: skip
+    fed = dataclasses.replace(fed, clients=clients)
+    example = clients[0].x_train[:2]
+    torch.manual_seed(0)
+    if make is None:
+        fm = FederatedModel(TabularBackbone(), example_input=example)
+    else:
+        fm = FederatedModel.from_model(make(), head=head, example_input=example)
+    return cfg, fed, fm
+
+
+def _states(run_dir):
+    g, clients, _, _ = read_round(run_dir, completed_rounds(run_dir)[-1])
+    return g, clients
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_zoo_model_federates_resumes_and_slices(name, tmp_path):
+    cfg, fed, fm = _setup(name)
+    summary = run_config(cfg, tmp_path / "straight", progress=False, model=fm, federation=fed)
+    assert 0.0 <= summary["mean_acc"] <= 1.0
+
+    sim = Simulation(cfg, tmp_path / "probe", progress=False, model=fm, federation=fed)
+    spec = sim.spec
+    g, clients = _states(tmp_path / "straight")
+    assert set(g) == set(spec.shared_keys()) and spec.keys_of_kind("head")
+    assert not set(spec.keys_of_kind("head")) & set(g)  # FedPer: heads never reach the server
+    for k, v in g.items():
+        assert v.shape == spec[k].shape and np.isfinite(v).all(), k
+    init = sim.engine.plan.initial_state
+    assert any(not np.array_equal(g[k], init[k]) for k in g)  # the backbone learned
+    for cid, st in clients.items():
+        assert {k.split("/", 1)[1] for k in st} <= set(spec.keys_of_kind("head")), cid
+
+    # the width-1/2 client trains exactly the sliced shapes
+    c = sim.fed.clients[2]
+    assert c.width == 0.5
+    model = sim.pool.module_for(c, 0.5).model
+    for k, v in model.state_dict().items():
+        assert tuple(v.shape) == spec.shape_at(k, WidthSpec(0.5)), (name, k)
+    assert any(tuple(v.shape) != spec[k].shape for k, v in model.state_dict().items())
+
+    class Killed(Exception):
+        pass
+
+    def kill(r: int) -> None:
+        if r == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Simulation(cfg, tmp_path / "killed", progress=False, model=fm, federation=fed).run(kill)
+    resume_run(tmp_path / "killed", progress=False, model=fm, federation=fed)
+    g2, clients2 = _states(tmp_path / "killed")
+    for k in g:
+        np.testing.assert_array_equal(g2[k], g[k], err_msg=k)
+    for cid in clients:
+        for k in clients[cid]:
+            np.testing.assert_array_equal(clients2[cid][k], clients[cid][k], err_msg=f"{cid} {k}")
+
+
+def test_a_bad_split_is_refused_naming_what_is_wrong():
+    x = torch.zeros(2, 1, 28, 28)
+    with pytest.raises(WidthPlanError, match="head: 'fc9' is not a submodule of LeNet"):
+        FederatedModel.from_model(LeNet(), head="fc9", example_input=x)
+    with pytest.raises(
+        WidthPlanError, match=r"backbone: must map the example input to \(batch, features\)"
+    ):
+        FederatedModel(nn.Conv2d(1, 4, 3), example_input=x)
+    fm = FederatedModel(TabularBackbone(), example_input=torch.zeros(2, 64),
+                        heads={"digits/digit": nn.Linear(16, 7)})  # fmt: skip
+    with pytest.raises(
+        WidthPlanError, match=r"heads\['digits/digit'\]: gives 7 outputs, the task has 10"
+    ):
+        fm.spec({"digits/digit": 10})
+
+
+def test_the_user_head_is_used_and_the_model_itself_is_unchanged():
+    net = LeNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fm = FederatedModel.from_model(net, head="fc3", example_input=torch.zeros(2, 1, 28, 28))
+    m = fm.build({"digits/digit": 10, "digits/parity": 2}, 1.0)
+    from fmtl_lightning.models import head_name
+
+    digit = m.heads[head_name("digits/digit")]
+    torch.testing.assert_close(digit.weight, net.fc3.weight)  # the model's own head
+    assert m.heads[head_name("digits/parity")].out_features == 2  # a linear head of its own
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert isinstance(net.fc3, nn.Linear)
