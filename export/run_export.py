@@ -91,7 +91,7 @@ def export_model(
     model's declared kinds into roles: the client's ``shared_keys`` in the manifest
     are the keys its ModelSpec shares (e.g. FedBN keeps norm keys off the list).
     """
-    from fmtl_lightning.models import head_name, model_spec, state_arrays
+    from fmtl_lightning.models import head_name, state_arrays
 
     heads = [k for k, v in model.declarations.items() if v[0] == "head"]
     if not heads or not model.task_outputs:
@@ -103,8 +103,7 @@ def export_model(
         raise RunExportError(
             f"tasks {missing} have no head; the model has {list(model.task_outputs)}"
         )
-    cfg = model.cfg
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    shape = tuple(model.input_shape)
     if normalisation is None:
         norm = Normalisation(0.0, 1.0, shape, 1.0 / 255.0, "")
     elif isinstance(normalisation, Normalisation):
@@ -113,8 +112,8 @@ def export_model(
         norm = Normalisation.from_dict(dict(normalisation), "normalisation")
     width = float(model.width)
     example_x = torch.zeros(1, *shape)
-    feat = model.backbone.feature_dim
-    spec = model_spec(cfg, model.task_outputs, policy)  # roles, declared by the model
+    feat = model.feature_dim
+    spec = model.role_spec(policy)  # roles, declared by the model
 
     def label_of(t: str) -> tuple[str, ...]:
         if labels is not None and t in labels:
@@ -135,9 +134,7 @@ def export_model(
         bb = b.graph(
             export_backbone(model.backbone, staging / f"backbone_w{w}.onnx", example_x, opset)
         )
-        ts = export_train_step(
-            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset
-        )
+        ts = _train_step(model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset)
         step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step"))
         head_entries = []
         for t, kind in task_kinds.items():
@@ -169,6 +166,29 @@ def export_model(
         write_manifest(staging, m)
 
     return build_atomically(Path(out_dir), overwrite, build)
+
+
+def _train_step(
+    model: Any, task_kinds: Mapping[str, str], path: Path, example_x: torch.Tensor, opset: int
+) -> Any:
+    """The model's exported SGD step, or :class:`RunExportError` saying why there is none:
+    a dropout layer (the step graph cannot reproduce its random masks), or an op the
+    ONNX exporter cannot differentiate (named by its message)."""
+    drops = [n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]  # fmt: skip
+    if drops:
+        raise RunExportError(
+            f"the on-device train step cannot reproduce the random masks of dropout layer(s) "
+            f"{drops}: set their p to 0 for a model trained on devices"
+        )
+    try:
+        return export_train_step(model, task_kinds, path, example_x, opset)
+    except Exception as exc:  # torch.onnx raises many types; the message names the op
+        last = (str(exc).strip().splitlines() or [""])[-1][:300]
+        raise RunExportError(
+            f"the on-device train step of {type(model).__name__} cannot be exported to ONNX "
+            f"({type(exc).__name__}: {last}); its backbone and heads can, for inference"
+        ) from exc
 
 
 def export_run(

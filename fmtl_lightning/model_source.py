@@ -24,7 +24,7 @@ Usage::
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -78,6 +78,14 @@ class TaskModel(nn.Module):
         self.task_outputs = dict(task_outputs)
         self.width = 1.0
         self.declarations: dict[str, Any] = {}
+        self.input_shape: tuple[int, ...] = ()  # one input without the batch dim
+        self.feature_dim = 0  # the backbone's output features at this width
+        self._spec: Callable[[RolePolicy | str], ModelSpec] | None = None
+
+    def role_spec(self, policy: RolePolicy | str = "fedper") -> ModelSpec:
+        """The full-width ModelSpec of this model's architecture under ``policy``."""
+        assert self._spec is not None
+        return self._spec(policy)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
@@ -182,6 +190,14 @@ class FederatedModel:
         model = full if width == 1.0 else build_at_width(full, groups, decl, WidthSpec(width))
         model.width = float(width)
         model.declarations = dict(decl)
+        model.input_shape = tuple(self.example_input.shape[1:])
+        was = model.backbone.training
+        model.backbone.eval()
+        with torch.no_grad():
+            model.feature_dim = int(model.backbone(self.example_input[:1]).shape[1])
+        model.backbone.train(was)
+        outputs = dict(task_outputs)
+        model._spec = lambda policy: self.spec(outputs, policy)
         return model
 
     def spec(

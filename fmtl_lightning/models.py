@@ -320,6 +320,20 @@ class MultiTaskModel(nn.Module):
         feats = self.backbone(x)  # (B, F)
         return {t: self.heads[head_name(t)](feats) for t in self.task_outputs}
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input without the batch dim: (channels, height, width)."""
+        return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+
+    @property
+    def feature_dim(self) -> int:
+        """The backbone's output features at this model's width (the heads' input)."""
+        return self.backbone.feature_dim
+
+    def role_spec(self, policy: RolePolicy | str = "fedper") -> ModelSpec:
+        """The full-width ModelSpec of this model's architecture under ``policy``."""
+        return model_spec(self.cfg, self.task_outputs, policy)
+
 
 def spec_of(model: MultiTaskModel, policy: RolePolicy | str = "fedper") -> ModelSpec:
     """The ModelSpec of a width-1 model: declarations plus the real tensor shapes/dtypes."""
