@@ -100,7 +100,7 @@ def images_to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tenso
 
 
 def _targets(tasks: tuple[str, ...], labels: np.ndarray) -> dict[str, torch.Tensor]:
-    return {t: torch.from_numpy(np.asarray(get_task(t).target(labels)).copy()) for t in tasks}
+    return {t: torch.from_numpy(np.asarray(get_task(t).targets(labels)).copy()) for t in tasks}
 
 
 def _client(
