@@ -116,11 +116,8 @@ def _client(
     (both normalised with the train split's constants), and the label masks of its
     multiclass tasks (the classes its training samples hold)."""
     y_tr = _targets(spec.tasks, train.labels[train_idx])
-    masks = {
-        t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
-        for t in spec.tasks
-        if get_task(t).kind == "multiclass"
-    }
+    held = {t: get_task(t).label_mask(y_tr[t].numpy()) for t in spec.tasks}
+    masks = {t: torch.from_numpy(m) for t, m in held.items() if m is not None}
     return ClientData(
         spec,
         lam,

@@ -226,6 +226,13 @@ class Task:
             raise _bad(self, "metrics", f"must return an 'acc' entry, returned {sorted(out)}")
         return {k: float(v) for k, v in out.items()}
 
+    def label_mask(self, targets: np.ndarray) -> np.ndarray | None:
+        """The classes ``targets`` hold, as an ``(n,)`` bool mask, for a multiclass task;
+        ``None`` for other kinds (their losses take no mask)."""
+        if self.kind != "multiclass":
+            return None
+        return np.isin(np.arange(self.num_outputs), np.asarray(targets))
+
     def targets(self, labels: np.ndarray) -> np.ndarray:
         """``target(labels)``, or :class:`TaskDefinitionError` if the task has no target."""
         if self.target is None:

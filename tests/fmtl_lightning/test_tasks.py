@@ -235,3 +235,10 @@ def test_bad_task_factories_raise_a_typed_error_naming_factory(path, match):
     with pytest.raises(TaskDefinitionError, match=match) as info:
         load_task_factory(path)
     assert info.value.field in ("factory", "name")
+
+
+def test_label_masks_are_for_multiclass_tasks_only():
+    mask = get_task("mnist/digit").label_mask(np.array([3, 3, 7]))
+    assert mask.dtype == bool and np.flatnonzero(mask).tolist() == [3, 7]
+    assert get_task("mnist/attrs").label_mask(np.zeros((3, 3), np.float32)) is None
+    assert Task("t/r", 2, "regression").label_mask(np.zeros((3, 2), np.float32)) is None
