@@ -9,12 +9,14 @@ namespace package), e.g. ``clients: [{tasks: [digits/value, digits/parity]}]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fmtl_lightning.tasks import Task, check_labels
 
 
-def _value_target(name: str):  # noqa: ANN202 - a closure over the task name
+def _value_target(name: str) -> Callable[[np.ndarray], np.ndarray]:
     def target(labels: np.ndarray) -> np.ndarray:
         digits = check_labels(labels, 10, name)
         return (digits.astype(np.float32) / 9.0)[:, None]  # (N, 1) in [0, 1]

@@ -55,7 +55,7 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
-from export.trainstep import export_head_step, export_train_step
+from export.trainstep import TASK_KINDS, export_head_step, export_train_step
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
     ClientEntry,
@@ -82,6 +82,11 @@ def _labels(task: str) -> tuple[str, ...]:
 
 def _check_exportable(task: Task) -> None:
     """The step graphs train each task with the default loss of its kind."""
+    if task.kind not in TASK_KINDS:
+        raise RunExportError(
+            f"task {task.name!r} is a {task.kind} task; the exported step graphs train "
+            f"{' and '.join(TASK_KINDS)} tasks only"
+        )
     if not task.default_loss:
         raise RunExportError(
             f"task {task.name!r} has its own loss; the exported step graphs train a task "

@@ -407,15 +407,17 @@ def test_export_model_api(tmp_path: Path) -> None:
     assert (norm["mean"], norm["std"]) == (0.2, 0.3)
 
 
-def test_a_task_with_its_own_loss_is_refused_at_export(tmp_path: Path) -> None:
+def test_own_loss_and_regression_tasks_are_refused_at_export(tmp_path: Path) -> None:
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel
     from fmtl_lightning.tasks import Task
 
     model = MultiTaskModel(BackboneConfig("mlp", 1, 8, (8,), "none"), {"t": 3})
     own = Task("t", 3, "multiclass", loss=lambda z, y: z.sum())
+    norm = {"mean": 0.0, "std": 1.0, "input_shape": [1, 8, 8]}
     with pytest.raises(RunExportError, match="task 't' has its own loss"):
-        export_model(model, {"t": own}, tmp_path / "o", normalisation={
-            "mean": 0.0, "std": 1.0, "input_shape": [1, 8, 8]})  # fmt: skip
+        export_model(model, {"t": own}, tmp_path / "o", normalisation=norm)
+    with pytest.raises(RunExportError, match="task 't' is a regression task"):
+        export_model(model, {"t": Task("t", 3, "regression")}, tmp_path / "o", normalisation=norm)
     assert not (tmp_path / "o").exists()
 
 
