@@ -160,7 +160,10 @@ def main() -> None:
                 BackboneConfig("cnn", hidden=(32, 64, 128), norm="group"), {TASK: 10}, width
             )
             bundle = tmp / f"w{width:g}"
-            export_model(model, {TASK: "multiclass"}, bundle, client="client")
+            mnist = {"mean": float(tr.mean), "std": float(tr.std), "input_shape": [1, 28, 28],
+                     "domain": "mnist"}  # fmt: skip
+            export_model(model, {TASK: "multiclass"}, bundle, client="client",
+                         normalisation=mnist)  # fmt: skip
             row = {"width": width}
             for job in ("predict", "train"):
                 row[f"edge_{job}"] = _best(EDGE, str(bundle), str(data), job)

@@ -14,22 +14,53 @@ killed with ``kill -9``).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from export.graphs import ExportError, GraphInfo, TrainStepInfo, to_ort_format
+from export.graphs import ExportError, GraphInfo, TrainStepInfo, stamp_file, to_ort_format
 from mobile_client.manifest import sha256_file
-from mobile_client.manifest_entries import FileEntry, FileRef, TensorSpec
+from mobile_client.manifest_entries import FileEntry, FileRef, Normalisation, TensorSpec
 
 
 class RunExportError(ExportError, ValueError):
     """A run directory, width, client or model that cannot be exported (names which)."""
+
+
+def graph_metadata(
+    *,
+    family: str,
+    width: float,
+    task_kinds: Mapping[str, str],
+    norms: Iterable[Normalisation],
+    client: str | None = None,
+) -> dict[str, str]:
+    """The ``metadata_props`` a bundle graph carries, so that the file describes itself
+    without the manifest: ``fmtl.model_family``, ``fmtl.width``, ``fmtl.tasks`` (JSON
+    list), ``fmtl.task_kinds`` (JSON task -> kind), ``fmtl.normalisation`` (JSON domain ->
+    ``{mean, std, input_shape, scale, domain}``, the manifest's normalisation of the
+    clients using the graph), ``fmtl.client`` for a per-client graph; :class:`BundleWriter`
+    adds ``fmtl.graph`` (its manifest kind) and ``fmtl.format_version``."""
+    meta = {
+        "fmtl.model_family": family,
+        "fmtl.width": f"{width:g}",
+        "fmtl.tasks": json.dumps(list(task_kinds)),
+        "fmtl.task_kinds": json.dumps(dict(task_kinds), sort_keys=True),
+        "fmtl.normalisation": json.dumps(
+            {n.domain: {**asdict(n), "input_shape": list(n.input_shape)} for n in norms},
+            sort_keys=True,
+        ),
+    }
+    if client is not None:
+        meta["fmtl.client"] = client
+    return meta
 
 
 def width_tag(width: float) -> str:
@@ -49,15 +80,20 @@ class BundleWriter:
         self.opset = opset
         self.ort = ort
 
-    def _ref(self, path: Path) -> tuple[str, str, FileRef | None]:
+    def _ref(
+        self, path: Path, kind: str, meta: Mapping[str, str] | None
+    ) -> tuple[str, str, FileRef | None]:
+        stamp_file(path, {**(meta or {}), "fmtl.graph": kind})  # before its hash and .ort
         ort = None
         if self.ort:
             (o,) = to_ort_format([path])
             ort = FileRef(_rel(self.dir, o), sha256_file(o))
         return _rel(self.dir, path), sha256_file(path), ort
 
-    def graph(self, info: GraphInfo) -> FileEntry:
-        rel, sha, ort = self._ref(Path(info.path))
+    def graph(self, info: GraphInfo, meta: Mapping[str, str] | None = None) -> FileEntry:
+        """A backbone/head graph's entry; ``meta`` (:func:`graph_metadata`) is stamped
+        into the file's ``metadata_props`` first."""
+        rel, sha, ort = self._ref(Path(info.path), info.kind, meta)
         return FileEntry(
             path=rel,
             sha256=sha,
@@ -70,8 +106,15 @@ class BundleWriter:
             ort=ort,
         )
 
-    def step(self, info: TrainStepInfo, kind: str, key_prefix: str = "") -> FileEntry:
-        rel, sha, ort = self._ref(Path(info.path))
+    def step(
+        self,
+        info: TrainStepInfo,
+        kind: str,
+        key_prefix: str = "",
+        meta: Mapping[str, str] | None = None,
+    ) -> FileEntry:
+        """A step graph's entry; ``meta`` is stamped into the file as in :meth:`graph`."""
+        rel, sha, ort = self._ref(Path(info.path), kind, meta)
         return FileEntry(
             path=rel,
             sha256=sha,

@@ -24,8 +24,10 @@ import onnx
 import torch
 
 from fmtl_lightning.errors import FMTLError
+from mobile_client.manifest import MANIFEST_VERSION
 
 BATCH = "batch"
+META_VERSION = "fmtl.format_version"  # metadata_props key every exported graph carries
 MIN_OPSET = 18
 # make_fx gives equal-sized dims one symbol (duck sizing): trace at a batch size that
 # no other dim has, so the batch symbol stands for the batch alone.
@@ -180,9 +182,25 @@ def op_types(path: Path | str) -> set[str]:
     return {f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph)}
 
 
+def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
+    """Add (or overwrite) ``metadata_props`` entries of ``model``; the others stay."""
+    merged = {p.key: p.value for p in model.metadata_props}
+    merged.update({str(k): str(v) for k, v in props.items()})
+    onnx.helper.set_model_props(model, merged)
+
+
 def save_checked(model: onnx.ModelProto, path: Path | str) -> None:
-    """Run :func:`check_graph` and write ``model`` as one self-contained file."""
+    """Run :func:`check_graph` and write ``model`` as one self-contained file, stamped
+    with ``metadata_props`` ``fmtl.format_version`` (the manifest's format version)."""
     check_graph(model, path)
+    set_metadata(model, {META_VERSION: str(MANIFEST_VERSION)})
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def stamp_file(path: Path | str, props: Mapping[str, str]) -> None:
+    """Add ``props`` to the ``metadata_props`` of the saved graph at ``path`` (rewritten)."""
+    model = onnx.load(str(path))
+    set_metadata(model, {META_VERSION: str(MANIFEST_VERSION), **props})
     onnx.save_model(model, str(path), save_as_external_data=False)
 
 

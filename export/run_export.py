@@ -15,6 +15,11 @@
   ``head_{cid}_union.onnx`` and every task entry records its logit ``columns``.
 * :func:`export_model` does the same for one :class:`MultiTaskModel` given directly.
 
+Every ``.onnx`` file carries ``metadata_props`` (model family, width, tasks and their
+kinds, normalisation, the manifest's format version, the graph's kind and, per client,
+the client id: :func:`export.bundle.graph_metadata`), so a file describes itself
+without the manifest.
+
 The bundle is built in a temp dir next to ``out_dir`` and renamed into place, so
 ``out_dir`` is either complete or absent (:mod:`export.bundle` writes the files and
 their manifest entries). The manifest schema lives in :mod:`mobile_client.manifest`
@@ -23,6 +28,7 @@ their manifest entries). The manifest schema lives in :mod:`mobile_client.manife
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -37,6 +43,7 @@ from export.bundle import (
     build_atomically,
     check_out_dir,
     created_stamp,
+    graph_metadata,
     width_tag,
 )
 from export.graphs import sanitize
@@ -48,7 +55,7 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
-from export.trainstep import export_head_step, export_train_step
+from export.trainstep import TASK_KINDS, export_head_step, export_train_step
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
     ClientEntry,
@@ -60,6 +67,11 @@ from mobile_client.manifest_entries import (
 
 if TYPE_CHECKING:
     from fmtl_lightning.roles import RolePolicy
+    from fmtl_lightning.tasks import Task
+
+
+class MissingNormalisationWarning(UserWarning):
+    """:func:`export_model` was given no normalisation: the bundle records a fallback."""
 
 
 def _labels(task: str) -> tuple[str, ...]:
@@ -68,10 +80,40 @@ def _labels(task: str) -> tuple[str, ...]:
     return tuple(get_task(task).output_names)
 
 
+def _check_exportable(task: Task) -> None:
+    """The step graphs train each task with the default loss of its kind."""
+    if task.kind not in TASK_KINDS:
+        raise RunExportError(
+            f"task {task.name!r} is a {task.kind} task; the exported step graphs train "
+            f"{' and '.join(TASK_KINDS)} tasks only"
+        )
+    if not task.default_loss:
+        raise RunExportError(
+            f"task {task.name!r} has its own loss; the exported step graphs train a task "
+            f"with the default loss of its kind ({task.kind}) only"
+        )
+
+
+def _kinds(tasks: Mapping[str, Task | str]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """task -> kind, and the output names of the values that are Tasks."""
+    from fmtl_lightning.tasks import Task
+
+    kinds, names = {}, {}
+    for t, v in tasks.items():
+        if isinstance(v, Task):
+            if v.name != t:
+                raise RunExportError(f"task_kinds[{t!r}] holds task {v.name!r}")
+            _check_exportable(v)
+            kinds[t], names[t] = v.kind, v.output_names
+        else:
+            kinds[t] = v
+    return kinds, names
+
+
 # ----------------------------------------------------------------------------- one model
 def export_model(
     model: Any,
-    task_kinds: Mapping[str, str],
+    task_kinds: Mapping[str, Task | str],
     out_dir: str | Path,
     *,
     normalisation: Normalisation | Mapping[str, Any] | None = None,
@@ -84,12 +126,16 @@ def export_model(
 ) -> Path:
     """Export one :class:`MultiTaskModel` (its width, its current weights) as a bundle.
 
-    ``task_kinds``: task -> "multiclass"/"multilabel" for the model's heads to export
-    (all must be heads of the model). ``labels`` default to the built-in task's
-    output names (or ``"0".."n-1"``). ``normalisation`` defaults to mean 0, std 1 on
-    the backbone's input shape. ``policy`` (the run's :class:`RolePolicy`) turns the
-    model's declared kinds into roles: the client's ``shared_keys`` in the manifest
-    are the keys its ModelSpec shares (e.g. FedBN keeps norm keys off the list).
+    ``task_kinds``: task -> its :class:`~fmtl_lightning.tasks.Task` (or its kind,
+    "multiclass"/"multilabel") for the model's heads to export (all must be heads of the
+    model). ``labels`` default to the Task's output names, else the registered task's
+    (or ``"0".."n-1"``). ``normalisation`` should be the training data's; without one
+    the bundle records mean 0, std 1 on the backbone's input shape and a
+    :class:`MissingNormalisationWarning` says so. Every graph file carries
+    ``metadata_props`` (:func:`~export.bundle.graph_metadata`). ``policy`` (the run's
+    :class:`RolePolicy`) turns the model's declared kinds into roles: the client's
+    ``shared_keys`` in the manifest are the keys its ModelSpec shares (e.g. FedBN keeps
+    norm keys off the list).
     """
     from fmtl_lightning.models import head_name, state_arrays
 
@@ -98,6 +144,7 @@ def export_model(
         raise RunExportError("the model's roles declare no head: nothing to deploy per task")
     if not task_kinds:
         raise RunExportError("task_kinds is empty: name at least one of the model's tasks")
+    task_kinds, task_labels = _kinds(task_kinds)
     missing = [t for t in task_kinds if t not in model.task_outputs]
     if missing:
         raise RunExportError(
@@ -106,6 +153,14 @@ def export_model(
     shape = tuple(model.input_shape)
     if normalisation is None:
         norm = Normalisation(0.0, 1.0, shape, 1.0 / 255.0, "")
+        warnings.warn(
+            "export_model: no normalisation given; the bundle records the fallback mean 0, "
+            f"std 1 (scale 1/255, input shape {list(shape)}), so a device feeds pixels/255 "
+            "unnormalised. Pass normalisation={'mean': ..., 'std': ..., 'input_shape': "
+            "[...]} with the training data's values",
+            MissingNormalisationWarning,
+            stacklevel=2,
+        )
     elif isinstance(normalisation, Normalisation):
         norm = normalisation
     else:
@@ -123,6 +178,8 @@ def export_model(
                     f"{model.task_outputs[t]} outputs"
                 )
             return tuple(str(x) for x in labels[t])
+        if t in task_labels:
+            return task_labels[t]
         try:
             return _labels(t)
         except Exception:  # noqa: BLE001 - not a built-in task: numbered outputs
@@ -131,11 +188,14 @@ def export_model(
     def build(staging: Path) -> None:
         b = BundleWriter(staging, opset, ort)
         w = width_tag(width)
+        meta = graph_metadata(family=model.family, width=width, task_kinds=task_kinds,
+                              norms=(norm,), client=client)  # fmt: skip
         bb = b.graph(
-            export_backbone(model.backbone, staging / f"backbone_w{w}.onnx", example_x, opset)
+            export_backbone(model.backbone, staging / f"backbone_w{w}.onnx", example_x, opset),
+            meta,
         )
         ts = _train_step(model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset)
-        step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step"))
+        step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step", meta=meta))
         head_entries = []
         for t, kind in task_kinds.items():
             h = head_name(t)
@@ -143,9 +203,11 @@ def export_model(
             tag = f"{sanitize(client)}_{sanitize(t)}"
             hi = export_head(mod, staging / f"head_{tag}.onnx", feat, opset)
             hs = export_head_step(mod, kind, staging / f"head_step_{tag}.onnx", feat, opset)
+            hm = graph_metadata(family=model.family, width=width, task_kinds={t: kind},
+                                norms=(norm,), client=client)  # fmt: skip
             head_entries.append(
-                HeadEntry(client, t, kind, label_of(t), width, b.graph(hi),
-                          b.step(hs, "head_step", f"heads.{h}."))
+                HeadEntry(client, t, kind, label_of(t), width, b.graph(hi, hm),
+                          b.step(hs, "head_step", f"heads.{h}.", hm))
             )  # fmt: skip
         state = state_arrays(model)
         wts = b.weights(f"weights_{sanitize(client)}.npz", state)
@@ -248,12 +310,27 @@ def export_run(
         own = (f"backbone.{k}" for k in backbone.state_dict())
         return {k.removeprefix("backbone."): state[k] for k in own if k in state}
 
+    family = art.backbone.family
+
+    def meta_of(w: float, cs: Sequence[Any], tasks: Sequence[str], client: str | None = None):
+        """The graph metadata of a graph at width ``w`` used by clients ``cs``."""
+        norms = {n.domain: n for n in (norm_of(c.client_id) for c in cs)}
+        kinds = {t: get_task(t).kind for t in tasks}
+        return graph_metadata(family=family, width=w, task_kinds=kinds,
+                              norms=norms.values(), client=client)  # fmt: skip
+
+    for c in run_clients:
+        for t in c.tasks:
+            _check_exportable(get_task(t))
+
     def build(staging: Path) -> None:
         b = BundleWriter(staging, opset, ort)
         width_entries, head_entries, client_entries = [], [], []
         for w in sel_w:
             ws = art.width_spec(w)
             at_w = [c for c in run_clients if abs(c.width - w) < WIDTH_TOL]
+            users = at_w or [sel_c[0] if sel_c else run_clients[0]]
+            w_tasks = list(dict.fromkeys(t for c in users for t in c.tasks))
             backbone = Backbone(art.backbone, w)
             shared_bb = bb_arrays(art.shared_state(ws), backbone)
             n_bb = len(backbone.state_dict())
@@ -266,7 +343,8 @@ def export_run(
             load_arrays(backbone, shared_bb)
             tag = width_tag(w)
             bb = b.graph(
-                export_backbone(backbone, staging / f"backbone_w{tag}.onnx", example_x, opset)
+                export_backbone(backbone, staging / f"backbone_w{tag}.onnx", example_x, opset),
+                meta_of(w, users, w_tasks),
             )
             steps = []
             if union_slices is None:  # FedAvg's union head has mixed-kind columns
@@ -278,7 +356,10 @@ def export_run(
                     kinds = {t: get_task(t).kind for t in tasks}
                     p = staging / f"train_step_w{tag}_{i}.onnx"
                     info = export_train_step(model, kinds, p, example_x, opset)
-                    steps.append(TrainStepEntry(tasks, tuple(cids), b.step(info, "train_step")))
+                    sm = meta_of(w, [c for c in at_w if c.client_id in cids], tasks)
+                    steps.append(
+                        TrainStepEntry(tasks, tuple(cids), b.step(info, "train_step", meta=sm))
+                    )
             width_entries.append(WidthEntry(w, backbone.feature_dim, bb, tuple(steps)))
 
             for c in [c for c in sel_c if abs(c.width - w) < WIDTH_TOL]:
@@ -289,13 +370,14 @@ def export_run(
                 cid = sanitize(c.client_id)
                 own_bb = None
                 mine = bb_arrays(state, model.backbone)
+                cm = meta_of(w, [c], c.tasks, c.client_id)
                 if any(not np.array_equal(mine[k], shared_bb[k]) for k in shared_bb):
                     p = staging / f"backbone_{cid}_w{tag}.onnx"
-                    own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset))
+                    own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset), cm)
                 if union_slices is not None:
                     hp = staging / f"head_{cid}_union.onnx"
                     union = cast(nn.Linear, model.heads[head_name("union")])
-                    union_entry = b.graph(export_head(union, hp, feat, opset))
+                    union_entry = b.graph(export_head(union, hp, feat, opset), cm)
                     for t in c.tasks:
                         s, e = union_slices[t]
                         task = get_task(t)
@@ -313,9 +395,10 @@ def export_run(
                         hs = export_head_step(
                             mod, task.kind, staging / f"head_step_{ht}.onnx", feat, opset
                         )
+                        hm = meta_of(w, [c], [t], c.client_id)
                         head_entries.append(
                             HeadEntry(c.client_id, t, task.kind, tuple(task.output_names), w,
-                                      b.graph(hi), b.step(hs, "head_step", f"heads.{h}."))
+                                      b.graph(hi, hm), b.step(hs, "head_step", f"heads.{h}.", hm))
                         )  # fmt: skip
                 wts = b.weights(f"weights_{cid}.npz", state)
                 n = norm_of(c.client_id)

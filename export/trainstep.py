@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from export.graphs import (
@@ -36,18 +35,18 @@ from export.graphs import (
     unique_names,
 )
 from fmtl_lightning.models import MultiTaskModel, head_name
+from fmtl_lightning.tasks import DEFAULT_LOSSES
 
-TASK_KINDS = ("multiclass", "multilabel")
+TASK_KINDS = ("multiclass", "multilabel")  # the kinds a step graph trains (no regression yet)
 LossOf = Callable[[nn.Module, dict, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
 
 def task_loss(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Batch-mean loss of one task."""
-    if kind == "multiclass":
-        return F.cross_entropy(logits, y)  # y: (B,) int64
-    if kind == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, y)  # y: (B, n) float32
-    raise ExportError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+    """Batch-mean loss of one task: the default loss of its kind, the very function
+    Lightning training uses (:data:`fmtl_lightning.tasks.DEFAULT_LOSSES`)."""
+    if kind not in TASK_KINDS:
+        raise ExportError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+    return DEFAULT_LOSSES[kind](logits, y)
 
 
 def target_example(kind: str, n: int, batch: int) -> torch.Tensor:

@@ -115,7 +115,7 @@ class ClientPool:
             o = self.cfg.optimizer
             self._modules[key] = MultiTaskModule(
                 self.plan.model.build(self.client_tasks(c), width),
-                {t: get_task(t).kind for t in c.tasks},
+                {t: get_task(t) for t in c.tasks},
                 lr=o.lr,
                 momentum=o.momentum,
                 weight_decay=o.weight_decay,

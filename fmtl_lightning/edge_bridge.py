@@ -84,7 +84,7 @@ class EdgeBridge:
             out = self.root / "bundles" / f"{c.cid}_w{ws.width:g}"
             export_model(
                 job.module.model,
-                {t: get_task(t).kind for t in c.tasks},
+                {t: get_task(t) for t in c.tasks},
                 out,
                 normalisation=norm,
                 client=c.cid,

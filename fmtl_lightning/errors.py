@@ -80,3 +80,19 @@ class FederationError(FMTLError, ValueError):
 
 class WidthPlanError(FMTLError, ValueError):
     """A layer whose channels a width plan cannot follow or resize; names the layer."""
+
+
+class TaskDefinitionError(FMTLError, ValueError):
+    """A task that cannot be registered: a bad field, a duplicate name, a bad factory.
+
+    ``field`` names the offending field of the :class:`~fmtl_lightning.tasks.Task`
+    (or ``"factory"`` for a config factory path)."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class BatchFormatError(FMTLError, ValueError):
+    """A batch handed to the LightningModule is not ``(x, {task: y})`` (nor ``(x, y)`` for
+    a single-task module); the message says what was given and what is expected."""

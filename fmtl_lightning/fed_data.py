@@ -100,7 +100,7 @@ def images_to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tenso
 
 
 def _targets(tasks: tuple[str, ...], labels: np.ndarray) -> dict[str, torch.Tensor]:
-    return {t: torch.from_numpy(np.asarray(get_task(t).target(labels)).copy()) for t in tasks}
+    return {t: torch.from_numpy(np.asarray(get_task(t).targets(labels)).copy()) for t in tasks}
 
 
 def _client(
@@ -116,11 +116,8 @@ def _client(
     (both normalised with the train split's constants), and the label masks of its
     multiclass tasks (the classes its training samples hold)."""
     y_tr = _targets(spec.tasks, train.labels[train_idx])
-    masks = {
-        t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
-        for t in spec.tasks
-        if get_task(t).kind == "multiclass"
-    }
+    held = {t: get_task(t).label_mask(y_tr[t].numpy()) for t in spec.tasks}
+    masks = {t: torch.from_numpy(m) for t, m in held.items() if m is not None}
     return ClientData(
         spec,
         lam,

@@ -82,6 +82,11 @@ class TaskModel(nn.Module):
         self.feature_dim = 0  # the backbone's output features at this width
         self._spec: Callable[[RolePolicy | str], ModelSpec] | None = None
 
+    @property
+    def family(self) -> str:
+        """The model's name in bundles: ``own:<backbone class>``."""
+        return f"own:{type(self.backbone).__name__}"
+
     def role_spec(self, policy: RolePolicy | str = "fedper") -> ModelSpec:
         """The full-width ModelSpec of this model's architecture under ``policy``."""
         assert self._spec is not None

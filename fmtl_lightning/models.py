@@ -321,6 +321,11 @@ class MultiTaskModel(nn.Module):
         return {t: self.heads[head_name(t)](feats) for t in self.task_outputs}
 
     @property
+    def family(self) -> str:
+        """The model's name in bundles: the built-in family."""
+        return self.cfg.family
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """One input without the batch dim: (channels, height, width)."""
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)

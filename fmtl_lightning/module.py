@@ -1,7 +1,8 @@
 """The LightningModule of one client's multi-task model. It knows nothing about rounds.
 
 It holds a :class:`MultiTaskModel` (backbone at the client's width + task heads),
-sums per-task losses, and measures per-task metrics with torchmetrics. How one fit
+sums per-task losses, and measures per-task metrics, both from each task's
+:class:`~fmtl_lightning.tasks.Task` (its loss and metrics, defaults by kind). How one fit
 trains is an explicit argument, a :class:`TrainSpec` (never an attribute set from
 outside), passed by :func:`fmtl_lightning.local_fit.fit` to ``training_step`` and
 ``configure_optimizers``:
@@ -16,17 +17,17 @@ outside), passed by :func:`fmtl_lightning.local_fit.fit` to ``training_step`` an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-import torchmetrics
 from torch import nn
 
-from fmtl_lightning.models import MultiTaskModel, head_name
+from fmtl_lightning.errors import BatchFormatError, TaskDefinitionError
+from fmtl_lightning.models import MultiTaskModel
+from fmtl_lightning.tasks import Task
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -55,12 +56,31 @@ class TrainSpec:
 
 
 class MultiTaskModule(L.LightningModule):
-    """Shared backbone + private heads; ``training_step`` returns the summed task loss."""
+    """Shared backbone + private heads; ``training_step`` returns the summed task loss.
+
+    ``tasks``: the :class:`~fmtl_lightning.tasks.Task` of each head (a mapping task name
+    -> Task, or an iterable of Tasks); each task's loss and metrics come from its Task.
+
+    Batch format (``training_step``, ``validation_step``, ``test_step``): a pair
+    ``(x, {task: y})`` with ``x`` the model input ``(B, ...)`` and one target per task
+    of the module (int64 ``(B,)`` for a multiclass task, float32 ``(B, n)`` for a
+    multi-label or regression task); a module with a single task also takes ``(x, y)``,
+    e.g. the ``[x, y]`` a ``DataLoader(TensorDataset(x, y))`` yields. Anything else
+    raises :class:`~fmtl_lightning.errors.BatchFormatError`.
+
+    Under a ``lightning.Trainer`` the steps log to its loggers (e.g. ``CSVLogger``):
+    ``train_loss`` (per step and per epoch), ``train_loss/<task>`` and
+    ``train_<metric>/<task>`` per epoch; ``val_*`` and ``test_*`` likewise per epoch
+    (means over the epoch's batches, weighted by batch size). Metrics are each task's
+    (``acc`` for every kind; ``f1``; ``mse``/``mae`` for regression). The federation's
+    Fabric loop (:func:`fmtl_lightning.local_fit.fit`) passes a :class:`TrainSpec` and
+    logs nothing per step.
+    """
 
     def __init__(
         self,
         model: MultiTaskModel,
-        task_kinds: Mapping[str, str],
+        tasks: Mapping[str, Task] | Iterable[Task],
         *,
         lr: float = 0.05,
         momentum: float = 0.0,
@@ -69,18 +89,27 @@ class MultiTaskModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        self.task_kinds = dict(task_kinds)
+        self.tasks: dict[str, Task] = _task_map(tasks)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         # FedAvg's union head: task -> (start, stop) columns of the single shared head
         self.union_slices = dict(union_slices) if union_slices else None
-        self.metrics = nn.ModuleDict(
-            {head_name(t): _metric(k, self._n_out(t)) for t, k in self.task_kinds.items()}
-        )
+        for t, task in self.tasks.items():
+            if self._n_out(t) != task.num_outputs:
+                raise TaskDefinitionError(
+                    f"task {t!r}: field 'num_outputs' is {task.num_outputs}, but the model's "
+                    f"head for it has {self._n_out(t)} outputs",
+                    field="num_outputs",
+                )
 
     def _n_out(self, task: str) -> int:
         if self.union_slices is not None:
             a, b = self.union_slices[task]
             return b - a
+        if task not in self.model.task_outputs:
+            raise TaskDefinitionError(
+                f"task {task!r} has no head; the model has {list(self.model.task_outputs)}",
+                field="name",
+            )
         return self.model.task_outputs[task]
 
     # ------------------------------------------------------------------ forward
@@ -89,7 +118,33 @@ class MultiTaskModule(L.LightningModule):
         if self.union_slices is None:
             return out
         (union,) = out.values()  # (B, sum of all tasks' outputs)
-        return {t: union[:, a:b] for t, (a, b) in self.union_slices.items() if t in self.task_kinds}
+        return {t: union[:, a:b] for t, (a, b) in self.union_slices.items() if t in self.tasks}
+
+    def split_batch(self, batch: Any) -> Batch:
+        """``(x, {task: y})`` from a batch in the documented format (see the class)."""
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise BatchFormatError(
+                f"a batch must be (x, {{task: y}}) (or (x, y) for a single-task module), "
+                f"got {_describe(batch)}"
+            )
+        x, y = batch
+        if not isinstance(x, torch.Tensor):
+            raise BatchFormatError(f"batch[0] (x) must be a tensor, got {_describe(x)}")
+        if isinstance(y, torch.Tensor):
+            if len(self.tasks) != 1:
+                raise BatchFormatError(
+                    f"batch[1] is one tensor, but the module has {len(self.tasks)} tasks "
+                    f"{list(self.tasks)}: pass (x, {{task: y}})"
+                )
+            return x, {next(iter(self.tasks)): y}
+        if not isinstance(y, Mapping):
+            raise BatchFormatError(f"batch[1] must be {{task: y}}, got {_describe(y)}")
+        missing = [t for t in self.tasks if t not in y]
+        if missing:
+            raise BatchFormatError(
+                f"batch[1] has no targets for tasks {missing} (it has {sorted(map(str, y))})"
+            )
+        return x, dict(y)
 
     def task_losses(
         self,
@@ -97,31 +152,67 @@ class MultiTaskModule(L.LightningModule):
         targets: Mapping[str, torch.Tensor],
         label_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-task losses; ``label_masks``: cross-entropy over the classes a client holds."""
+        """Per-task losses; ``label_masks``: cross-entropy over the classes a client holds
+        (multiclass tasks only; other kinds ignore masks)."""
         masks = label_masks or {}
-        losses = {}
-        for t, kind in self.task_kinds.items():
-            z, y = logits[t], targets[t]
-            if kind == "multiclass":
-                if t in masks:
-                    z = z.masked_fill(~masks[t], -1e9)
-                losses[t] = F.cross_entropy(z, y)
-            else:
-                losses[t] = F.binary_cross_entropy_with_logits(z, y)
-        return losses
+        return {
+            t: task.compute_loss(logits[t], targets[t], masks.get(t))
+            for t, task in self.tasks.items()
+        }
 
     def training_step(
         self, batch: Batch, batch_idx: int = 0, train: TrainSpec | None = None
     ) -> torch.Tensor:
         """The summed task loss (+ ``train.prox``), masked by ``train.label_masks``."""
-        x, targets = batch
-        spec = train or TrainSpec()
-        losses = self.task_losses(self(x), targets, spec.label_masks)
+        if train is not None:  # the federation's Fabric loop: its own batches, no logging
+            x, targets = batch
+            losses = self.task_losses(self(x), targets, train.label_masks)
+            loss = torch.stack(list(losses.values())).sum()
+            if train.prox is not None and train.prox.lam > 0:
+                loss = loss + train.prox(dict(self.model.named_parameters()))
+            return loss
+        x, targets = self.split_batch(batch)
+        logits = self(x)
+        losses = self.task_losses(logits, targets)
         loss = torch.stack(list(losses.values())).sum()
-        if spec.prox is not None and spec.prox.lam > 0:
-            loss = loss + spec.prox(dict(self.model.named_parameters()))
-        self.log("train_loss", loss, prog_bar=False, logger=False)
+        if self._trainer is not None:  # a Trainer's loggers (never under Fabric)
+            n = x.shape[0]
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+            self._log_tasks("train", logits, targets, losses, n)
         return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int = 0) -> torch.Tensor:
+        """Logs ``val_loss``, ``val_loss/<task>`` and ``val_<metric>/<task>``."""
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: Batch, batch_idx: int = 0) -> torch.Tensor:
+        """Logs ``test_loss``, ``test_loss/<task>`` and ``test_<metric>/<task>``."""
+        return self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: Batch) -> torch.Tensor:
+        x, targets = self.split_batch(batch)
+        logits = self(x)
+        losses = self.task_losses(logits, targets)
+        loss = torch.stack(list(losses.values())).sum()
+        if self._trainer is not None:
+            n = x.shape[0]
+            self.log(f"{stage}_loss", loss, on_epoch=True, prog_bar=True, batch_size=n)
+            self._log_tasks(stage, logits, targets, losses, n)
+        return loss
+
+    def _log_tasks(
+        self,
+        stage: str,
+        logits: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        losses: Mapping[str, torch.Tensor],
+        n: int,
+    ) -> None:
+        for t, task in self.tasks.items():
+            vals = {f"{stage}_loss/{t}": float(losses[t].detach())}
+            metrics = task.compute_metrics(logits[t].detach(), targets[t])
+            vals.update({f"{stage}_{k}/{t}": v for k, v in metrics.items()})
+            self.log_dict(vals, on_step=False, on_epoch=True, batch_size=n)
 
     @torch.no_grad()
     def evaluate(
@@ -130,25 +221,16 @@ class MultiTaskModule(L.LightningModule):
         targets: Mapping[str, torch.Tensor],
         label_masks: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, dict]:
-        """Per-task metrics on held-out data: {task: {"loss", "acc", ["f1"]}}; the losses
-        use ``label_masks`` as training does (accuracy is over all classes)."""
+        """Per-task metrics on held-out data: {task: {"loss", "acc", ...}} (each task's
+        metrics: ``f1`` for multi-label, ``mse``/``mae`` for regression); the losses use
+        ``label_masks`` as training does (accuracy is over all classes)."""
         was_training = self.training
         self.eval()
         logits = self(x)
         losses = self.task_losses(logits, targets, label_masks)
         out: dict[str, dict[str, float]] = {}
-        for t, kind in self.task_kinds.items():
-            m: Any = self.metrics[head_name(t)]  # a torchmetrics Metric
-            z, y = logits[t], targets[t]
-            m.reset()
-            if kind == "multiclass":
-                m.update(z, y)
-                out[t] = {"loss": losses[t].item(), "acc": float(m.compute())}
-            else:
-                m.update(z, y.int())
-                # element-wise accuracy over all labels, next to torchmetrics' macro F1
-                acc = ((z > 0).float() == y).float().mean().item()
-                out[t] = {"loss": losses[t].item(), "acc": acc, "f1": float(m.compute())}
+        for t, task in self.tasks.items():
+            out[t] = {"loss": losses[t].item(), **task.compute_metrics(logits[t], targets[t])}
         self.train(was_training)
         return out
 
@@ -170,9 +252,34 @@ class MultiTaskModule(L.LightningModule):
         )
 
 
-def _metric(kind: str, n: int) -> Any:
-    if kind == "multiclass":
-        return torchmetrics.classification.MulticlassAccuracy(
-            num_classes=max(n, 2), average="micro"
-        )
-    return torchmetrics.classification.MultilabelF1Score(num_labels=n, average="macro")
+def _task_map(tasks: Mapping[str, Task] | Iterable[Task]) -> dict[str, Task]:
+    """``{name: Task}`` from a mapping or an iterable of Tasks; keys must be the names."""
+    if isinstance(tasks, Mapping):
+        items = list(tasks.items())
+    else:
+        items = [(getattr(t, "name", None), t) for t in tasks]
+    if not items:
+        raise TaskDefinitionError("a MultiTaskModule needs at least one task", field="tasks")
+    out = {}
+    for name, task in items:
+        if not isinstance(task, Task):
+            raise TaskDefinitionError(
+                f"tasks[{name!r}] must be a fmtl_lightning.tasks.Task (register_task / "
+                f"get_task), got {type(task).__name__}",
+                field="tasks",
+            )
+        if name != task.name:
+            raise TaskDefinitionError(
+                f"tasks[{name!r}] holds task {task.name!r}: keys must be the task names",
+                field="name",
+            )
+        out[name] = task
+    return out
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)}"
+    if isinstance(v, tuple | list):
+        return f"a {type(v).__name__} of {len(v)}: [{', '.join(_describe(x) for x in v[:3])}]"
+    return type(v).__name__

@@ -17,6 +17,7 @@ from typing import Any
 from fmtl_lightning.aggregators import AGGREGATORS, is_aggregator
 from fmtl_lightning.algorithms import ALGORITHMS
 from fmtl_lightning.config.schema import ConfigError, RunConfig
+from fmtl_lightning.data.datasets import IMAGE_SIZES
 
 # Bounds: far above any real run, low enough that nothing tries to allocate the impossible
 # (hidden: [1e9] would ask for 256 GB) or loop for ever. Field paths as in error messages.
@@ -38,6 +39,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "checkpoints.keep_every": (0, 1_000_000),  # 0 = none
 }
 DEFAULT_INT_RANGE = (-(2**31), 2**31 - 1)  # an int field not listed above
+EDGE_KINDS = ("multiclass", "multilabel")  # the task kinds export's step graphs train
 MAX_CLIENTS = 10_000  # all groups together
 MAX_HIDDEN_LAYERS = 32
 MAX_PARAMS = 100_000_000  # rough backbone size at full width (400 MB of float32)
@@ -80,7 +82,7 @@ def _approx_params(hidden: tuple[int, ...], family: str) -> int:
 def validate_config(cfg: RunConfig) -> None:
     """Every semantic check that can fail before training starts."""
     from fmtl_lightning.errors import FMTLError as _Base
-    from fmtl_lightning.tasks import get_task
+    from fmtl_lightning.tasks import get_task, load_task_factory
 
     if not isinstance(cfg.name, str) or not NAME_RE.fullmatch(cfg.name):
         raise ConfigError(
@@ -88,6 +90,11 @@ def validate_config(cfg: RunConfig) -> None:
             "1-100 letters, digits or _ . + = @ -, not starting with '.' or '-', no '/'"
         )
     _check_numbers(cfg, "")
+    for i, tf in enumerate(cfg.tasks):
+        try:
+            load_task_factory(tf.factory)
+        except _Base as exc:
+            raise ConfigError(f"tasks[{i}].factory: {exc}") from exc
     if not cfg.clients:
         raise ConfigError("clients: at least one client group is required")
     n_clients = sum(g.count for g in cfg.clients)
@@ -108,9 +115,16 @@ def validate_config(cfg: RunConfig) -> None:
         domains = set()
         for t in g.tasks:
             try:
-                domains.add(get_task(t).domain)
+                task = get_task(t)
             except _Base as exc:
                 raise ConfigError(f"{where}.tasks: {exc}") from exc
+            if task.domain not in IMAGE_SIZES or task.target is None:
+                raise ConfigError(
+                    f"{where}.tasks: task {t!r} needs a domain (one of {sorted(IMAGE_SIZES)}, "
+                    f"got {task.domain!r}) and a target function (got {task.target!r}) to "
+                    "train on a built-in dataset"
+                )
+            domains.add(task.domain)
         if len(domains) > 1:
             raise ConfigError(f"{where}.tasks: tasks span several datasets {sorted(domains)}")
         if g.count < 1:
@@ -138,6 +152,15 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{where}: masked_ce and the scaler are not exported for edge clients"
             )
+        for t in g.tasks:
+            task = get_task(t)
+            if task.kind not in EDGE_KINDS or not task.default_loss:
+                raise ConfigError(
+                    f"{where}: clients[{i}].tasks has {t!r}, a {task.kind} task"
+                    f"{'' if task.default_loss else ' with its own loss'}; the exported step "
+                    f"graphs train {' and '.join(EDGE_KINDS)} tasks with their default "
+                    "losses only"
+                )
         if cfg.model.norm == "static_batch":
             raise ConfigError(
                 f"{where}: model.norm static_batch needs a statistics pass after every "
@@ -167,8 +190,6 @@ def validate_config(cfg: RunConfig) -> None:
     _check_choice(d.partition.kind, ("iid", "dirichlet", "shards"), "data.partition.kind")
     _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn", "fedavgcnn"), "model.family")
     if cfg.model.family == "fedavgcnn":  # models.py: (conv1, conv2, fc), images >= 16 px
-        from fmtl_lightning.data.datasets import IMAGE_SIZES
-
         px = min(IMAGE_SIZES[get_task(t).domain] for g in cfg.clients for t in g.tasks)
         if len(hidden) not in (0, 3) or px < 16:
             raise ConfigError(f"model.family: fedavgcnn needs hidden [conv1, conv2, fc] "

@@ -27,6 +27,7 @@ from fmtl_lightning.config.schema import (
     OptimizerConfig,
     PartitionConfig,
     RunConfig,
+    TaskFactoryConfig,
 )
 
 
@@ -65,6 +66,10 @@ def _convert(type_str: Any, value: Any, where: str) -> Any:
         return _build(_NESTED[t], value, where)
     if t == "AggregationRule":
         return _aggregator(value, where)
+    if t.startswith("tuple[TaskFactoryConfig"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {{factory: 'package.module:callable'}}")
+        return tuple(_build(TaskFactoryConfig, v, f"{where}[{i}]") for i, v in enumerate(value))
     if t.startswith("tuple[ClientGroup"):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list of client groups")

@@ -43,6 +43,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TaskFactoryConfig:
+    # "package.module:callable" returning a fmtl_lightning.tasks.Task (or a list of them);
+    # imported and registered when the config is validated, before clients[].tasks
+    factory: str
+
+
+@dataclass(frozen=True)
 class ClientGroup:
     tasks: tuple[str, ...]
     count: int = 1
@@ -95,6 +102,7 @@ class CheckpointConfig:
 class RunConfig:
     name: str = "run"
     seed: int = 0
+    tasks: tuple[TaskFactoryConfig, ...] = ()  # user tasks, registered before clients[] read them
     clients: tuple[ClientGroup, ...] = ()
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -187,11 +187,8 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
         x_te = xs("x_test") if mine else torch.zeros(0, 1, size, size)
         y_tr = ys(False, x_tr.shape[0], c.tasks, mine)
         y_te = ys(True, x_te.shape[0], c.tasks, False)
-        masks = {
-            t: torch.from_numpy(np.isin(np.arange(get_task(t).num_outputs), y_tr[t].numpy()))
-            for t in c.tasks
-            if get_task(t).kind == "multiclass"
-        }
+        held = {t: get_task(t).label_mask(y_tr[t].numpy()) for t in c.tasks}
+        masks = {t: torch.from_numpy(m) for t, m in held.items() if m is not None}
         spec = ClientSpec(c.client_id, c.tasks, c.width, np.arange(x_tr.shape[0]),
                           np.arange(x_tr.shape[0], x_tr.shape[0] + x_te.shape[0]),
                           get_task(c.tasks[0]).domain)  # fmt: skip

@@ -364,15 +364,26 @@ def test_other_algorithms_match_torch(tmp_path: Path, algorithm: str) -> None:
             np.testing.assert_allclose(logits, want[h.task].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _props(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def test_export_model_api(tmp_path: Path) -> None:
+    import warnings
+
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel
+    from fmtl_lightning.tasks import get_task
 
     torch.manual_seed(0)
     model = MultiTaskModel(BackboneConfig("mlp", 1, 8, (8,), "none"), {"digits/digit": 10}, 0.5)
-    out = export_model(model, {"digits/digit": "multiclass"}, tmp_path / "o", client="me")
+    with pytest.warns(run_export.MissingNormalisationWarning, match="fallback mean 0, std 1"):
+        out = export_model(model, {"digits/digit": "multiclass"}, tmp_path / "o", client="me")
     m = load_manifest(out)
     verify_files(out, m)
     assert [h.task for h in m.heads] == ["digits/digit"] and m.widths[0].width == 0.5
+    assert (m.normalisation.mean, m.normalisation.std) == (0.0, 1.0)
     x = _digits_x(3)
     feats = _session(out / m.widths[0].backbone.path).run(None, {"x": x})[0]
     logits = _session(out / m.heads[0].file.path).run(None, {"features": feats})[0]
@@ -380,6 +391,68 @@ def test_export_model_api(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             logits, model(torch.from_numpy(x))["digits/digit"].numpy(), rtol=1e-5, atol=1e-6
         )
+    props = _props(out / m.widths[0].backbone.path)
+    assert props["fmtl.client"] == "me" and props["fmtl.width"] == "0.5"
+    norm = json.loads(props["fmtl.normalisation"])[""]
+    assert (norm["mean"], norm["std"], norm["input_shape"]) == (0.0, 1.0, [1, 8, 8])
+    # a Task value (its output names become the labels) and a normalisation: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out2 = export_model(
+            model,
+            {"digits/digit": get_task("digits/digit")},
+            tmp_path / "o2",
+            normalisation={"mean": 0.2, "std": 0.3, "input_shape": [1, 8, 8]},
+        )
+    assert not [w for w in caught if w.category is run_export.MissingNormalisationWarning]
+    m2 = load_manifest(out2)
+    assert m2.heads[0].labels == get_task("digits/digit").output_names
+    norm = json.loads(_props(out2 / m2.heads[0].file.path)["fmtl.normalisation"])[""]
+    assert (norm["mean"], norm["std"]) == (0.2, 0.3)
+
+
+def test_own_loss_and_regression_tasks_are_refused_at_export(tmp_path: Path) -> None:
+    from fmtl_lightning.models import BackboneConfig, MultiTaskModel
+    from fmtl_lightning.tasks import Task
+
+    model = MultiTaskModel(BackboneConfig("mlp", 1, 8, (8,), "none"), {"t": 3})
+    own = Task("t", 3, "multiclass", loss=lambda z, y: z.sum())
+    norm = {"mean": 0.0, "std": 1.0, "input_shape": [1, 8, 8]}
+    with pytest.raises(RunExportError, match="task 't' has its own loss"):
+        export_model(model, {"t": own}, tmp_path / "o", normalisation=norm)
+    with pytest.raises(RunExportError, match="task 't' is a regression task"):
+        export_model(model, {"t": Task("t", 3, "regression")}, tmp_path / "o", normalisation=norm)
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_onnx_file_describes_itself(bundle: Path) -> None:
+    """Each .onnx carries metadata_props that agree with its manifest entry."""
+    m = load_manifest(bundle)
+    norm = {c.client: c.normalisation for c in m.clients}
+    seen = {}  # path -> (graph kind, width, tasks, client or None)
+    for w in m.widths:
+        users = [c.client for c in m.clients if c.width == w.width]
+        tasks = list(dict.fromkeys(t for c in m.clients if c.width == w.width for t in c.tasks))
+        seen[w.backbone.path] = ("backbone", w.width, tasks, None, users)
+        for st in w.train_steps:
+            seen[st.file.path] = ("train_step", w.width, list(st.tasks), None, list(st.clients))
+    for h in m.heads:
+        seen[h.file.path] = ("head", h.width, [h.task], h.client, [h.client])
+        assert h.head_step is not None
+        seen[h.head_step.path] = ("head_step", h.width, [h.task], h.client, [h.client])
+    files = sorted(p.name for p in bundle.glob("*.onnx"))
+    assert files == sorted(seen) and len(files) == 2 + 2 + 3 + 3
+    for path, (kind, width, tasks, client, users) in seen.items():
+        props = _props(bundle / path)
+        assert props["fmtl.format_version"] == str(MANIFEST_VERSION), path
+        assert props["fmtl.graph"] == kind and props["fmtl.model_family"] == "mlp", path
+        assert float(props["fmtl.width"]) == width and json.loads(props["fmtl.tasks"]) == tasks
+        kinds = json.loads(props["fmtl.task_kinds"])
+        assert kinds == {t: next(h.kind for h in m.heads if h.task == t) for t in tasks}
+        assert props.get("fmtl.client") == client, path
+        want = {norm[u].domain: (norm[u].mean, norm[u].std) for u in users}
+        got = {d: (v["mean"], v["std"]) for d, v in json.loads(props["fmtl.normalisation"]).items()}
+        assert got == want and want == {"digits": (m.normalisation.mean, m.normalisation.std)}
 
 
 def test_manifest_module_needs_no_torch(tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from fmtl_lightning.local_fit import FitPlan, batch_indices, fit
 from fmtl_lightning.models import BackboneConfig, MultiTaskModel
 from fmtl_lightning.module import MultiTaskModule, TrainSpec
+from fmtl_lightning.tasks import Task
 
 
 def test_head_only_fit_equals_torch_sgd_on_the_head_and_leaves_the_rest_untouched():
     torch.manual_seed(0)
     model = MultiTaskModel(BackboneConfig("fedavgcnn", norm="none", hidden=(4, 8, 16)), {"t": 3})
     ref = copy.deepcopy(model)
-    module = MultiTaskModule(model, {"t": "multiclass"}, lr=0.1)
+    module = MultiTaskModule(model, [Task("t", 3, "multiclass")], lr=0.1)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(23, 1, 28, 28, generator=g), torch.randint(0, 3, (23,), generator=g)
     head = frozenset(k for k, _ in model.named_parameters() if k.startswith("heads."))
