@@ -55,7 +55,7 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
-from export.trainstep import TASK_KINDS, export_head_step, export_train_step
+from export.trainstep import TASK_KINDS, export_head_step, export_model_step, export_train_step
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
     ClientEntry,
@@ -194,7 +194,9 @@ def export_model(
             export_backbone(model.backbone, staging / f"backbone_w{w}.onnx", example_x, opset),
             meta,
         )
-        ts = _train_step(model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset)
+        ts = export_model_step(
+            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset
+        )
         step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step", meta=meta))
         head_entries = []
         for t, kind in task_kinds.items():
@@ -228,29 +230,6 @@ def export_model(
         write_manifest(staging, m)
 
     return build_atomically(Path(out_dir), overwrite, build)
-
-
-def _train_step(
-    model: Any, task_kinds: Mapping[str, str], path: Path, example_x: torch.Tensor, opset: int
-) -> Any:
-    """The model's exported SGD step, or :class:`RunExportError` saying why there is none:
-    a dropout layer (the step graph cannot reproduce its random masks), or an op the
-    ONNX exporter cannot differentiate (named by its message)."""
-    drops = [n for n, m in model.named_modules()
-             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]  # fmt: skip
-    if drops:
-        raise RunExportError(
-            f"the on-device train step cannot reproduce the random masks of dropout layer(s) "
-            f"{drops}: set their p to 0 for a model trained on devices"
-        )
-    try:
-        return export_train_step(model, task_kinds, path, example_x, opset)
-    except Exception as exc:  # torch.onnx raises many types; the message names the op
-        last = (str(exc).strip().splitlines() or [""])[-1][:300]
-        raise RunExportError(
-            f"the on-device train step of {type(model).__name__} cannot be exported to ONNX "
-            f"({type(exc).__name__}: {last}); its backbone and heads can, for inference"
-        ) from exc
 
 
 def export_run(

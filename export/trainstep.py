@@ -221,3 +221,29 @@ def export_head_step(
         buffer_outputs={},
         features_input="features",
     )
+
+
+def export_model_step(
+    model: nn.Module, task_kinds: Mapping[str, str], path: Path, example_x: torch.Tensor, opset: int
+) -> TrainStepInfo:
+    """:func:`export_train_step` of a whole model (built-in or a user's), or
+    :class:`~export.bundle.RunExportError` saying why there is none:
+    a dropout layer (the step graph cannot reproduce its random masks), or an op the
+    ONNX exporter cannot differentiate (named by its message)."""
+    from export.bundle import RunExportError
+
+    drops = [n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]  # fmt: skip
+    if drops:
+        raise RunExportError(
+            f"the on-device train step cannot reproduce the random masks of dropout layer(s) "
+            f"{drops}: set their p to 0 for a model trained on devices"
+        )
+    try:
+        return export_train_step(model, task_kinds, path, example_x, opset)
+    except Exception as exc:  # torch.onnx raises many types; the message names the op
+        last = (str(exc).strip().splitlines() or [""])[-1][:300]
+        raise RunExportError(
+            f"the on-device train step of {type(model).__name__} cannot be exported to ONNX "
+            f"({type(exc).__name__}: {last}); its backbone and heads can, for inference"
+        ) from exc
