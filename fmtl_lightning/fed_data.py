@@ -6,7 +6,7 @@ clients, samples and splits (resume relies on this).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,4 +232,56 @@ def federation_from_parts(
         int(train.images.shape[1]),
         summary,
         {domain: (float(train.mean), float(train.std))},
+    )
+
+
+def federation_from_tensors(
+    train: Sequence[tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+    test: Sequence[tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+    widths: Sequence[float],
+    *,
+    normalisation: tuple[float, float] = (0.0, 1.0),
+) -> Federation:
+    """A federation of a user's own data: client ``i`` (id ``c{i:02d}``, width
+    ``widths[i]``) trains on ``train[i] = (x, {task: y})`` and is tested on ``test[i]``.
+
+    ``x`` may have any per-sample shape the model takes (float32, already normalised:
+    ``normalisation`` records the (mean, std) used, for export); the tasks are registered
+    :class:`~fmtl_lightning.tasks.Task` names (built-in or :func:`register_task`), ``y``
+    their targets (multiclass: int64 ``(N,)``; multilabel/regression: float32 ``(N, n)``).
+    A :class:`FederationError` names the client and what does not fit.
+    """
+    n = len(widths)
+    if n < 1 or len(train) != n or len(test) != n:
+        raise FederationError(f"one width, train set and test set per client: got {n} widths, "
+                              f"{len(train)} train and {len(test)} test sets")  # fmt: skip
+    clients, domains = [], set()
+    for i, ((x, ys), (xt, yts), w) in enumerate(zip(train, test, widths, strict=True)):
+        cid = f"c{i:02d}"
+        tasks = tuple(ys)
+        if not tasks or set(yts) != set(tasks):
+            raise FederationError(f"client {cid}: train tasks {list(tasks)} and test tasks "
+                                  f"{list(yts)} must be the same, at least one")  # fmt: skip
+        for split, xx, yy in (("train", x, ys), ("test", xt, yts)):
+            if xx.dtype != torch.float32 or xx.shape[1:] != x.shape[1:]:
+                raise FederationError(f"client {cid}: {split} x must be float32 of per-sample "
+                                      f"shape {tuple(x.shape[1:])}, got {xx.dtype} "
+                                      f"{tuple(xx.shape)}")  # fmt: skip
+            for t, y in yy.items():
+                if len(y) != len(xx):
+                    raise FederationError(f"client {cid}: {split} targets of {t!r} have "
+                                          f"{len(y)} rows, x has {len(xx)}")  # fmt: skip
+        masks = {}
+        for t in tasks:
+            m = get_task(t).label_mask(ys[t].numpy())
+            if m is not None:
+                masks[t] = torch.from_numpy(m)
+        domain = get_task(tasks[0]).domain or "own"  # the tasks' input domain
+        domains.add(domain)
+        spec = ClientSpec(cid, tasks, float(w), np.arange(len(x)),
+                          np.arange(len(x), len(x) + len(xt)), domain)  # fmt: skip
+        clients.append(ClientData(spec, None, x, dict(ys), xt, dict(yts), masks))
+    summary = f"{n} clients of own data ({domain})"
+    return Federation(
+        clients, int(x.shape[-1]), summary, {domain: tuple(map(float, normalisation))}
     )

@@ -134,6 +134,30 @@ class Simulation:
         received = slice_state(self.engine.global_state, self.engine.spec, ws)
         return self.pool.edge.bundle_for(self.pool.edge_job(idx, ws, received))
 
+    def export_client(self, cid: str, out_dir: str | Path, **kw: Any) -> Path:
+        """Export client ``cid``'s model as it stands (its personal model, or the global
+        state with its own heads, at its width) as a device bundle, with its data's
+        normalisation (:func:`export.run_export.export_model`; ``kw`` go there). Works for
+        a user's own model too; a run directory of a built-in family can also be exported
+        later with ``fmtl export``."""
+        from export.run_export import export_model
+        from fmtl_lightning.models import load_arrays
+        from fmtl_lightning.tasks import get_task
+
+        ids = [c.cid for c in self.fed.clients]
+        if cid not in ids:
+            raise FMTLError(f"client {cid!r} is not in this run (clients: {', '.join(ids)})")
+        idx = ids.index(cid)
+        c = self.fed.clients[idx]
+        model = self.pool.module_for(c, c.width).model
+        load_arrays(model, self.client_state(c, self.engine.eval_width(idx, self.round_idx)))
+        mean, std = self.fed.normalisation[c.spec.domain]
+        norm = {"mean": mean, "std": std, "input_shape": list(model.input_shape),
+                "scale": 1.0, "domain": c.spec.domain}  # fmt: skip
+        kw.setdefault("normalisation", norm)
+        return export_model(model, {t: get_task(t) for t in c.tasks}, out_dir, client=cid,
+                            policy=self.spec.policy, **kw)  # fmt: skip
+
     # ------------------------------------------------------------------ one round
     def run_round(self) -> dict[str, Any]:
         """One round (see the module docstring); returns the round number and who trained."""
