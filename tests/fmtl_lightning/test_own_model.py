@@ -202,3 +202,87 @@ def test_zoo_model_exports_with_parity_or_says_why_not(name, tmp_path):
     par = train_step_parity(model, step, batches, lr=0.05)
     assert par.worst < 1e-5, par.max_abs
     np.testing.assert_allclose(par.ort_losses, par.torch_losses, rtol=1e-5)
+
+
+def _own_clients():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(d.target)
+    train, test = [], []
+    for i, part in enumerate(torch.arange(360).chunk(3)):
+        task, target = ("digits/digit", y) if i != 1 else ("digits/parity", y % 2)
+        train.append((x[part[:90]], {task: target[part[:90]]}))
+        test.append((x[part[90:]], {task: target[part[90:]]}))
+    return x, train, test
+
+
+def test_own_data_and_model_run_and_export_a_client(tmp_path):
+    """A user's tensors (federation_from_tensors) and model, two rounds, then one client's
+    bundle: its manifest names the client and its ORT logits equal the torch model's."""
+    from export.parity import session
+    from fmtl_lightning.fed_data import federation_from_tensors
+    from fmtl_lightning.models import head_name, load_arrays
+    from mobile_client.manifest import load_manifest
+
+    x, train, test = _own_clients()
+    fed = federation_from_tensors(train, test, widths=[1.0, 1.0, 0.5], normalisation=(0.0, 1.0))
+    assert [c.tasks for c in fed.clients] == [
+        ("digits/digit",),
+        ("digits/parity",),
+        ("digits/digit",),
+    ]
+    assert fed.clients[0].label_masks["digits/digit"].all()  # 90 samples hold every digit
+    cfg = parse_config({"name": "own", "algorithm": {"name": "fedper"}, "federation": {"rounds": 2},
+                        "clients": [{"count": 1, "tasks": ["digits/digit"], "width": 1.0},
+                                    {"count": 1, "tasks": ["digits/parity"], "width": 1.0},
+                                    {"count": 1, "tasks": ["digits/digit"], "width": 0.5}]})  # fmt: skip
+    fm = FederatedModel.from_model(LeNet(), head="fc3", example_input=F.interpolate(x[:2], size=28))
+    fed = dataclasses.replace(fed, clients=[
+        dataclasses.replace(c, x_train=F.interpolate(c.x_train, size=28),
+                            x_test=F.interpolate(c.x_test, size=28)) for c in fed.clients])  # fmt: skip
+    sim = Simulation(cfg, tmp_path / "run", progress=False, model=fm, federation=fed)
+    assert sim.run()["rounds"] == 2
+    out = sim.export_client("c02", tmp_path / "bundle")
+    m = load_manifest(out)
+    assert [c.client for c in m.clients] == ["c02"] and m.width_values() == [0.5]
+    c = sim.fed.clients[2]
+    model = sim.pool.module_for(c, 0.5).model
+    load_arrays(model, sim.client_state(c, sim.engine.eval_width(2, 2)))
+    model.eval()
+    with torch.no_grad():
+        want = model(c.x_test[:4])["digits/digit"].numpy()
+    w = m.widths[0]
+    feats = session(out / w.backbone.path).run(
+        None, {"x": c.x_test[:4].numpy(), **_weights(out, m, w.backbone)}
+    )[0]
+    head = next(h for h in m.heads if h.client == "c02")
+    got = session(out / head.file.path).run(
+        None, {"features": feats, **_weights(out, m, head.file)}
+    )[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert head_name("digits/digit") in model.heads
+
+
+def _weights(bundle, m, entry):
+    arrays = dict(np.load(bundle / m.clients[0].weights.path, allow_pickle=False))
+    return {n: arrays[k] for n, k in entry.weights.items()}
+
+
+def test_own_tensors_that_do_not_fit_are_refused_naming_the_client():
+    from fmtl_lightning.errors import FederationError
+    from fmtl_lightning.fed_data import federation_from_tensors
+
+    x, train, test = _own_clients()
+    short = [(train[0][0], {"digits/digit": train[0][1]["digits/digit"][:5]})]
+    with pytest.raises(
+        FederationError, match="client c00: train targets of 'digits/digit' have 5 rows"
+    ):
+        federation_from_tensors(short, test[:1], widths=[1.0])
+    with pytest.raises(FederationError, match="client c00: train tasks"):
+        federation_from_tensors(train[:1], test[1:2], widths=[1.0])
+    with pytest.raises(FederationError, match="client c00: test x must be float32"):
+        federation_from_tensors(train[:1], [(test[0][0].double(), test[0][1])], widths=[1.0])
+    with pytest.raises(FederationError, match="one width, train set and test set per client"):
+        federation_from_tensors(train, test, widths=[1.0])
