@@ -260,6 +260,11 @@ def export_run(
     check_run_dir(run_dir)
     check_out_dir(out_dir.absolute(), overwrite)
     art = read_run(run_dir)
+    if art.config.model.factory is not None:
+        raise RunExportError(
+            f"{run_dir}: its model is model.factory {art.config.model.factory!r}, a model of "
+            "your own: export its clients with Simulation.export_client (see the README)"
+        )
     spec = art.spec
     if not spec.keys_of_kind("head"):
         raise RunExportError(f"{run_dir}: the model's roles declare no head; nothing to export")

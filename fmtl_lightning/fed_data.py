@@ -131,7 +131,12 @@ def _client(
 
 
 def build_federation(cfg: RunConfig) -> Federation:
-    """Load each domain's train split once, partition it among that domain's clients."""
+    """Load each domain's train split once, partition it among that domain's clients
+    (``data.factory``: the federation that factory builds for ``cfg``)."""
+    if cfg.data.factory is not None:
+        from fmtl_lightning.factories import federation_from_factory
+
+        return federation_from_factory(cfg.data.factory, cfg)
     members = list(_expand(cfg))
     by_domain: dict[str, list[int]] = {}
     for i, m in enumerate(members):

@@ -95,6 +95,11 @@ def validate_config(cfg: RunConfig) -> None:
             load_task_factory(tf.factory)
         except _Base as exc:
             raise ConfigError(f"tasks[{i}].factory: {exc}") from exc
+    from fmtl_lightning.factories import import_factory
+
+    for field, path in (("model.factory", cfg.model.factory), ("data.factory", cfg.data.factory)):
+        if path is not None:
+            import_factory(path, field)  # importable now; called when the run starts
     if not cfg.clients:
         raise ConfigError("clients: at least one client group is required")
     n_clients = sum(g.count for g in cfg.clients)
@@ -140,6 +145,9 @@ def validate_config(cfg: RunConfig) -> None:
         if not g.edge:
             continue
         where = f"clients[{i}].edge"
+        if cfg.model.factory is not None:
+            raise ConfigError(f"{where}: edge clients need a built-in model family; "
+                              "model.factory names a model of your own")  # fmt: skip
         if not alg.edge_clients:
             runs = " or ".join(x.title for x in ALGORITHMS.values() if x.edge_clients)
             raise ConfigError(f"{where}: edge clients run {runs} (algorithm.name is {a.name!r})")

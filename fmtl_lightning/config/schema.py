@@ -32,6 +32,7 @@ class DataConfig:
     test_fraction: float = 0.25  # share of each client's own samples held out
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     data_dir: str | None = None  # default: fmtl_lightning.data.resolve_data_dir()
+    factory: str | None = None  # "pkg.mod:fn": fn(cfg) -> Federation, the clients' own data
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = ()  # full-width channels per layer; () = family default
     norm: Literal["group", "batch", "static_batch", "none"] = "group"
     scaler: bool = False  # HeteroFL scaler: divide activations by width while training
+    factory: str | None = None  # "pkg.mod:fn": fn() -> FederatedModel (then family... unused)
 
 
 @dataclass(frozen=True)

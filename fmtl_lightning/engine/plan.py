@@ -136,7 +136,8 @@ def server_plan(
     ``clients``, ``task_outputs`` and ``image_size`` default to what the config alone
     says (:func:`planned_clients`, the task registry, the domain's image size); the
     in-process simulation passes those of the federation it loaded. ``model`` defaults
-    to the configured built-in family (:class:`~fmtl_lightning.model_source.BuiltinModel`).
+    to what ``model.factory`` builds, else the configured built-in family
+    (:class:`~fmtl_lightning.model_source.BuiltinModel`).
     """
     import torch
 
@@ -144,6 +145,10 @@ def server_plan(
     from fmtl_lightning.models import state_arrays
 
     clients = list(planned_clients(cfg) if clients is None else clients)
+    if model is None and cfg.model.factory is not None:
+        from fmtl_lightning.factories import model_from_factory
+
+        model = model_from_factory(cfg.model.factory)
     if model is None:
         if image_size is None:
             image_size = IMAGE_SIZES[get_task(clients[0].tasks[0]).domain]

@@ -286,3 +286,49 @@ def test_own_tensors_that_do_not_fit_are_refused_naming_the_client():
         federation_from_tensors(train[:1], [(test[0][0].double(), test[0][1])], widths=[1.0])
     with pytest.raises(FederationError, match="one width, train set and test set per client"):
         federation_from_tensors(train, test, widths=[1.0])
+
+
+def test_a_config_names_its_model_and_data_factories_and_resumes_from_them(tmp_path):
+    """``model.factory`` / ``data.factory``: ``run_config`` from the YAML alone, a killed
+    run resumed from its run dir alone equals the straight one; ``fmtl export`` of such a
+    run dir says to use Simulation.export_client; a factory that is wrong is refused."""
+    from export.bundle import RunExportError
+    from export.run_export import export_run
+    from fmtl_lightning.config import ConfigError
+
+    raw = {"name": "own-cfg", "algorithm": {"name": "fedper"}, "federation": {"rounds": 2},
+           "model": {"factory": "tests.fmtl_lightning.own_factories:lenet"},
+           "data": {"factory": "tests.fmtl_lightning.own_factories:digits28"},
+           "clients": [{"count": 2, "tasks": ["digits/digit"], "width": 1.0},
+                       {"count": 1, "tasks": ["digits/parity"], "width": 0.5}]}  # fmt: skip
+    run_config(raw, tmp_path / "straight", progress=False)
+    cfg = parse_config(raw)
+
+    class Killed(Exception):
+        pass
+
+    def kill(r: int) -> None:
+        if r == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Simulation(cfg, tmp_path / "killed", progress=False).run(kill)
+    resume_run(tmp_path / "killed", progress=False)  # the factories come from config.yaml
+    (g, cl), (g2, cl2) = _states(tmp_path / "straight"), _states(tmp_path / "killed")
+    assert set(g) == set(g2) and any(k.startswith("backbone.conv1") for k in g)
+    for k in g:
+        np.testing.assert_array_equal(g2[k], g[k], err_msg=k)
+    assert set(cl) == set(cl2) == {"c00", "c01", "c02"}
+    with pytest.raises(RunExportError, match="export its clients with Simulation.export_client"):
+        export_run(tmp_path / "straight", tmp_path / "bundle")
+    for factory, words in (("lenet", "must take the RunConfig as its one argument"),
+                           ("not_a_federation", "must return a Federation, got dict")):  # fmt: skip
+        bad = copy.deepcopy(raw)
+        bad["data"]["factory"] = f"tests.fmtl_lightning.own_factories:{factory}"
+        with pytest.raises(ConfigError, match=f"data.factory: .* {words}"):
+            run_config(bad, tmp_path / "bad", progress=False)
+    bad = copy.deepcopy(raw)
+    bad["clients"][1]["width"] = 0.25
+    bad["data"]["factory"] = "tests.fmtl_lightning.own_factories:fixed_clients"
+    with pytest.raises(ConfigError, match=r"data.factory: .* gave clients \(tasks, width\)"):
+        run_config(bad, tmp_path / "bad2", progress=False)
