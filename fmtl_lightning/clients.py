@@ -35,6 +35,7 @@ from fmtl_lightning.algorithms import (
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
 from fmtl_lightning.engine.plan import PlannedClient, ServerPlan, server_plan
+from fmtl_lightning.errors import OwnStepsError
 from fmtl_lightning.fed_data import ClientData, Federation
 from fmtl_lightning.local_fit import FitPlan
 from fmtl_lightning.model_source import ModelSource
@@ -93,6 +94,14 @@ class ClientPool:
                 st.personal = {k: init[k].copy() for k in keys}
             self.stores[c.cid] = st
         self._modules: dict[tuple, MultiTaskModule] = {}
+        if cfg.algorithm.masked_ce and getattr(plan.model, "own_steps", None) is not None:
+            raise OwnStepsError(
+                "algorithm.masked_ce: label masks cannot reach a user's own training_step; "
+                "turn masked_ce off, or pass own_steps=False to FederatedModel.from_model"
+            )
+        # called by every local fit; not Fabric(callbacks=): Fabric also registers every
+        # LightningModule it sets up as a callback, which Lightning's hook signatures break
+        self.callbacks: tuple[Any, ...] = tuple(getattr(plan.model, "callbacks", ()))
         self.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=list(loggers))
         self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
         self.edge = EdgeBridge(Path(edge_dir))
@@ -169,6 +178,7 @@ class ClientPool:
             hparams=self.cfg.algorithm,
             label_masks=self.label_masks(c),
             phases=None if self.phase_log is None else self.phase_log.setdefault(c.cid, []),
+            callbacks=self.callbacks,
         )
 
     # ------------------------------------------------------------------ state

@@ -96,3 +96,9 @@ class TaskDefinitionError(FMTLError, ValueError):
 class BatchFormatError(FMTLError, ValueError):
     """A batch handed to the LightningModule is not ``(x, {task: y})`` (nor ``(x, y)`` for
     a single-task module); the message says what was given and what is expected."""
+
+
+class OwnStepsError(FMTLError, ValueError):
+    """A user's LightningModule whose own ``training_step`` / ``configure_optimizers``
+    cannot drive a federated local fit (several optimisers, manual optimisation, a step
+    that returns no loss, label masks it cannot apply); names the method or option."""

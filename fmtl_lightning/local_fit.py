@@ -3,7 +3,9 @@
 A ``Trainer`` per client per round would cost ~80 ms of setup each time, so the
 federation runs every fit through one long-lived :class:`lightning.Fabric`: the
 client's :class:`MultiTaskModule` supplies ``training_step`` and
-``configure_optimizers`` exactly as it would under a Trainer.
+``configure_optimizers`` exactly as it would under a Trainer (or a user's own
+LightningModule does, :mod:`fmtl_lightning.own_steps`), and a user's Lightning
+Callbacks get Lightning's training hooks.
 
 Batch order comes from a numpy generator seeded by (run seed, round, client,
 phase), never from global RNG state, so a resumed run replays the same batches
@@ -14,14 +16,17 @@ state that leaves the caller's untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 
+from fmtl_lightning.errors import OwnStepsError
 from fmtl_lightning.module import MultiTaskModule, TrainSpec
-from mobile_client.batching import batch_order
+from fmtl_lightning.own_steps import LocalFit, OwnSteps, overrides, step_loss
+from mobile_client.batching import batch_order, num_batches
 
 
 @dataclass(frozen=True)
@@ -51,41 +56,112 @@ def fit(
     plan: FitPlan,
     seed: int,
     train: TrainSpec | None = None,
+    info: Mapping[str, Any] | None = None,
+    *,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[int, float]:
     """Run local SGD on ``module`` in place. Returns (steps taken, mean training loss).
 
     ``train``: which parameters step, the prox pull and the label masks (default: all
-    parameters, plain loss); it reaches the module as an argument, never as state."""
+    parameters, plain loss); it reaches the module as an argument, never as state.
+    A user's LightningModule with its own steps (``module.model.own_steps``) trains with
+    its own ``configure_optimizers`` and ``training_step`` (:mod:`fmtl_lightning.own_steps`).
+    ``callbacks`` (Lightning Callbacks) get Lightning's training hooks, their ``trainer``
+    argument a :class:`~fmtl_lightning.own_steps.LocalFit` carrying ``info`` (client,
+    round, phase, width)."""
     train = train or TrainSpec()
     module.train()
-    optimizer = module.configure_optimizers(train.keys)
-    wrapped, optimizer = fabric.setup(module, optimizer)
+    own: OwnSteps | None = getattr(module.model, "own_steps", None)
+    named = dict(module.model.named_parameters())  # before a user's head slot is filled
     # parameters the optimiser does not step need no gradient: a head-only phase then
     # back-propagates through the head alone (same updates, a fraction of the work)
     frozen = [
         p
-        for k, p in module.model.named_parameters()
+        for k, p in named.items()
         if train.keys is not None and k not in train.keys and p.requires_grad
     ]
+    optimizer = module.configure_optimizers(train.keys)
+    if own is None:
+        target: L.LightningModule = module
+    else:
+        if train.label_masks:
+            raise OwnStepsError(
+                "algorithm.masked_ce: label masks cannot reach a user's own training_step; "
+                "turn masked_ce off or mask inside the step"
+            )
+        target = module.model.backbone
+        heads = own.task_heads(module.model, list(module.tasks), module.union_slices)
+        own.attach(target, next(iter(heads.values())))
     for p in frozen:
         p.requires_grad_(False)
-    steps, total = 0, 0.0
-    # randomness inside the model (dropout in a user's model) draws from torch's RNG,
-    # seeded like the batch order and isolated from the caller's: a resumed run replays it
-    rng = torch.random.fork_rng(devices=[])
-    rng.__enter__()
-    torch.manual_seed(seed)
     try:
-        for idx in batch_indices(x.shape[0], plan, seed):
-            batch = (x[idx], {t: v[idx] for t, v in y.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss = wrapped.training_step(batch, steps, train=train)
-            fabric.backward(loss)
-            optimizer.step()
-            total += float(loss.detach())
-            steps += 1
+        sched, interval = None, "epoch"
+        if own is not None and overrides(target, "configure_optimizers"):
+            optimizer, sched, interval = own.optimizers(target)
+        wrapped, optimizer = fabric.setup(target, optimizer)
+        # randomness inside the model (dropout in a user's model) draws from torch's RNG,
+        # seeded like the batch order and isolated from the caller's: a resumed run replays it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            n = x.shape[0]
+            per_epoch = -(-n // plan.batch_size)
+            count = num_batches(n, plan.batch_size, plan.epochs, plan.steps)
+            state = LocalFit(fabric, count, per_epoch, -(-count // per_epoch), dict(info or {}))
+
+            def hook(name: str, *args: Any) -> None:
+                for cb in callbacks:
+                    method = getattr(cb, name, None)
+                    if method is not None:
+                        method(state, target, *args)
+                if own is not None:
+                    getattr(target, name)(*args)
+
+            steps, total = 0, 0.0
+            hook("on_train_start")
+            for idx in batch_indices(n, plan, seed):
+                epoch, b = divmod(steps, per_epoch)
+                if b == 0:
+                    state.current_epoch = epoch
+                    hook("on_train_epoch_start")
+                if own is None:
+                    batch: Any = (x[idx], {t: v[idx] for t, v in y.items()})
+                    hook("on_train_batch_start", batch, b)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = outputs = wrapped.training_step(batch, steps, train=train)
+                else:
+                    xb, ys = x[idx], {t: v[idx] for t, v in y.items()}
+                    batch = (xb, next(iter(ys.values()))) if len(ys) == 1 else (xb, ys)
+                    hook("on_train_batch_start", batch, b)
+                    optimizer.zero_grad(set_to_none=True)
+                    losses = []
+                    for t, head in heads.items():
+                        own.attach(target, head)
+                        outputs = wrapped.training_step((xb, ys[t]), b)
+                        losses.append(step_loss(outputs, type(target).__name__))
+                    loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+                    if len(losses) > 1:
+                        outputs = loss
+                    if train.prox is not None and train.prox.lam > 0:
+                        loss = loss + train.prox(named)
+                hook("on_before_backward", loss)
+                fabric.backward(loss)
+                hook("on_after_backward")
+                hook("on_before_optimizer_step", optimizer)
+                optimizer.step()
+                state.global_step += 1
+                if sched is not None and interval == "step":
+                    sched.step()
+                total += float(loss.detach())
+                steps += 1
+                hook("on_train_batch_end", outputs, batch, b)
+                if b == per_epoch - 1 or steps == count:
+                    hook("on_train_epoch_end")
+                    if sched is not None and interval == "epoch":
+                        sched.step()
+            hook("on_train_end")
     finally:
-        rng.__exit__(None, None, None)
         for p in frozen:
             p.requires_grad_(True)
+        if own is not None:
+            own.detach(target)
     return steps, total / max(steps, 1)

@@ -24,7 +24,7 @@ Usage::
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -32,11 +32,17 @@ from torch import nn
 
 from fmtl_lightning.errors import WidthPlanError
 from fmtl_lightning.models import BackboneConfig, MultiTaskModel, head_name, model_spec
+from fmtl_lightning.own_steps import OwnSteps, overrides
 from fmtl_lightning.roles import ModelSpec, RolePolicy, WidthSpec
 
 
 class ModelSource(Protocol):
-    """Builds every client's model and declares its roles (see the module docstring)."""
+    """Builds every client's model and declares its roles (see the module docstring);
+    ``own_steps``: the user's own steps drive local fits (else the library's);
+    ``callbacks``: Lightning Callbacks called in every local fit."""
+
+    own_steps: OwnSteps | None
+    callbacks: list[Any]
 
     def build(self, task_outputs: Mapping[str, int], width: float) -> nn.Module:
         """The model with one head per task of ``task_outputs`` at ``width``; its forward
@@ -56,6 +62,8 @@ class BuiltinModel:
 
     def __init__(self, cfg: BackboneConfig) -> None:
         self.cfg = cfg
+        self.own_steps: OwnSteps | None = None
+        self.callbacks: list[Any] = []
 
     def build(self, task_outputs: Mapping[str, int], width: float) -> nn.Module:
         return MultiTaskModel(self.cfg, task_outputs, width)
@@ -80,6 +88,7 @@ class TaskModel(nn.Module):
         self.declarations: dict[str, Any] = {}
         self.input_shape: tuple[int, ...] = ()  # one input without the batch dim
         self.feature_dim = 0  # the backbone's output features at this width
+        self.own_steps: OwnSteps | None = None  # the user's steps drive local fits
         self._spec: Callable[[RolePolicy | str], ModelSpec] | None = None
 
     @property
@@ -134,6 +143,8 @@ class FederatedModel:
         self.feature_dim = int(feats.shape[1])
         self._plans: dict[tuple, tuple[dict, dict]] = {}
         self._template: nn.Module | None = None  # from_model: the model's own head
+        self.own_steps: OwnSteps | None = None  # from_model: the user's own steps
+        self.callbacks: list[Any] = []  # called in every local fit (own_steps.LocalFit)
 
     @classmethod
     def from_model(
@@ -143,11 +154,19 @@ class FederatedModel:
         head: str,
         example_input: torch.Tensor,
         not_scaled: Iterable[str] = (),
+        own_steps: bool | None = None,
+        callbacks: Iterable[Any] = (),
     ) -> FederatedModel:
         """A whole model with its split declared: the submodule named ``head`` (applied
         last in ``forward``, to ``(B, F)`` features) is the per-task head, everything
         else the shared backbone. Each task gets a copy of that head when its output size
-        matches, else a linear layer. ``model`` itself is not changed."""
+        matches, else a linear layer. ``model`` itself is not changed.
+
+        ``own_steps``: local fits run the model's own ``training_step`` and
+        ``configure_optimizers`` (:mod:`fmtl_lightning.own_steps`); default: when
+        ``model`` is a LightningModule that defines ``training_step``. ``callbacks``:
+        Lightning Callbacks called in every local fit, after which the module's own
+        ``configure_callbacks()`` are added."""
         names = dict(model.named_modules())
         if head not in names or not head:
             raise WidthPlanError(f"head: {head!r} is not a submodule of {type(model).__name__} "
@@ -158,6 +177,15 @@ class FederatedModel:
         setattr(backbone.get_submodule(parent) if parent else backbone, leaf, nn.Identity())
         fm = cls(backbone, example_input=example_input, not_scaled=not_scaled)
         fm._template = template
+        if own_steps is None:
+            own_steps = overrides(model, "training_step")
+        if own_steps:
+            fm.own_steps = OwnSteps(head)
+            fm.own_steps.check(model)
+        fm.callbacks = list(callbacks)
+        if overrides(model, "configure_callbacks"):
+            more = model.configure_callbacks()
+            fm.callbacks += [more] if not isinstance(more, Sequence) else list(more)
         return fm
 
     def _full(self, task_outputs: Mapping[str, int]) -> TaskModel:
@@ -201,6 +229,7 @@ class FederatedModel:
         with torch.no_grad():
             model.feature_dim = int(model.backbone(self.example_input[:1]).shape[1])
         model.backbone.train(was)
+        model.own_steps = self.own_steps
         outputs = dict(task_outputs)
         model._spec = lambda policy: self.spec(outputs, policy)
         return model

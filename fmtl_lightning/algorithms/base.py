@@ -64,6 +64,7 @@ class FitContext:
     hparams: AlgorithmConfig
     label_masks: Mapping[str, Any]  # task -> bool tensor (masked_ce), else empty
     phases: list[str] | None = None  # filled with the phases run, in order (for tests)
+    callbacks: tuple[Any, ...] = ()  # Lightning Callbacks of every fit (own_steps.LocalFit)
 
     def param_names(self) -> list[str]:
         return [k for k, _ in self.module.model.named_parameters()]
@@ -85,7 +86,10 @@ class FitContext:
         train = TrainSpec(phase.keys, prox, dict(self.label_masks))
         c = self.client
         seed = phase_seed(self.seed, self.round_idx, self.client_idx, phase.name)
-        fit(self.fabric, self.module, c.x_train, c.y_train, plan, seed, train)
+        info = {"client": c.cid, "round": self.round_idx, "phase": phase.name,
+                "width": self.module.model.width}  # fmt: skip
+        fit(self.fabric, self.module, c.x_train, c.y_train, plan, seed, train, info,
+            callbacks=self.callbacks)  # fmt: skip
 
 
 @dataclass
