@@ -213,3 +213,40 @@ def test_steps_that_cannot_drive_a_fit_are_refused_naming_why(tmp_path):
     fm = FederatedModel.from_model(TwoOptims(), head="head", example_input=x)
     with pytest.raises(OwnStepsError, match=r"TwoOptims.configure_optimizers\(\): must give one"):
         run_config(_cfg(), tmp_path / "two", progress=False, model=fm)
+
+
+def test_dittos_prox_pull_is_added_to_the_users_loss(tmp_path):
+    """Ditto's personal phase: the user's loss + lam/2 ||v - w_t||^2 over the shared
+    parameters (anchored at the received ones), stepped by the user's AdamW."""
+    lam = 0.5
+    cfg = _cfg(name="ditto", lam=lam)
+    sim = Simulation(cfg, tmp_path / "run", progress=False, model=_model("adamw"))
+    idx, c = 2, sim.fed.clients[2]
+    ws = WidthSpec(c.width)
+    received = slice_state(sim.engine.global_state, sim.spec, ws)
+    personal = slice_state(sim.pool.stores[c.cid].personal, sim.spec, ws)
+
+    built = sim.engine.plan.model.build({TASK: 10}, c.width)
+    load_arrays(built, personal)
+    named = dict(built.named_parameters())
+    anchor = {named[k]: torch.from_numpy(np.array(v)) for k, v in received.items() if k in named}
+    assert anchor and all(not k.startswith("heads.") for k in received)
+    net = built.backbone
+    net.head = built.heads[head_name(TASK)]
+    opt = make_optimizer("adamw", net.parameters())
+    plan = FitPlan(cfg.federation.batch_size, cfg.federation.local_epochs)
+    x, y = c.x_train, c.y_train[TASK]
+    for i in batch_indices(x.shape[0], plan, phase_seed(cfg.seed, 0, idx, "personal")):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x[i]), y[i], label_smoothing=0.1)
+        loss = loss + 0.5 * lam * sum((p - a).pow(2).sum() for p, a in anchor.items())
+        loss.backward()
+        opt.step()
+    net.head = nn.Identity()  # the model's own keys again (backbone.*, heads.*)
+    want = {k: v.detach().numpy() for k, v in built.state_dict().items()}
+
+    res = sim.pool.train(idx, ws, 0, received)
+    assert res.personal is not None and set(res.personal) == set(personal)
+    assert set(want) == set(res.personal)
+    for k, v in want.items():
+        np.testing.assert_allclose(res.personal[k], v, atol=1e-6, rtol=0, err_msg=k)
