@@ -25,7 +25,7 @@ import torch
 
 from fmtl_lightning.errors import OwnStepsError
 from fmtl_lightning.module import MultiTaskModule, TrainSpec
-from fmtl_lightning.own_steps import LocalFit, OwnSteps, overrides, step_loss
+from fmtl_lightning.own_steps import LocalFit, OwnSteps, cover_heads, overrides, step_loss
 from mobile_client.batching import batch_order, num_batches
 
 
@@ -98,6 +98,7 @@ def fit(
         sched, interval = None, "epoch"
         if own is not None and overrides(target, "configure_optimizers"):
             optimizer, sched, interval = own.optimizers(target)
+            cover_heads(optimizer, list(heads.values()))
         wrapped, optimizer = fabric.setup(target, optimizer)
         # randomness inside the model (dropout in a user's model) draws from torch's RNG,
         # seeded like the batch order and isolated from the caller's: a resumed run replays it

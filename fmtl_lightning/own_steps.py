@@ -12,7 +12,8 @@ head slot, so inside the user's methods ``self`` *is* the client-width model:
   It may return an optimiser, ``[optimiser]``, ``([optimiser], [scheduler])`` or
   ``{"optimizer": ..., "lr_scheduler": ...}`` (a scheduler, or a dict with
   ``"scheduler"`` and ``"interval"``: ``"epoch"`` (default) or ``"step"``); optimiser
-  state and schedules start afresh in every fit. A class that does not override it
+  state and schedules start afresh in every fit. The first task's head is in the slot
+  then; the other tasks' heads join the param groups of its parameters. A class that does not override it
   trains with the run's ``optimizer`` (SGD).
 * ``training_step(batch, batch_idx)`` gets batches in the user's format ``(x, y)``
   (``batch_idx`` counts from 0 in each epoch) and returns the loss (or
@@ -160,6 +161,23 @@ class OwnSteps:
                 raise OwnStepsError(f"{name}: lr_scheduler interval must be 'epoch' or "
                                     f"'step', got {interval!r}")  # fmt: skip
         return opt, sched, interval
+
+
+def cover_heads(optimizer: torch.optim.Optimizer, heads: Sequence[nn.Module]) -> None:
+    """Give the other tasks' heads the optimiser treatment of the first (the one in the
+    slot during ``configure_optimizers``): each parameter joins the param group of the
+    first head's parameter at the same position (when the heads have as many parameters;
+    else the group of its first). Heads the user left out of the optimiser stay out."""
+    first = list(heads[0].parameters())
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    groups = [group_of.get(id(p)) for p in first]
+    for head in heads[1:]:
+        params = list(head.parameters())
+        for i, p in enumerate(params):
+            g = groups[i] if len(params) == len(first) else (groups[0] if groups else None)
+            if g is not None and id(p) not in group_of:
+                g["params"].append(p)
+                group_of[id(p)] = g
 
 
 def step_loss(out: Any, name: str) -> torch.Tensor:

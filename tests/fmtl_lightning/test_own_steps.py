@@ -12,6 +12,7 @@ every fit; a run killed after round 1 and resumed is bit-identical.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import lightning as L
 import numpy as np
@@ -250,3 +251,32 @@ def test_dittos_prox_pull_is_added_to_the_users_loss(tmp_path):
     assert set(want) == set(res.personal)
     for k, v in want.items():
         np.testing.assert_allclose(res.personal[k], v, atol=1e-6, rtol=0, err_msg=k)
+
+
+def test_a_multi_task_client_steps_on_the_sum_of_its_tasks_own_losses(tmp_path):
+    """Two tasks: the user's training_step runs once per task with that task's head in
+    the slot, on (x, y_task); one AdamW step on the sum (equals the hand loop)."""
+    raw_tasks = ["digits/digit", "digits/parity"]
+    cfg = _cfg()
+    cfg = cfg.replace(clients=[dataclasses.replace(cfg.clients[0], count=1, tasks=tuple(raw_tasks))])
+    sim = Simulation(cfg, tmp_path / "run", progress=False, model=_model("adamw"))
+    c = sim.fed.clients[0]
+    ws = WidthSpec(1.0)
+    received = slice_state(sim.engine.global_state, sim.spec, ws)
+    local = slice_state(sim.pool.stores[c.cid].local, sim.spec, ws)
+    built = sim.engine.plan.model.build(dict(zip(raw_tasks, (10, 2), strict=True)), 1.0)
+    load_arrays(built, {**received, **local})
+    opt = make_optimizer("adamw", built.parameters())
+    plan = FitPlan(cfg.federation.batch_size, cfg.federation.local_epochs)
+    x = c.x_train
+    for i in batch_indices(x.shape[0], plan, phase_seed(cfg.seed, 0, 0, "global")):
+        opt.zero_grad()
+        feats = built.backbone(x[i])
+        sum(F.cross_entropy(built.heads[head_name(t)](feats), c.y_train[t][i], label_smoothing=0.1)
+            for t in raw_tasks).backward()  # fmt: skip
+        opt.step()
+    res = sim.pool.train(0, ws, 0, received)
+    got = {**res.shared, **res.local}
+    assert set(got) == set(built.state_dict())
+    for k, v in built.state_dict().items():
+        np.testing.assert_allclose(got[k], v.numpy(), atol=1e-6, rtol=0, err_msg=k)
