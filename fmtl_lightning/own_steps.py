@@ -137,8 +137,10 @@ class OwnSteps:
         sched: Any = None
         if isinstance(out, Mapping):
             opt, sched = out.get("optimizer"), out.get("lr_scheduler")
-        elif isinstance(out, Sequence) and len(out) == 2 and all(
-            isinstance(o, Sequence) for o in out
+        elif (
+            isinstance(out, Sequence)
+            and len(out) == 2
+            and all(isinstance(o, Sequence) for o in out)
         ):
             opts, scheds = out
             if len(scheds) > 1:

@@ -258,7 +258,9 @@ def test_a_multi_task_client_steps_on_the_sum_of_its_tasks_own_losses(tmp_path):
     the slot, on (x, y_task); one AdamW step on the sum (equals the hand loop)."""
     raw_tasks = ["digits/digit", "digits/parity"]
     cfg = _cfg()
-    cfg = cfg.replace(clients=[dataclasses.replace(cfg.clients[0], count=1, tasks=tuple(raw_tasks))])
+    cfg = cfg.replace(
+        clients=[dataclasses.replace(cfg.clients[0], count=1, tasks=tuple(raw_tasks))]
+    )
     sim = Simulation(cfg, tmp_path / "run", progress=False, model=_model("adamw"))
     c = sim.fed.clients[0]
     ws = WidthSpec(1.0)
