@@ -134,8 +134,6 @@ def build_federation(cfg: RunConfig) -> Federation:
     """Load each domain's train split once, partition it among that domain's clients
     (``data.factory``: the federation that factory builds for ``cfg``)."""
     if cfg.data.factory is not None:
-        from fmtl_lightning.factories import federation_from_factory
-
         return federation_from_factory(cfg.data.factory, cfg)
     members = list(_expand(cfg))
     by_domain: dict[str, list[int]] = {}
@@ -290,3 +288,20 @@ def federation_from_tensors(
     return Federation(
         clients, int(x.shape[-1]), summary, {domain: tuple(map(float, normalisation))}
     )
+
+
+def federation_from_factory(path: str, cfg: RunConfig) -> Federation:
+    """The federation ``data.factory`` (``"package.module:callable"`` taking the
+    RunConfig) builds for ``cfg``, checked to hold the config's clients in order."""
+    from fmtl_lightning.config.factory import call_factory, import_factory
+
+    fed = call_factory(import_factory(path, "data.factory"), path, "data.factory", cfg)
+    if not isinstance(fed, Federation):
+        raise ConfigError(f"data.factory: {path!r} must return a Federation, "
+                          f"got {type(fed).__name__}")  # fmt: skip
+    want = [(tuple(g.tasks), float(g.width)) for g in cfg.clients for _ in range(g.count)]
+    got = [(c.tasks, float(c.width)) for c in fed.clients]
+    if got != want:
+        raise ConfigError(f"data.factory: {path!r} gave clients (tasks, width) {got[:4]}..., "
+                          f"the config's clients are {want[:4]}...")  # fmt: skip
+    return fed

@@ -251,3 +251,16 @@ def _out_features(head: nn.Module, feature_dim: int) -> int:
         out = head(torch.zeros(2, feature_dim))
         head.train(was)
     return int(out.shape[-1])
+
+
+def model_from_factory(path: str) -> ModelSource:
+    """The model ``model.factory`` (``"package.module:callable"``, no arguments) builds,
+    checked to be a :class:`ModelSource` (a :class:`FederatedModel`)."""
+    from fmtl_lightning.config import ConfigError
+    from fmtl_lightning.config.factory import call_factory, import_factory
+
+    made = call_factory(import_factory(path, "model.factory"), path, "model.factory")
+    if not (callable(getattr(made, "build", None)) and callable(getattr(made, "spec", None))):
+        raise ConfigError(f"model.factory: {path!r} must return a FederatedModel "
+                          f"(build/spec), got {type(made).__name__}")  # fmt: skip
+    return made

@@ -95,7 +95,7 @@ def validate_config(cfg: RunConfig) -> None:
             load_task_factory(tf.factory)
         except _Base as exc:
             raise ConfigError(f"tasks[{i}].factory: {exc}") from exc
-    from fmtl_lightning.factories import import_factory
+    from fmtl_lightning.config.factory import import_factory
 
     for field, path in (("model.factory", cfg.model.factory), ("data.factory", cfg.data.factory)):
         if path is not None:

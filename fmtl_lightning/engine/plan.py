@@ -146,7 +146,7 @@ def server_plan(
 
     clients = list(planned_clients(cfg) if clients is None else clients)
     if model is None and cfg.model.factory is not None:
-        from fmtl_lightning.factories import model_from_factory
+        from fmtl_lightning.model_source import model_from_factory
 
         model = model_from_factory(cfg.model.factory)
     if model is None:
