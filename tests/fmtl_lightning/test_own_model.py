@@ -215,7 +215,8 @@ def test_zoo_model_exports_and_trains_on_the_edge_with_parity(name, tmp_path):
     loss = torch.stack([task_loss(kinds[t], out[t], ys[t]) for t in kinds]).sum()
     loss.backward()
     opt.step()
-    assert abs(res.metrics["last_loss"] - float(loss.detach())) < 1e-5 * max(1.0, float(loss.detach()))
+    torch_loss = float(loss.detach())
+    assert abs(res.metrics["last_loss"] - torch_loss) < 1e-5 * max(1.0, torch_loss)
     got, want_state = res.state, ref.state_dict()
     assert set(got) == set(want_state)
     err = {k: float(np.abs(got[k].astype(np.float64) - want_state[k].numpy()).max()) for k in got}
