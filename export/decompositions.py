@@ -15,8 +15,13 @@ translate every op it sees. Three things go silently wrong without this table
   running-stat update are spelled out in elementwise ops.
 
 ``max_pool2d_with_indices_backward`` has a torch decomposition that is not in the
-core table; it is added here. Adaptive average pooling to 1x1 traces as a ``mean``
-and needs no backward rule of its own.
+core table; it is added here. ``avg_pool2d_backward`` is listed in the core table but
+has no decomposition (nor an ONNX translation): :func:`avg_pool2d_backward` writes it.
+Adaptive average pooling to 1x1 traces as a ``mean`` and needs no backward rule of its
+own. Two things are handled above autograd, while tracing (see
+:func:`export.graphs.export_pure_function`): attention runs as its math (the fused CPU
+kernel's backward has no ONNX translation), and :class:`SymbolicLinear` keeps the batch
+axis symbolic through a Linear over (batch, tokens, dim).
 
 The rest is speed: in a step graph the weights are inputs, so onnxruntime runs its
 generic kernels and every op of the decomposed backward counts. Measured with

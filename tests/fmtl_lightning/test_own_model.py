@@ -162,7 +162,7 @@ EXPORTABLE = ("lenet", "resnet", "mobilenetv2", "densenet", "seqconv", "vit", "t
 REFUSED = {"tabular": "dropout layer"}  # exported only with dropout="off"
 
 
-@pytest.mark.parametrize("name", ["lenet", "mobilenetv2", "densenet", "seqconv", "tabular", "vit"])
+@pytest.mark.parametrize("name", EXPORTABLE)
 def test_zoo_model_exports_and_trains_on_the_edge_with_parity(name, tmp_path):
     """A width-1/2 client model of each zoo architecture, exported as a bundle and run
     by the edge runtime (:class:`mobile_client.runtime.EdgeClient`, numpy + onnxruntime)
