@@ -15,8 +15,13 @@ translate every op it sees. Three things go silently wrong without this table
   running-stat update are spelled out in elementwise ops.
 
 ``max_pool2d_with_indices_backward`` has a torch decomposition that is not in the
-core table; it is added here. Adaptive average pooling to 1x1 traces as a ``mean``
-and needs no backward rule of its own.
+core table; it is added here. ``avg_pool2d_backward`` is listed in the core table but
+has no decomposition (nor an ONNX translation): :func:`avg_pool2d_backward` writes it.
+Adaptive average pooling to 1x1 traces as a ``mean`` and needs no backward rule of its
+own. Two things are handled above autograd, while tracing (see
+:func:`export.graphs.export_pure_function`): attention runs as its math (the fused CPU
+kernel's backward has no ONNX translation), and :class:`SymbolicLinear` keeps the batch
+axis symbolic through a Linear over (batch, tokens, dim).
 
 The rest is speed: in a step graph the weights are inputs, so onnxruntime runs its
 generic kernels and every op of the decomposed backward counts. Measured with
@@ -40,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from export.conv_decompositions import convolution, convolution_backward, expand
 
@@ -171,6 +177,75 @@ def max_pool2d_with_indices_backward(
     return g
 
 
+def avg_pool2d_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> torch.Tensor:
+    """Gradient of a 2-d average pool, which has neither an ONNX translation nor a torch
+    decomposition: each kernel tap adds ``grad_out / divisor``, spread out by the stride
+    (zeros between) and shifted to the tap's offset, cropped to the input. Refused
+    (left as the aten op, which the exporter then names) when the divisor differs between
+    windows: padding not counted, or ceil mode adding a partial window."""
+    if x.dim() != 4:
+        return NotImplemented  # type: ignore[return-value]
+    k = expand(kernel_size, 2)
+    s = expand(stride, 2) if len(stride) else k
+    pad = expand(padding, 2)
+    n, c = x.shape[0], x.shape[1]  # n symbolic: int() would fix the batch size
+    h, w = int(x.shape[2]), int(x.shape[3])
+    ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
+    floor = [(size + 2 * p - kk) // ss + 1 for size, p, kk, ss in zip((h, w), pad, k, s, strict=True)]
+    if (any(pad) and not count_include_pad and divisor_override is None) or [ho, wo] != floor:
+        return NotImplemented  # type: ignore[return-value]
+    g = grad_out / float(divisor_override or k[0] * k[1])
+    # spread by the stride: (N, C, Ho, 1, Wo, 1) -> zero-padded (N, C, Ho, s0, Wo, s1)
+    g = g.reshape(n, c, ho, 1, wo, 1)
+    g = aten.constant_pad_nd.default(g, [0, s[1] - 1, 0, 0, 0, s[0] - 1], 0.0)
+    g = g.reshape(n, c, ho * s[0], wo * s[1])
+    hp, wp = h + 2 * pad[0], w + 2 * pad[1]
+    total = None
+    for i in range(k[0]):
+        for j in range(k[1]):
+            # place the tap's (stride-spread) gradient at offset (i, j) of the padded input
+            t = aten.constant_pad_nd.default(
+                g, [j, max(0, wp - j - wo * s[1]), i, max(0, hp - i - ho * s[0])], 0.0
+            )
+            t = t[:, :, :hp, :wp]
+            total = t if total is None else total + t
+    assert total is not None
+    return total[:, :, pad[0] : pad[0] + h, pad[1] : pad[1] + w]
+
+
+def _flat_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``x @ W.T + b`` with the leading dims flattened by shape symbols."""
+    lead = x.shape[:-1]
+    out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t())
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, weight.shape[0])
+
+
+class SymbolicLinear(TorchFunctionMode):
+    """Within the block, ``F.linear`` on inputs of more than 2 dims is a flatten + ``mm``.
+
+    torch's own path for such inputs reads the concrete sizes (``aten.size``), which
+    fixes the batch size of a symbolic trace: a Linear on (batch, tokens, dim), as in a
+    transformer block or inside ``nn.MultiheadAttention``. ``linear`` is composite, so it
+    never reaches the decomposition table; this mode catches it above autograd."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is torch._C._nn.linear and args and args[0].dim() > 2:
+            return _flat_linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def threshold_backward(grad_out: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
     """ReLU's backward as a multiply by the 0/1 mask: onnxruntime's broadcasting
     ``Where`` (torch's decomposition) is several times slower than Cast + Mul."""
@@ -203,5 +278,6 @@ def training_decompositions() -> dict[torch._ops.OperatorBase, Callable]:
     table[aten.max_pool2d_with_indices.default] = max_pool2d_with_indices
     table[aten.max_pool2d_with_indices_backward.default] = max_pool2d_with_indices_backward
     table[aten.threshold_backward.default] = threshold_backward
+    table[aten.avg_pool2d_backward.default] = avg_pool2d_backward
     table[aten.convolution.default] = convolution
     return table

@@ -257,13 +257,18 @@ def export_pure_function(
     Weights are never baked in: every tensor the function reads is an input.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from export.decompositions import training_decompositions
+    from export.decompositions import SymbolicLinear, training_decompositions
 
     pure = torch.func.functionalize(fn, remove="mutations")
     table: Any = training_decompositions()
     tracer = make_fx(pure, decomposition_table=table, tracing_mode="symbolic")
-    gm = tracer(*_fake_args(args, batch_args))
+    # attention as its math (matmul, softmax): the fused CPU kernel's backward has no
+    # ONNX translation, the math's backward is plain ops (same numbers to ~1e-7)
+    # and Linear over (batch, tokens, dim) by shape symbols (:class:`SymbolicLinear`)
+    with sdpa_kernel([SDPBackend.MATH]), SymbolicLinear():
+        gm = tracer(*_fake_args(args, batch_args))
     gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.eval()  # the step's own train/eval behaviour is already in the traced ops
@@ -293,11 +298,11 @@ def export_pure_function(
     if model.graph.initializer:
         # constants (shapes, 0-d scalars) are fine; a float tensor would be a baked weight
         big = [
-            i.name
+            f"{i.name}{tuple(i.dims)}"
             for i in model.graph.initializer
             if i.data_type == onnx.TensorProto.FLOAT and math.prod(i.dims) > 1
         ]
-        if big:
+        if big:  # a weight, or a constant whose shape fixed the batch size of the trace
             raise ExportError(f"weights leaked into initializers: {big}")
     name_batch_axis(model)
     save_checked(model, path)

@@ -123,6 +123,7 @@ def export_model(
     opset: int = 18,
     ort: bool = False,
     overwrite: bool = False,
+    dropout: str = "refuse",
 ) -> Path:
     """Export one :class:`MultiTaskModel` (its width, its current weights) as a bundle.
 
@@ -135,7 +136,9 @@ def export_model(
     ``metadata_props`` (:func:`~export.bundle.graph_metadata`). ``policy`` (the run's
     :class:`RolePolicy`) turns the model's declared kinds into roles: the client's
     ``shared_keys`` in the manifest are the keys its ModelSpec shares (e.g. FedBN keeps
-    norm keys off the list).
+    norm keys off the list). A model with dropout (p > 0) is refused, since the step
+    graph cannot draw torch's random masks, unless ``dropout="off"``: its step graph then
+    trains with every dropout's p at 0 (:func:`~export.trainstep.export_model_step`).
     """
     from fmtl_lightning.models import head_name, state_arrays
 
@@ -195,7 +198,7 @@ def export_model(
             meta,
         )
         ts = export_model_step(
-            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset
+            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset, dropout
         )
         step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step", meta=meta))
         head_entries = []

@@ -223,24 +223,53 @@ def export_head_step(
     )
 
 
+DROPOUT_CHOICES = ("refuse", "off")
+
+
+@contextmanager
+def dropout_off(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Set ``p = 0`` on the dropout ``modules`` for the block, then restore each p."""
+    ps = [m.p for m in modules]  # type: ignore[attr-defined]
+    try:
+        for m in modules:
+            m.p = 0.0  # type: ignore[assignment]
+        yield
+    finally:
+        for m, p in zip(modules, ps, strict=True):
+            m.p = p  # type: ignore[assignment]
+
+
 def export_model_step(
-    model: nn.Module, task_kinds: Mapping[str, str], path: Path, example_x: torch.Tensor, opset: int
+    model: nn.Module,
+    task_kinds: Mapping[str, str],
+    path: Path,
+    example_x: torch.Tensor,
+    opset: int,
+    dropout: str = "refuse",
 ) -> TrainStepInfo:
     """:func:`export_train_step` of a whole model (built-in or a user's), or
     :class:`~export.bundle.RunExportError` saying why there is none:
     a dropout layer (the step graph cannot reproduce its random masks), or an op the
-    ONNX exporter cannot differentiate (named by its message)."""
+    ONNX exporter cannot differentiate (named by its message).
+
+    ``dropout="off"`` exports the step of the model with every dropout's p set to 0
+    (the on-device step then trains without dropout, as torch does with p = 0); the
+    inference graphs are unaffected (dropout is the identity in eval mode)."""
     from export.bundle import RunExportError
 
-    drops = [n for n, m in model.named_modules()
-             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]  # fmt: skip
-    if drops:
+    if dropout not in DROPOUT_CHOICES:
+        raise RunExportError(f"dropout must be one of {DROPOUT_CHOICES}, got {dropout!r}")
+    drops = {n: m for n, m in model.named_modules()
+             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}  # fmt: skip
+    if drops and dropout == "refuse":
         raise RunExportError(
             f"the on-device train step cannot reproduce the random masks of dropout layer(s) "
-            f"{drops}: set their p to 0 for a model trained on devices"
+            f"{list(drops)}: set their p to 0 for a model trained on devices, or export with "
+            "dropout='off' (the device trains without dropout)"
         )
     try:
-        return export_train_step(model, task_kinds, path, example_x, opset)
+        with dropout_off(list(drops.values())):
+            return export_train_step(model, task_kinds, path, example_x, opset)
     except Exception as exc:  # torch.onnx raises many types; the message names the op
         last = (str(exc).strip().splitlines() or [""])[-1][:300]
         raise RunExportError(

@@ -6,9 +6,11 @@
                     [--lr LR] [--head-only] [--start-from UPDATE.safetensors]
                     [--round N] [--out update.safetensors] [--client C]
 
-Inputs for ``predict``: ``.npy`` (one image (H, W)/(C, H, W) or a batch), ``.npz``
-(key ``x``), and with Pillow installed (``pip install 'fmtl-lightning[images]'``)
-PNG and PGM images, 8-bit grayscale or RGB (see :mod:`mobile_client.inputs`).
+Inputs for ``predict``: ``.npy`` (one example of the bundle's ``input_shape``, such as
+an image (H, W)/(C, H, W) or a feature vector (F,), or a batch), ``.npz`` (key ``x``),
+and, for image bundles (``input_shape`` [C, H, W]) with Pillow installed (``pip install
+'fmtl-lightning[images]'``), PNG and PGM images, 8-bit grayscale or RGB (see
+:mod:`mobile_client.inputs`).
 ``train`` reads ``x`` and one ``y__<task, '/' -> '__'>`` per task from ``--data``;
 it writes the update (shared arrays + metadata) to ``--out`` and the client's local
 arrays (heads) to ``--out`` with suffix ``.local.safetensors``; both paths are
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from mobile_client.errors import FMTLError, InputError, error_line
-from mobile_client.inputs import read_client_data, read_inputs
+from mobile_client.inputs import IMAGE_FORMATS, read_client_data, read_inputs
 from mobile_client.manifest import MANIFEST_NAME
 
 TRAIN_BATCH = 32
@@ -54,10 +56,11 @@ class CLIError(FMTLError):
 
 
 def _as_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    c, h, w = input_shape
-    if x.shape in ((h, w), (c, h, w)):
-        return x[None]
-    return x
+    """One example (``input_shape``, or (H, W) of a grayscale image) -> a batch of one."""
+    one = {tuple(input_shape)}
+    if len(input_shape) == 3 and input_shape[0] == 1:
+        one.add(tuple(input_shape[1:]))
+    return x[None] if x.shape in one else x
 
 
 # ----------------------------------------------------------------------------- commands
@@ -82,8 +85,7 @@ def memory_estimate(m, root: Path, width: float) -> int:
     we = m.width(width)
     files = {we.backbone.path} | {h.file.path for h in m.heads if abs(h.width - we.width) < 1e-9}
     size = sum((root / p).stat().st_size for p in files)
-    c, h, w = m.normalisation.input_shape
-    act = 4 * ACT_FACTOR * TRAIN_BATCH * (c * h * w + we.feature_dim)
+    act = 4 * ACT_FACTOR * TRAIN_BATCH * (math.prod(m.normalisation.input_shape) + we.feature_dim)
     return 2 * size + act + RUNTIME_MB * 2**20
 
 
@@ -135,9 +137,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_width(args.width)
     client = _client(args)
     head = client.head(args.task)
-    shape = client.entry.normalisation.input_shape
+    norm = client.entry.normalisation
+    shape = norm.input_shape
     for p in args.inputs:
         path = Path(p)
+        if path.suffix.lower() in IMAGE_FORMATS and not norm.is_image:
+            raise InputError(
+                f"{path}: an image input, but this bundle takes inputs of shape {list(shape)}, "
+                "not an image [C, H, W]: give a .npy or .npz (key x) of that shape"
+            )
         x = _as_batch(read_inputs(path), shape)
         try:
             logits = client.predict(args.task, x, args.width)

@@ -97,8 +97,9 @@ def store_outputs(
 
 
 def prepare_x(x: Any, norm: Normalisation) -> np.ndarray:
-    """Validate and normalise an input batch to float32 ``(B, C, H, W)``."""
-    c, h, w = norm.input_shape
+    """Validate and normalise an input batch to float32 ``(B, *input_shape)``; a
+    grayscale image input ``[1, H, W]`` also takes ``(B, H, W)``."""
+    shape = tuple(norm.input_shape)
     if not isinstance(x, np.ndarray):
         raise InputError(f"x must be a numpy array, got {type(x).__name__}")
     if x.dtype == np.uint8:
@@ -106,10 +107,13 @@ def prepare_x(x: Any, norm: Normalisation) -> np.ndarray:
              / np.float32(norm.std)).astype(np.float32)  # fmt: skip
     elif x.dtype != np.float32:
         raise InputError(f"x has dtype {x.dtype}; expected float32 (normalised) or uint8 (pixels)")
-    if x.ndim == 3 and c == 1:
+    gray = len(shape) == 3 and shape[0] == 1
+    if gray and x.ndim == 3:
         x = x[:, None]  # (B, H, W) -> (B, 1, H, W)
-    if x.ndim != 4 or x.shape[1:] != (c, h, w) or x.shape[0] == 0:
-        want = f"(B, {c}, {h}, {w})" + (f" or (B, {h}, {w})" if c == 1 else "")
+    if x.ndim != 1 + len(shape) or x.shape[1:] != shape or x.shape[0] == 0:
+        want = "(B, " + ", ".join(map(str, shape)) + ")"
+        if gray:
+            want += f" or (B, {shape[1]}, {shape[2]})"
         raise InputError(f"x has shape {tuple(x.shape)}; expected {want} with B >= 1")
     bad = ~np.isfinite(x)
     if bad.any():

@@ -10,7 +10,7 @@ Layout (``format_version`` 1; paths are relative to the manifest's directory)::
     {
       "format_version": 1, "opset": 18, "created": "2026-...Z",
       "algorithm": "fedper", "source_run": "...", "round": 3,
-      "normalisation": {"domain", "mean", "std", "scale", "input_shape": [C, H, W]},
+      "normalisation": {"domain", "mean", "std", "scale", "input_shape": [C, H, W] | [F] | ...},
       "widths": [{"width", "feature_dim", "backbone": FILE,
                   "train_steps": [{"tasks": [...], "clients": [...], "file": FILE}]}],
       "heads": [{"client", "task", "kind", "labels", "width", "file": FILE,
@@ -31,8 +31,9 @@ Input normalisation: ``x = (pixels * scale - mean) / std`` with shape
 finite float32 ``x``: ``scale``, ``mean`` and ``std`` are finite, ``0 < scale <=
 NORM_BOUND``, ``|mean| <= NORM_BOUND``, ``1/NORM_BOUND <= std <= NORM_BOUND`` and
 ``max(|mean|, |255 * scale - mean|) / std <= NORM_BOUND`` (``NORM_BOUND`` = 1e6, in
-:mod:`mobile_client.manifest_entries`), so ``|x| <= 1e6``; ``input_shape`` must match
-the ``[batch, C, H, W]`` the client's backbone declares for its input. Every graph name a FILE entry gives (``weights``,
+:mod:`mobile_client.manifest_entries`), so ``|x| <= 1e6``; ``input_shape`` (1 to 4 dims:
+``[C, H, W]`` images, ``[F]`` features, ``[L, F]`` sequences) must match the
+``[batch, *input_shape]`` the client's backbone declares for its input. Every graph name a FILE entry gives (``weights``,
 ``x_input``, ``features_input``, ``lr_input``, ``target_inputs`` / ``weight_outputs``,
 ``loss_output``) must be one of the ``inputs`` / ``outputs`` it lists (checked at
 load, and against the graph itself when a session is created). A head entry with ``columns`` (FedAvg: one union head

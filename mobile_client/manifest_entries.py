@@ -17,6 +17,7 @@ from typing import Any
 from mobile_client.errors import ManifestError
 
 MAX_DIM = 1 << 20  # bound on a declared input / feature dimension
+MAX_INPUT_DIMS = 4  # input_shape: [F] features, [L, F] sequences, [C, H, W] images, ...
 NORM_BOUND = 1e6  # bound on normalisation parameters and on |x| (see mobile_client.manifest)
 
 
@@ -158,7 +159,17 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Normalisation:
-    """``x = (pixels * scale - mean) / std``, shape ``(batch, *input_shape)``."""
+    """``x = (pixels * scale - mean) / std``, shape ``(batch, *input_shape)``.
+
+    ``input_shape`` is one example without the batch axis: ``[C, H, W]`` for images
+    (the only shape a PNG/PGM input fits), ``[F]`` for tabular features, ``[L, F]`` for
+    sequences; 1 to ``MAX_INPUT_DIMS`` dims."""
+
+    @property
+    def is_image(self) -> bool:
+        """An image input ``[C, H, W]`` with C 1 (grayscale) or 3 (RGB)."""
+        return len(self.input_shape) == 3 and self.input_shape[0] in (1, 3)
+
 
     mean: float
     std: float
@@ -169,11 +180,17 @@ class Normalisation:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Normalisation:
         shape = list_field(d, "input_shape", where)
-        if len(shape) != 3 or not all(
+        if not 1 <= len(shape) <= MAX_INPUT_DIMS or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_DIM for s in shape
         ):
             raise ManifestError(
-                f"manifest field '{where}.input_shape' must be [C, H, W] (each in 1..{MAX_DIM})"
+                f"manifest field '{where}.input_shape' must be 1 to {MAX_INPUT_DIMS} dims such as "
+                f"[C, H, W] or [F] (each in 1..{MAX_DIM}), got {shape!r}"
+            )
+        if math.prod(shape) > MAX_DIM:
+            raise ManifestError(
+                f"manifest field '{where}.input_shape' {shape} holds {math.prod(shape)} "
+                f"values per example, more than {MAX_DIM}"
             )
         b = NORM_BOUND
         std = num_field(d, "std", where)

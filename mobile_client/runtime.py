@@ -195,7 +195,7 @@ class EdgeClient:
 
     # ------------------------------------------------------------------ inputs
     def prepare_x(self, x: Any) -> np.ndarray:
-        """Validate and normalise an input batch to float32 ``(B, C, H, W)``."""
+        """Validate and normalise an input batch to float32 ``(B, *input_shape)``."""
         return prepare_x(x, self.entry.normalisation)
 
     def prepare_targets(

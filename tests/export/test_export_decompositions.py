@@ -63,3 +63,46 @@ def test_table_holds_the_silent_pitfall_fixes() -> None:
         aten.nll_loss_backward.default,
     ):
         assert op in table, op
+
+
+@pytest.mark.parametrize(
+    "h,k,s,p",
+    [(8, 2, 2, 0), (7, 2, 2, 0), (9, 3, 2, 1), (8, 3, 1, 1), (6, 2, 1, 0)],
+)
+def test_avg_pool2d_backward_matches_autograd(h: int, k: int, s: int, p: int) -> None:
+    from export.decompositions import avg_pool2d_backward
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, h, h + 1, requires_grad=True)
+    y = F.avg_pool2d(x, k, s, p)
+    g = torch.randn_like(y)
+    (want,) = torch.autograd.grad(y, x, g)
+    got = avg_pool2d_backward(g, x.detach(), [k, k], [s, s], [p, p], False, True, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # windows with different divisors are left to the exporter, which names the op
+    assert avg_pool2d_backward(g, x.detach(), [k, k], [s, s], [1, 1], False, False, None) is (
+        NotImplemented
+    )
+
+
+def test_linear_over_tokens_keeps_the_batch_symbolic() -> None:
+    """``F.linear`` on (batch, tokens, dim) reads concrete sizes in torch; under
+    :class:`SymbolicLinear` the trace keeps the batch a symbol and the same numbers."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from export.decompositions import SymbolicLinear
+    from export.graphs import _fake_args
+
+    lin = torch.nn.Linear(8, 16)
+    args = [torch.randn(13, 5, 8), lin.weight.detach(), lin.bias.detach()]
+
+    def fn(x, w, b):
+        return torch.func.grad(lambda w: F.gelu(F.linear(x, w, b)).square().sum())(w)
+
+    with SymbolicLinear():
+        gm = make_fx(fn, decomposition_table=training_decompositions(), tracing_mode="symbolic")(
+            *_fake_args(args, {0})
+        )
+    assert "13" not in str([n.meta.get("val") for n in gm.graph.nodes if n.op != "output"])
+    x = torch.randn(4, 5, 8)  # another batch size runs through the same graph
+    torch.testing.assert_close(gm(x, *args[1:]), fn(x, *args[1:]), rtol=1e-5, atol=1e-6)

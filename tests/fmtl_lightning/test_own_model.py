@@ -158,50 +158,70 @@ def test_the_user_head_is_used_and_the_model_itself_is_unchanged():
     assert isinstance(net.fc3, nn.Linear)
 
 
-EXPORTABLE = ("lenet", "resnet", "mobilenetv2", "seqconv")  # at this client's heads
+EXPORTABLE = ("lenet", "resnet", "mobilenetv2", "densenet", "seqconv", "vit", "tabular")
+REFUSED = {"tabular": "dropout layer"}  # exported only with dropout="off"
 
 
-@pytest.mark.parametrize("name", ["lenet", "mobilenetv2", "seqconv", "tabular", "vit"])
-def test_zoo_model_exports_with_parity_or_says_why_not(name, tmp_path):
-    """A width-1/2 client model of each zoo architecture: ONNX Runtime's backbone -> head
-    equals torch to 1e-5 and two exported SGD steps equal torch.optim.SGD; a model whose
-    step graph cannot be exported is refused naming why (dropout, or the op)."""
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_zoo_model_exports_and_trains_on_the_edge_with_parity(name, tmp_path):
+    """A width-1/2 client model of each zoo architecture, exported as a bundle and run
+    by the edge runtime (:class:`mobile_client.runtime.EdgeClient`, numpy + onnxruntime)
+    on real data: its predictions equal torch eval's, and one train step on the device
+    give the weights (every parameter and buffer) and losses of ``torch.optim.SGD`` to
+    1e-5. Inputs of any shape: images (C, H, W), sequences (L, F), features (F,). A model
+    with dropout is refused naming it, and exports with ``dropout="off"``."""
     from export.bundle import RunExportError
-    from export.inference import export_backbone, export_head
-    from export.parity import inference_parity, train_step_parity
     from export.run_export import export_model
-    from export.trainstep import export_train_step
-    from fmtl_lightning.models import head_name
-    from mobile_client.errors import ManifestError
+    from export.trainstep import task_loss
     from mobile_client.manifest import load_manifest
+    from mobile_client.runtime import EdgeClient
 
     cfg, fed, fm = _setup(name)
     c = fed.clients[2]  # width 1/2, tasks parity (multiclass) + attrs (multilabel)
     kinds = {"digits/parity": "multiclass", "digits/attrs": "multilabel"}
     torch.manual_seed(1)
     model = fm.build({t: fed.task_outputs()[t] for t in c.tasks}, 0.5)
-    if name not in EXPORTABLE:
-        # tabular: dropout (and its inputs are not images); densenet (cat), vit (attention): the
-        # step graph's backward does not convert
-        words = "dropout layer" if name == "tabular" else "train step of .* cannot be exported"
-        with pytest.raises((RunExportError, ManifestError), match=words):
-            export_model(model, kinds, tmp_path / "bundle")
-        assert not (tmp_path / "bundle").exists()
-        return
-    bundle = export_model(model, kinds, tmp_path / "bundle")
+    norm = {"mean": 0.0, "std": 1.0, "input_shape": list(model.input_shape)}
+    options = {}
+    if name in REFUSED:
+        with pytest.raises(RunExportError, match=REFUSED[name]):
+            export_model(model, kinds, tmp_path / "refused", normalisation=norm)
+        assert not (tmp_path / "refused").exists()
+        options = {"dropout": "off"}
+    bundle = export_model(model, kinds, tmp_path / "bundle", normalisation=norm, **options)
     m = load_manifest(bundle)
     assert m.width_values() == [0.5] and m.widths[0].feature_dim == model.feature_dim
+    assert m.normalisation.input_shape == tuple(c.x_train.shape[1:])
+
+    edge = EdgeClient(bundle)
     x = c.x_test[:5]
-    bb = export_backbone(model.backbone, tmp_path / "bb.onnx", x[:1], 18)
-    heads = {t: export_head(model.heads[head_name(t)], tmp_path / f"h{i}.onnx", model.feature_dim, 18)
-             for i, t in enumerate(kinds)}  # fmt: skip
-    err = inference_parity(model, bb, heads, x)
+    with torch.no_grad():
+        want = model.eval()(x)
+    for t in kinds:
+        np.testing.assert_allclose(edge.predict(t, x.numpy()), want[t].numpy(), rtol=1e-5, atol=1e-5)
+
+    # one step on 12 real examples, on the device and with torch.optim.SGD
+    xb = c.x_train[:12]
+    ys = {t: c.y_train[t][:12] for t in kinds}
+    res = edge.train(xb.numpy(), {t: y.numpy() for t, y in ys.items()}, batch_size=12,
+                     steps=1, lr=0.05)  # fmt: skip
+    ref = copy.deepcopy(model).train()
+    if options:
+        for mod in ref.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    out = ref(xb)
+    loss = torch.stack([task_loss(kinds[t], out[t], ys[t]) for t in kinds]).sum()
+    loss.backward()
+    opt.step()
+    torch_loss = float(loss.detach())
+    assert abs(res.metrics["last_loss"] - torch_loss) < 1e-5 * max(1.0, torch_loss)
+    got, want_state = res.state, ref.state_dict()
+    assert set(got) == set(want_state)
+    err = {k: float(np.abs(got[k].astype(np.float64) - want_state[k].numpy()).max()) for k in got}
     assert max(err.values()) < 1e-5, err
-    step = export_train_step(model, kinds, tmp_path / "step.onnx", x[:1], 18)
-    batches = [(c.x_train[i : i + 4], {t: c.y_train[t][i : i + 4] for t in kinds}) for i in (0, 4)]
-    par = train_step_parity(model, step, batches, lr=0.05)
-    assert par.worst < 1e-5, par.max_abs
-    np.testing.assert_allclose(par.ort_losses, par.torch_losses, rtol=1e-5)
+    assert any(not np.array_equal(got[k], model.state_dict()[k].numpy()) for k in got)
 
 
 def _own_clients():
