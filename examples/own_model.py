@@ -32,6 +32,9 @@ class DigitNet(L.LightningModule):  # your model, as you would train it with a T
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # used in every local fit
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
 
 # your data: six hospitals' worth of digits; three learn the digit, three its parity
 d = load_digits()
@@ -48,7 +51,8 @@ fed = federation_from_tensors(train, test, widths=[1.0, 1.0, 0.5, 0.5, 0.25, 0.2
 cfg = {"name": "own-model", "algorithm": {"name": "fedper"},
        "clients": [{"count": 1, "tasks": [t], "width": w} for w in (1.0, 0.5, 0.25)
                    for t in ("digits/digit", "digits/parity")],
-       "federation": {"rounds": 30, "batch_size": 16}, "optimizer": {"lr": 0.1, "momentum": 0.9}}  # fmt: skip
+       "federation": {"rounds": 30, "batch_size": 16}}  # fmt: skip
+torch.manual_seed(0)
 model = FederatedModel.from_model(DigitNet(), head="head", example_input=x[:2])
 
 sim = Simulation(parse_config(cfg), "runs/own-model", model=model, federation=fed)

@@ -200,7 +200,9 @@ def avg_pool2d_backward(
     n, c = x.shape[0], x.shape[1]  # n symbolic: int() would fix the batch size
     h, w = int(x.shape[2]), int(x.shape[3])
     ho, wo = int(grad_out.shape[2]), int(grad_out.shape[3])
-    floor = [(size + 2 * p - kk) // ss + 1 for size, p, kk, ss in zip((h, w), pad, k, s, strict=True)]
+    floor = [
+        (size + 2 * p - kk) // ss + 1 for size, p, kk, ss in zip((h, w), pad, k, s, strict=True)
+    ]
     if (any(pad) and not count_include_pad and divisor_override is None) or [ho, wo] != floor:
         return NotImplemented  # type: ignore[return-value]
     g = grad_out / float(divisor_override or k[0] * k[1])

@@ -170,7 +170,6 @@ class Normalisation:
         """An image input ``[C, H, W]`` with C 1 (grayscale) or 3 (RGB)."""
         return len(self.input_shape) == 3 and self.input_shape[0] in (1, 3)
 
-
     mean: float
     std: float
     input_shape: tuple[int, ...]

@@ -198,7 +198,9 @@ def test_zoo_model_exports_and_trains_on_the_edge_with_parity(name, tmp_path):
     with torch.no_grad():
         want = model.eval()(x)
     for t in kinds:
-        np.testing.assert_allclose(edge.predict(t, x.numpy()), want[t].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            edge.predict(t, x.numpy()), want[t].numpy(), rtol=1e-5, atol=1e-5
+        )
 
     # one step on 12 real examples, on the device and with torch.optim.SGD
     xb = c.x_train[:12]
