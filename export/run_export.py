@@ -56,6 +56,7 @@ from export.run_select import (
     select_widths,
 )
 from export.trainstep import TASK_KINDS, export_head_step, export_model_step, export_train_step
+from fmtl_lightning.export_checks import warn_step_optimizer
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
     ClientEntry,
@@ -268,6 +269,13 @@ def export_run(
             f"{run_dir}: its model is model.factory {art.config.model.factory!r}, a model of "
             "your own: export its clients with Simulation.export_client (see the README)"
         )
+    o = art.config.optimizer
+    warn_step_optimizer(
+        torch.optim.SGD(
+            [torch.zeros(1)], lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        ),
+        f"run {run_dir}",
+    )
     spec = art.spec
     if not spec.keys_of_kind("head"):
         raise RunExportError(f"{run_dir}: the model's roles declare no head; nothing to export")

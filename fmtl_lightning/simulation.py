@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.fabric.loggers import CSVLogger
 from tqdm.auto import tqdm
 
@@ -38,6 +39,7 @@ from fmtl_lightning.config import RunConfig, load_config, parse_config, validate
 from fmtl_lightning.engine import ServerEngine
 from fmtl_lightning.engine.metrics import client_scores, metric_rows, rows_csv, summarize
 from fmtl_lightning.errors import FMTLError
+from fmtl_lightning.export_checks import warn_step_optimizer
 from fmtl_lightning.fed_data import ClientData, Federation, build_federation
 from fmtl_lightning.model_source import ModelSource
 from fmtl_lightning.roles import ModelSpec, WidthSpec
@@ -155,8 +157,17 @@ class Simulation:
         norm = {"mean": mean, "std": std, "input_shape": list(model.input_shape),
                 "scale": 1.0, "domain": c.spec.domain}  # fmt: skip
         kw.setdefault("normalisation", norm)
+        warn_step_optimizer(self.trained_optimizer(c), f"client {cid}")
         return export_model(model, {t: get_task(t) for t in c.tasks}, out_dir, client=cid,
                             policy=self.spec.policy, **kw)  # fmt: skip
+
+    def trained_optimizer(self, c: ClientData) -> torch.optim.Optimizer:
+        """The optimiser client ``c``'s local fits use (the user's own, or the config's)."""
+        model = self.pool.module_for(c, c.width)
+        own = getattr(self.engine.plan.model, "own_steps", None)
+        if own is not None:
+            return own.optimizers(model.backbone)[0]
+        return model.configure_optimizers(None)
 
     # ------------------------------------------------------------------ one round
     def run_round(self) -> dict[str, Any]:

@@ -354,3 +354,34 @@ def test_a_config_names_its_model_and_data_factories_and_resumes_from_them(tmp_p
     bad["data"]["factory"] = "tests.fmtl_lightning.own_factories:fixed_clients"
     with pytest.raises(ConfigError, match=r"data.factory: .* gave clients \(tasks, width\)"):
         run_config(bad, tmp_path / "bad2", progress=False)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_export_says_when_the_step_graph_cannot_express_the_optimiser(momentum, tmp_path):
+    """The step graph is plain SGD: a client trained with momentum is exported with a
+    StepOptimizerWarning naming its optimiser; a plain-SGD client exports silently."""
+    import warnings
+
+    from fmtl_lightning.export_checks import StepOptimizerWarning
+    from fmtl_lightning.fed_data import federation_from_tensors
+
+    x, train, test = _own_clients()
+    fed = federation_from_tensors(train, test, widths=[1.0, 1.0, 0.5])
+    cfg = parse_config({"name": "opt", "algorithm": {"name": "fedper"}, "federation": {"rounds": 1},
+                        "optimizer": {"lr": 0.05, "momentum": momentum},
+                        "clients": [{"count": 1, "tasks": ["digits/digit"], "width": 1.0},
+                                    {"count": 1, "tasks": ["digits/parity"], "width": 1.0},
+                                    {"count": 1, "tasks": ["digits/digit"], "width": 0.5}]})  # fmt: skip
+    fm = FederatedModel(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU()), example_input=x[:2]
+    )
+    sim = Simulation(cfg, tmp_path / "run", progress=False, model=fm, federation=fed)
+    sim.run()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sim.export_client("c01", tmp_path / "bundle")
+    said = [str(w.message) for w in seen if issubclass(w.category, StepOptimizerWarning)]
+    if momentum:
+        assert len(said) == 1 and "client c01 trained with SGD(lr=0.05, momentum=0.9" in said[0]
+    else:
+        assert said == []
