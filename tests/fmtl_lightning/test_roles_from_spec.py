@@ -32,11 +32,11 @@ def test_fedrep_phases_train_what_the_spec_declares(small_cfg, tmp_path, monkeyp
     fits: list[tuple[set[str], set[str]]] = []  # per fit: (stepped, changed) parameters
     real_fit = local_fit.fit  # the one training loop every phase goes through
 
-    def spy(fabric, module, x, y, plan, seed, train):
+    def spy(fabric, module, x, y, plan, seed, train, *args, **kw):
         named = dict(module.model.named_parameters())
         stepped = {id(p) for p in module.trainable_parameters(train.keys)}
         before = {k: p.detach().clone() for k, p in named.items()}
-        out = real_fit(fabric, module, x, y, plan, seed, train)
+        out = real_fit(fabric, module, x, y, plan, seed, train, *args, **kw)
         fits.append(
             (
                 {k for k, p in named.items() if id(p) in stepped},
