@@ -28,6 +28,7 @@ from fmtl_lightning.roles import WidthSpec
 from fmtl_lightning.simulation import Simulation, resume_run, run_config
 from fmtl_lightning.zoo import DenseNet, LeNet, MobileNetV2, ResNet, SeqConvNet, TinyViT
 from tests.fmtl_lightning.conftest import BASE
+from tests.matrix.runner import Killed, kill_after_first
 
 
 class TabularBackbone(nn.Module):
@@ -109,15 +110,10 @@ def test_zoo_model_federates_resumes_and_slices(name, tmp_path):
         assert tuple(v.shape) == spec.shape_at(k, WidthSpec(0.5)), (name, k)
     assert any(tuple(v.shape) != spec[k].shape for k, v in model.state_dict().items())
 
-    class Killed(Exception):
-        pass
-
-    def kill(r: int) -> None:
-        if r == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        Simulation(cfg, tmp_path / "killed", progress=False, model=fm, federation=fed).run(kill)
+        Simulation(cfg, tmp_path / "killed", progress=False, model=fm, federation=fed).run(
+            kill_after_first
+        )
     resume_run(tmp_path / "killed", progress=False, model=fm, federation=fed)
     g2, clients2 = _states(tmp_path / "killed")
     for k in g:
@@ -326,15 +322,8 @@ def test_a_config_names_its_model_and_data_factories_and_resumes_from_them(tmp_p
     run_config(raw, tmp_path / "straight", progress=False)
     cfg = parse_config(raw)
 
-    class Killed(Exception):
-        pass
-
-    def kill(r: int) -> None:
-        if r == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        Simulation(cfg, tmp_path / "killed", progress=False).run(kill)
+        Simulation(cfg, tmp_path / "killed", progress=False).run(kill_after_first)
     resume_run(tmp_path / "killed", progress=False)  # the factories come from config.yaml
     (g, cl), (g2, cl2) = _states(tmp_path / "straight"), _states(tmp_path / "killed")
     assert set(g) == set(g2) and any(k.startswith("backbone.conv1") for k in g)

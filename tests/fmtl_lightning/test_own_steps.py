@@ -33,6 +33,7 @@ from fmtl_lightning.roles import WidthSpec
 from fmtl_lightning.simulation import Simulation, resume_run, run_config
 from fmtl_lightning.slicing import slice_state
 from tests.fmtl_lightning.conftest import BASE
+from tests.matrix.runner import Killed, kill_after_first
 
 TASK = "digits/digit"
 
@@ -171,15 +172,8 @@ def test_fedper_with_own_steps_resumes_bit_identically(tmp_path):
     cfg = _cfg(rounds=2)
     run_config(cfg, tmp_path / "straight", progress=False, model=_model())
 
-    class Killed(Exception):
-        pass
-
-    def kill(r: int) -> None:
-        if r == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        Simulation(cfg, tmp_path / "killed", progress=False, model=_model()).run(kill)
+        Simulation(cfg, tmp_path / "killed", progress=False, model=_model()).run(kill_after_first)
     resume_run(tmp_path / "killed", progress=False, model=_model())
     a = read_round(tmp_path / "straight", completed_rounds(tmp_path / "straight")[-1])
     b = read_round(tmp_path / "killed", completed_rounds(tmp_path / "killed")[-1])

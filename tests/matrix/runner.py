@@ -24,7 +24,7 @@ class Killed(Exception):
     """Raised from the round callback: the process "dies" after a checkpoint."""
 
 
-def _kill_after_first(round_no: int) -> None:
+def kill_after_first(round_no: int) -> None:
     if round_no == 1:
         raise Killed
 
@@ -72,7 +72,7 @@ def run_combination(cfg: RunConfig, tmp: Path) -> dict[str, Any]:
     spec = ModelSpec.from_json((straight / "spec.json").read_text())
     check_states(straight, spec)
     try:
-        Simulation(cfg, killed, progress=False).run(on_round=_kill_after_first)
+        Simulation(cfg, killed, progress=False).run(on_round=kill_after_first)
     except Killed:
         pass
     assert completed_rounds(killed) == [1]
