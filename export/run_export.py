@@ -55,7 +55,13 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
-from export.trainstep import TASK_KINDS, export_head_step, export_model_step, export_train_step
+from export.trainstep import (
+    check_exportable,
+    export_head_step,
+    export_model_step,
+    export_train_step,
+    task_kinds_of,
+)
 from fmtl_lightning.export_checks import warn_step_optimizer
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
@@ -79,36 +85,6 @@ def _labels(task: str) -> tuple[str, ...]:
     from fmtl_lightning.tasks import get_task
 
     return tuple(get_task(task).output_names)
-
-
-def _check_exportable(task: Task) -> None:
-    """The step graphs train each task with the default loss of its kind."""
-    if task.kind not in TASK_KINDS:
-        raise RunExportError(
-            f"task {task.name!r} is a {task.kind} task; the exported step graphs train "
-            f"{' and '.join(TASK_KINDS)} tasks only"
-        )
-    if not task.default_loss:
-        raise RunExportError(
-            f"task {task.name!r} has its own loss; the exported step graphs train a task "
-            f"with the default loss of its kind ({task.kind}) only"
-        )
-
-
-def _kinds(tasks: Mapping[str, Task | str]) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
-    """task -> kind, and the output names of the values that are Tasks."""
-    from fmtl_lightning.tasks import Task
-
-    kinds, names = {}, {}
-    for t, v in tasks.items():
-        if isinstance(v, Task):
-            if v.name != t:
-                raise RunExportError(f"task_kinds[{t!r}] holds task {v.name!r}")
-            _check_exportable(v)
-            kinds[t], names[t] = v.kind, v.output_names
-        else:
-            kinds[t] = v
-    return kinds, names
 
 
 # ----------------------------------------------------------------------------- one model
@@ -148,7 +124,7 @@ def export_model(
         raise RunExportError("the model's roles declare no head: nothing to deploy per task")
     if not task_kinds:
         raise RunExportError("task_kinds is empty: name at least one of the model's tasks")
-    task_kinds, task_labels = _kinds(task_kinds)
+    task_kinds, task_labels = task_kinds_of(task_kinds)
     missing = [t for t in task_kinds if t not in model.task_outputs]
     if missing:
         raise RunExportError(
@@ -316,7 +292,7 @@ def export_run(
 
     for c in run_clients:
         for t in c.tasks:
-            _check_exportable(get_task(t))
+            check_exportable(get_task(t))
 
     def build(staging: Path) -> None:
         b = BundleWriter(staging, opset, ort)

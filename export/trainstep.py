@@ -35,7 +35,7 @@ from export.graphs import (
     unique_names,
 )
 from fmtl_lightning.models import MultiTaskModel, head_name
-from fmtl_lightning.tasks import DEFAULT_LOSSES
+from fmtl_lightning.tasks import DEFAULT_LOSSES, Task
 
 TASK_KINDS = ("multiclass", "multilabel")  # the kinds a step graph trains (no regression yet)
 LossOf = Callable[[nn.Module, dict, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
@@ -276,3 +276,37 @@ def export_model_step(
             f"the on-device train step of {type(model).__name__} cannot be exported to ONNX "
             f"({type(exc).__name__}: {last}); its backbone and heads can, for inference"
         ) from exc
+
+
+def check_exportable(task: Task) -> None:
+    """The step graphs train each task with the default loss of its kind."""
+    from export.bundle import RunExportError
+
+    if task.kind not in TASK_KINDS:
+        raise RunExportError(
+            f"task {task.name!r} is a {task.kind} task; the exported step graphs train "
+            f"{' and '.join(TASK_KINDS)} tasks only"
+        )
+    if not task.default_loss:
+        raise RunExportError(
+            f"task {task.name!r} has its own loss; the exported step graphs train a task "
+            f"with the default loss of its kind ({task.kind}) only"
+        )
+
+
+def task_kinds_of(
+    tasks: Mapping[str, Task | str],
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """task -> kind, and the output names of the values that are Tasks."""
+    from export.bundle import RunExportError
+
+    kinds, names = {}, {}
+    for t, v in tasks.items():
+        if isinstance(v, Task):
+            if v.name != t:
+                raise RunExportError(f"task_kinds[{t!r}] holds task {v.name!r}")
+            check_exportable(v)
+            kinds[t], names[t] = v.kind, v.output_names
+        else:
+            kinds[t] = v
+    return kinds, names
