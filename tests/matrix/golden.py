@@ -45,11 +45,11 @@ def run_all() -> dict[str, Any]:
             run = Path(tmp) / f"c{i}"
             run_config(parse_config(config_of(combo)), run, progress=False)
             res: dict[str, Any] = {"combo": {k: str(v) for k, v in combo.items()}}
-            for sub in (run, run / "local_baseline"):
+            for name, sub in (("run", run), ("local_baseline", run / "local_baseline")):
                 if not (sub / "checkpoints").is_dir():
                     continue
                 g, clients, _, _ = read_round(sub, completed_rounds(sub)[-1])
-                res[sub.name] = {
+                res[name] = {
                     "global": state_hash(g),
                     "clients": {cid: state_hash(st) for cid, st in sorted(clients.items())},
                     "metrics": hashlib.sha256((sub / "metrics.csv").read_bytes()).hexdigest()[:16],
