@@ -64,7 +64,8 @@ def federation_plan(
 class ClientPool:
     """The clients of ``fed`` under ``plan``, training in this process (see the module doc).
 
-    ``loggers`` go to the one Fabric every fit runs through; edge clients' bundles and
+    ``loggers`` go to the one Fabric every fit runs through, ``callbacks`` (after the
+    model source's own) get every local fit's training hooks; edge clients' bundles and
     update files live under ``edge_dir``.
     """
 
@@ -76,6 +77,7 @@ class ClientPool:
         edge_dir: str | Path,
         *,
         loggers: Sequence[Any] = (),
+        callbacks: Sequence[Any] = (),
     ) -> None:
         self.cfg = cfg
         self.fed = fed
@@ -94,14 +96,14 @@ class ClientPool:
                 st.personal = {k: init[k].copy() for k in keys}
             self.stores[c.cid] = st
         self._modules: dict[tuple, MultiTaskModule] = {}
-        if cfg.algorithm.masked_ce and getattr(plan.model, "own_steps", None) is not None:
+        if cfg.algorithm.masked_ce and plan.model.own_steps is not None:
             raise OwnStepsError(
                 "algorithm.masked_ce: label masks cannot reach a user's own training_step; "
                 "turn masked_ce off, or pass own_steps=False to FederatedModel.from_model"
             )
         # called by every local fit; not Fabric(callbacks=): Fabric also registers every
         # LightningModule it sets up as a callback, which Lightning's hook signatures break
-        self.callbacks: tuple[Any, ...] = tuple(getattr(plan.model, "callbacks", ()))
+        self.callbacks: tuple[Any, ...] = (*plan.model.callbacks, *callbacks)
         self.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=list(loggers))
         self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
         self.edge = EdgeBridge(Path(edge_dir))

@@ -6,7 +6,8 @@ plan, the in-process clients and the Lightning nodes read models only through it
 user's model is federated exactly like a built-in one:
 
 * :class:`BuiltinModel` — the configured family (``model.family``: mlp, cnn, dwcnn,
-  fedavgcnn), whose layers declare their roles as they are built;
+  fedavgcnn), planned by the same inference as a user's model
+  (:func:`fmtl_lightning.models.builtin_plan`);
 * :class:`FederatedModel` — a user's backbone (any ``nn.Module`` mapping an input batch
   to ``(B, F)`` features) and optionally their own head per task (default: a linear
   layer). Roles follow from the module types (:func:`fmtl_lightning.width_plan.infer_plan`:

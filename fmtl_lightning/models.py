@@ -1,4 +1,4 @@
-"""Width-sliceable backbones, task heads, and the parameter declarations they make.
+"""The built-in backbone families and task heads, buildable at any width.
 
 Four backbone families, each buildable at any width r in (0, 1]:
 
@@ -13,10 +13,12 @@ Four backbone families, each buildable at any width r in (0, 1]:
   default (32, 64, 512); 28x28 inputs give a 64x4x4 = 1,024 map). ``norm="none"`` is
   exactly PFLlib's model; other norms go after each convolution, as in ``cnn``.
 
-Every layer is created through :class:`_Builder`, which records, at the moment the
-layer exists, what each of its tensors is (kind) and which dims scale with width
-(axes). :func:`model_spec` turns those records into the :class:`ModelSpec` that
-slicing, aggregation, the Ditto term and export all read.
+The built-in families go through the same path as a user's model: their roles and width
+axes are inferred from the traced graph (:func:`builtin_plan`, which runs
+:func:`fmtl_lightning.width_plan.infer_plan`), never declared by hand; only the channel
+groups' names (``h0, h1, ...`` after ``BackboneConfig.hidden``) are theirs.
+:func:`model_spec` turns that plan into the :class:`ModelSpec` that slicing, aggregation,
+the Ditto term and export all read.
 
 A model built at width r has exactly the shapes that ``slice_state`` produces
 from the full-width state, because both use :func:`roles.channels_at`.
@@ -24,9 +26,10 @@ from the full-width state, because both use :func:`roles.channels_at`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 
 from fmtl_lightning.errors import SpecError, StateValidationError
-from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, channels_at, check_width
+from fmtl_lightning.roles import ModelSpec, RolePolicy, channels_at, check_width
 from fmtl_lightning.static_bn import StaticBatchNorm2d
 from mobile_client.batching import head_name as head_name  # one definition, re-exported
 
@@ -143,66 +146,19 @@ class Scaler(nn.Module):
         return x / self.rate if self.training else x
 
 
-@dataclass
-class _Builder:
-    """Creates layers at a width and records (kind, axes) for each of their tensors."""
+def _conv(cin: int, cout: int, k: int, padding: int | None = None) -> nn.Conv2d:
+    """A k x k convolution, "same" padding unless given."""
+    return nn.Conv2d(cin, cout, k, padding=k // 2 if padding is None else padding)
 
-    width: float
-    decl: dict[str, tuple[str, tuple[str | None, ...]]] = field(default_factory=dict)
 
-    def ch(self, group: str, full: int) -> int:
-        return channels_at(full, self.width)
-
-    def linear(
-        self, name: str, fin: int, fout: int, gin: str | None, gout: str | None, kind: str
-    ) -> nn.Linear:
-        self.decl[f"{name}.weight"] = (kind, (gout, gin))
-        self.decl[f"{name}.bias"] = (kind, (gout,))
-        return nn.Linear(fin, fout)
-
-    def conv(
-        self,
-        name: str,
-        cin: int,
-        cout: int,
-        gin: str | None,
-        gout: str,
-        k: int,
-        stride: int = 1,
-        padding: int | None = None,  # None: k // 2 ("same" for odd k)
-    ) -> nn.Conv2d:
-        self.decl[f"{name}.weight"] = ("backbone", (gout, gin, None, None))
-        self.decl[f"{name}.bias"] = ("backbone", (gout,))
-        pad = k // 2 if padding is None else padding
-        return nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
-
-    def flat_linear(
-        self, name: str, cin: int, side: int, cout: int, gin: str, gout: str
-    ) -> FlattenLinear:
-        self.decl[f"{name}.weight"] = ("backbone", (gout, gin, None, None))
-        self.decl[f"{name}.bias"] = ("backbone", (gout,))
-        return FlattenLinear(cin, side, cout)
-
-    def depthwise(self, name: str, c: int, g: str, stride: int) -> nn.Conv2d:
-        self.decl[f"{name}.weight"] = ("backbone", (g, None, None, None))
-        self.decl[f"{name}.bias"] = ("backbone", (g,))
-        return nn.Conv2d(c, c, 3, stride=stride, padding=1, groups=c)
-
-    def norm(self, name: str, c: int, g: str, norm: Norm) -> nn.Module:
-        if norm == "none":
-            return nn.Identity()
-        self.decl[f"{name}.weight"] = ("norm", (g,))
-        self.decl[f"{name}.bias"] = ("norm", (g,))
-        if norm == "group":
-            return nn.GroupNorm(group_norm_groups(c), c)
-        if norm == "static_batch":  # statistics computed after aggregation, never trained
-            self.decl[f"{name}.running_mean"] = ("static_stat", (g,))
-            self.decl[f"{name}.running_var"] = ("static_stat", (g,))
-            return StaticBatchNorm2d(c)
-        self.decl[f"{name}.running_mean"] = ("norm_stat", (g,))
-        self.decl[f"{name}.running_var"] = ("norm_stat", (g,))
-        self.decl[f"{name}.num_batches_tracked"] = ("counter", ())
-        return nn.BatchNorm2d(c)
+def _norm(c: int, norm: Norm) -> nn.Module:
+    if norm == "none":
+        return nn.Identity()
+    if norm == "group":
+        return nn.GroupNorm(group_norm_groups(c), c)
+    if norm == "static_batch":  # statistics computed after aggregation, never trained
+        return StaticBatchNorm2d(c)
+    return nn.BatchNorm2d(c)
 
 
 class Backbone(nn.Module):
@@ -212,7 +168,6 @@ class Backbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.width = check_width(width)
-        b = _Builder(self.width)
         layers: list[nn.Module] = []
         builders = {
             "mlp": self._mlp,
@@ -220,74 +175,75 @@ class Backbone(nn.Module):
             "dwcnn": self._dwcnn,
             "fedavgcnn": self._fedavgcnn,
         }
-        builders[cfg.family](b, layers)
+        builders[cfg.family](layers)
         self.layers = nn.Sequential(*layers)
-        self.feature_dim = channels_at(cfg.hidden[-1], self.width)
-        self.declarations = {f"layers.{k}": v for k, v in b.decl.items()}
+        self.feature_dim = self._ch(cfg.hidden[-1])
+
+    def _ch(self, full: int) -> int:
+        return channels_at(full, self.width)
 
     def _scaler(self, layers: list[nn.Module]) -> None:
         if self.cfg.scaler:
             layers.append(Scaler(self.width))
 
-    def _mlp(self, b: _Builder, layers: list[nn.Module]) -> None:
+    def _mlp(self, layers: list[nn.Module]) -> None:
         cfg = self.cfg
         layers.append(nn.Flatten())
-        fin, gin = cfg.in_channels * cfg.image_size**2, None
-        for i, h in enumerate(cfg.hidden):
-            c = b.ch(f"h{i}", h)
-            layers.append(b.linear(str(len(layers)), fin, c, gin, f"h{i}", "backbone"))
+        fin = cfg.in_channels * cfg.image_size**2
+        for h in cfg.hidden:
+            c = self._ch(h)
+            layers.append(nn.Linear(fin, c))
             self._scaler(layers)
             layers.append(nn.ReLU())
-            fin, gin = c, f"h{i}"
+            fin = c
 
-    def _cnn(self, b: _Builder, layers: list[nn.Module]) -> None:
+    def _cnn(self, layers: list[nn.Module]) -> None:
         cfg = self.cfg
-        cin, gin = cfg.in_channels, None
+        cin = cfg.in_channels
         for i, h in enumerate(cfg.hidden):
-            c, g = b.ch(f"h{i}", h), f"h{i}"
-            layers.append(b.conv(str(len(layers)), cin, c, gin, g, 3))
+            c = self._ch(h)
+            layers.append(_conv(cin, c, 3))
             self._scaler(layers)
-            layers.append(b.norm(str(len(layers)), c, g, cfg.norm))
+            layers.append(_norm(c, cfg.norm))
             layers.append(nn.ReLU())
             if i < len(cfg.hidden) - 1:
                 layers.append(nn.MaxPool2d(2))
-            cin, gin = c, g
+            cin = c
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
 
-    def _dwcnn(self, b: _Builder, layers: list[nn.Module]) -> None:
+    def _dwcnn(self, layers: list[nn.Module]) -> None:
         cfg = self.cfg
-        c0 = b.ch("h0", cfg.hidden[0])
-        layers.append(b.conv(str(len(layers)), cfg.in_channels, c0, None, "h0", 3))
+        cin = self._ch(cfg.hidden[0])
+        layers.append(_conv(cfg.in_channels, cin, 3))
         self._scaler(layers)
-        layers.append(b.norm(str(len(layers)), c0, "h0", cfg.norm))
+        layers.append(_norm(cin, cfg.norm))
         layers.append(nn.ReLU())
-        cin, gin = c0, "h0"
         for i, h in enumerate(cfg.hidden[1:], start=1):
-            c, g = b.ch(f"h{i}", h), f"h{i}"
-            layers.append(b.depthwise(str(len(layers)), cin, gin, stride=2 if i <= 2 else 1))
-            layers.append(b.norm(str(len(layers)), cin, gin, cfg.norm))
+            c = self._ch(h)
+            stride = 2 if i <= 2 else 1
+            layers.append(nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin))
+            layers.append(_norm(cin, cfg.norm))
             layers.append(nn.ReLU())
-            layers.append(b.conv(str(len(layers)), cin, c, gin, g, 1))
+            layers.append(_conv(cin, c, 1))
             self._scaler(layers)
-            layers.append(b.norm(str(len(layers)), c, g, cfg.norm))
+            layers.append(_norm(c, cfg.norm))
             layers.append(nn.ReLU())
-            cin, gin = c, g
+            cin = c
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
 
-    def _fedavgcnn(self, b: _Builder, layers: list[nn.Module]) -> None:
+    def _fedavgcnn(self, layers: list[nn.Module]) -> None:
         cfg = self.cfg
-        cin, gin = cfg.in_channels, None
-        for i, h in enumerate(cfg.hidden[:2]):  # (B, C, 28, 28) -> (B, c0, 12, 12) -> (B, c1, 4, 4)
-            c, g = b.ch(f"h{i}", h), f"h{i}"
-            layers.append(b.conv(str(len(layers)), cin, c, gin, g, 5, padding=0))
+        cin = cfg.in_channels
+        for h in cfg.hidden[:2]:  # (B, C, 28, 28) -> (B, c0, 12, 12) -> (B, c1, 4, 4)
+            c = self._ch(h)
+            layers.append(_conv(cin, c, 5, padding=0))
             self._scaler(layers)
-            layers.append(b.norm(str(len(layers)), c, g, cfg.norm))
+            layers.append(_norm(c, cfg.norm))
             layers.append(nn.ReLU())
             layers.append(nn.MaxPool2d(2))
-            cin, gin = c, g
-        c2 = b.ch("h2", cfg.hidden[2])
+            cin = c
         side = fedavgcnn_map_side(cfg.image_size)
-        layers.append(b.flat_linear(str(len(layers)), cin, side, c2, "h1", "h2"))  # (B, c2)
+        layers.append(FlattenLinear(cin, side, self._ch(cfg.hidden[2])))  # (B, c2)
         self._scaler(layers)
         layers.append(nn.ReLU())
 
@@ -296,7 +252,11 @@ class Backbone(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """A backbone plus one linear head per task; forward returns ``{task: logits}``."""
+    """A backbone plus one linear head per task; forward returns ``{task: logits}``.
+
+    Its roles and width axes (``declarations``, :meth:`role_spec`) are inferred from the
+    traced graph like any user's model (:func:`builtin_plan`), never declared by hand.
+    """
 
     def __init__(
         self, cfg: BackboneConfig, task_outputs: Mapping[str, int], width: float = 1.0
@@ -309,16 +269,15 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(
             {head_name(t): nn.Linear(self.backbone.feature_dim, n) for t, n in task_outputs.items()}
         )
-        decl = {f"backbone.{k}": v for k, v in self.backbone.declarations.items()}
-        for t in task_outputs:
-            h = head_name(t)
-            decl[f"heads.{h}.weight"] = ("head", (None, cfg.feature_group))
-            decl[f"heads.{h}.bias"] = ("head", (None,))
-        self.declarations = decl
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)  # (B, F)
         return {t: self.heads[head_name(t)](feats) for t in self.task_outputs}
+
+    @property
+    def declarations(self) -> dict[str, tuple]:
+        """state-dict key -> (kind, axes, blocks): the inferred plan (:func:`builtin_plan`)."""
+        return dict(builtin_plan(self.cfg, tuple(self.task_outputs.items()))[1])
 
     @property
     def family(self) -> str:
@@ -340,35 +299,44 @@ class MultiTaskModel(nn.Module):
         return model_spec(self.cfg, self.task_outputs, policy)
 
 
-def spec_of(model: MultiTaskModel, policy: RolePolicy | str = "fedper") -> ModelSpec:
-    """The ModelSpec of a width-1 model: declarations plus the real tensor shapes/dtypes."""
-    if model.width != 1.0:
-        raise SpecError(f"spec_of needs a width-1 model, got width {model.width}")
-    sd = model.state_dict()
-    undeclared = sorted(set(sd) - set(model.declarations))
-    if undeclared:
-        raise SpecError(f"state-dict keys without a declared role: {undeclared[:5]}")
-    params = tuple(
-        ParamSpec(
-            key=k,
-            kind=model.declarations[k][0],  # type: ignore[arg-type]
-            shape=tuple(sd[k].shape),
-            axes=model.declarations[k][1],
-            dtype=str(sd[k].dtype).removeprefix("torch."),
-        )
-        for k in sd
-    )
-    spec = ModelSpec(groups=model.cfg.groups(), params=params)
-    return spec.with_policy(policy)
+@functools.lru_cache(maxsize=128)
+def builtin_plan(
+    cfg: BackboneConfig, tasks: tuple[tuple[str, int], ...]
+) -> tuple[dict[str, int], dict[str, tuple]]:
+    """The width plan of a built-in model, inferred like any user's model's.
+
+    :func:`fmtl_lightning.width_plan.infer_plan` traces the width-1 model (on the meta
+    device: no weights) with the heads as task heads; its channel groups, in the order
+    the layers create them, are named ``h0, h1, ...`` after ``cfg.hidden`` (the names
+    configs, ``spec.json`` and bundles use). Returns ``(groups, declarations)``.
+    """
+    from fmtl_lightning.width_plan import infer_plan  # width_plan knows this module's layers
+
+    with torch.device("meta"):
+        model = MultiTaskModel(cfg, dict(tasks), 1.0)
+        x = torch.zeros(2, *model.input_shape)
+    groups, decl = infer_plan(model, x, heads=["heads"])
+    want = cfg.groups()
+    if [int(n) for n in groups.values()] != list(want.values()):  # type: ignore[arg-type]
+        raise SpecError(f"{cfg.family}: inferred channel groups {groups} do not match {want}")
+    rename = dict(zip(groups, want, strict=True))
+    named: dict[str, tuple] = {
+        k: d._replace(axes=tuple(None if a is None else rename[a] for a in d.axes))
+        for k, d in decl.items()
+    }
+    return want, named
 
 
 def model_spec(
     cfg: BackboneConfig, task_outputs: Mapping[str, int], policy: RolePolicy | str = "fedper"
 ) -> ModelSpec:
-    """ModelSpec for a config, computed on the meta device (no memory for weights)."""
+    """ModelSpec of a built-in config: its inferred plan plus shapes (meta device)."""
+    from fmtl_lightning.width_build import plan_spec  # width_build builds on this module
+
+    groups, decl = builtin_plan(cfg, tuple(task_outputs.items()))
     with torch.device("meta"):
         model = MultiTaskModel(cfg, task_outputs, 1.0)
-    return spec_of(model, policy)
+    return plan_spec(model, groups, decl, policy)
 
 
 def state_arrays(module: nn.Module, keys: list[str] | tuple[str, ...] | None = None) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from fmtl_lightning.aggregation import ClientUpdate
@@ -69,7 +70,8 @@ class Simulation:
     must fit ``algorithm.weighting`` (its own call raises ``ValueError`` otherwise).
     ``model``: a user's own model (:class:`~fmtl_lightning.model_source.FederatedModel`)
     instead of the configured built-in family; ``federation``: the clients' data (default:
-    the config's dataset, partitioned as it says).
+    the config's dataset, partitioned as it says); ``callbacks``: Lightning Callbacks
+    called in every local fit (after the model's own, :mod:`fmtl_lightning.own_steps`).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Simulation:
         federation: Federation | None = None,
         aggregator: AggregationRule | None = None,
         model: ModelSource | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -90,7 +93,8 @@ class Simulation:
         self.engine = ServerEngine(plan, self.run_dir, aggregator=aggregator)
         # Lightning's own CSV logger gets the per-round aggregates; our metrics.csv the details
         self.logger = CSVLogger(str(self.run_dir), name="lightning_logs")
-        self.pool = ClientPool(cfg, fed, plan, self.run_dir / "edge", loggers=[self.logger])
+        self.pool = ClientPool(cfg, fed, plan, self.run_dir / "edge", loggers=[self.logger],
+                               callbacks=callbacks)  # fmt: skip
         self.engine.on_prune = self.pool.edge.prune
         self.times: list[RoundTimes] = []
 
@@ -164,9 +168,9 @@ class Simulation:
     def trained_optimizer(self, c: ClientData) -> torch.optim.Optimizer:
         """The optimiser client ``c``'s local fits use (the user's own, or the config's)."""
         model = self.pool.module_for(c, c.width)
-        own = getattr(self.engine.plan.model, "own_steps", None)
+        own = self.engine.plan.model.own_steps
         if own is not None:
-            return own.optimizers(model.backbone)[0]
+            return own.optimizers(model.model.backbone)[0]
         return model.configure_optimizers(None)
 
     # ------------------------------------------------------------------ one round
@@ -308,23 +312,25 @@ def run_config(
     progress: bool = True,
     model: ModelSource | None = None,
     federation: Federation | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Python API of ``fmtl simulate``: the run, then (optionally) its local-only baseline.
 
     ``model``: a user's own model instead of the configured family; ``federation``: the
-    clients' own data (:mod:`fmtl_lightning.fed_data`) instead of the configured dataset.
+    clients' own data (:mod:`fmtl_lightning.fed_data`) instead of the configured dataset;
+    ``callbacks``: Lightning Callbacks called in every local fit of both runs.
     """
     from fmtl_lightning.report import write_report
 
     cfg = parse_config(cfg) if isinstance(cfg, dict) else cfg
     run_dir = Path(run_dir)
-    sim = Simulation(cfg, run_dir, progress=progress, model=model, federation=federation)
+    kw: dict[str, Any] = {"progress": progress, "model": model, "callbacks": callbacks}
+    sim = Simulation(cfg, run_dir, federation=federation, **kw)
     summary = sim.run()
     baseline = None
     if cfg.compare_local and cfg.algorithm.name != "local":
         local_cfg, local_fed = local_baseline(cfg, sim.fed)
-        bsim = Simulation(local_cfg, run_dir / "local_baseline", progress=progress,
-                          federation=local_fed, model=model)  # fmt: skip
+        bsim = Simulation(local_cfg, run_dir / "local_baseline", federation=local_fed, **kw)
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)
 
@@ -335,22 +341,24 @@ def resume_run(
     progress: bool = True,
     model: ModelSource | None = None,
     federation: Federation | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Python API of ``fmtl simulate --resume RUN_DIR`` (pass the ``model`` and
-    ``federation`` the run was started with, if it was started with its own)."""
+    ``federation`` the run was started with, if it was started with its own; ``callbacks``
+    as :func:`run_config`)."""
     from fmtl_lightning.report import write_report
 
     run_dir = Path(run_dir)
-    sim = Simulation.resume(run_dir, progress=progress, model=model, federation=federation)
+    kw: dict[str, Any] = {"progress": progress, "model": model, "callbacks": callbacks}
+    sim = Simulation.resume(run_dir, federation=federation, **kw)
     summary = sim.run()
     baseline = None
     bdir = run_dir / "local_baseline"
     if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
         local_cfg, local_fed = local_baseline(sim.cfg, sim.fed)
-        kw: dict[str, Any] = {"progress": progress, "federation": local_fed, "model": model}
         if bdir.is_dir() and (bdir / "config.yaml").exists():
-            bsim = Simulation.resume(bdir, **kw)
+            bsim = Simulation.resume(bdir, federation=local_fed, **kw)
         else:
-            bsim = Simulation(local_cfg, bdir, **kw)
+            bsim = Simulation(local_cfg, bdir, federation=local_fed, **kw)
         baseline = bsim.run()
     return write_report(run_dir, summary, baseline)

@@ -1,6 +1,6 @@
 """Build a model at a width from an inferred plan, and the plan's :class:`ModelSpec`.
 
-:func:`plan_spec` is :func:`fmtl_lightning.models.spec_of` for any model: the
+:func:`plan_spec` is the ModelSpec of any model (built-in or a user's): the
 declarations of :func:`fmtl_lightning.width_plan.infer_plan` plus the real shapes and
 dtypes. :func:`build_at_width` deep-copies the full model, replaces every width-scaled
 tensor by its slice (:func:`fmtl_lightning.slicing.slice_state`, so HeteroFL prefixes and

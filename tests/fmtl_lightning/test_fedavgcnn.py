@@ -18,7 +18,6 @@ from fmtl_lightning.models import (
     fedavgcnn_map_side,
     load_arrays,
     model_spec,
-    spec_of,
     state_arrays,
 )
 from fmtl_lightning.roles import WidthSpec
@@ -62,7 +61,7 @@ def test_same_seed_gives_pfllibs_weights_and_outputs():
     assert [tuple(v.shape) for _, v in ours.state_dict().items()] == [
         (32, 1, 5, 5), (32,), (64, 32, 5, 5), (64,), (512, 64, 4, 4), (512,), (10, 512), (10,)
     ]  # fmt: skip
-    spec = spec_of(ours)
+    spec = ours.role_spec()
     assert spec.num_elements(spec.keys) == 582_026  # 832 + 51,264 + 524,800 + 5,130
     assert spec.local_keys() == ("heads.fashion__item.weight", "heads.fashion__item.bias")
     x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -81,7 +80,7 @@ def test_sliced_submodel_computes_the_kept_channels_of_the_full_model(width, mod
     torch.manual_seed(0)
     cfg = BackboneConfig("fedavgcnn", norm="none", hidden=(8, 12, 16))
     full_model = MultiTaskModel(cfg, TASK)
-    spec = spec_of(full_model)
+    spec = full_model.role_spec()
     full = state_arrays(full_model)
     ws = WidthSpec(width, mode, round_idx=5)
     small = MultiTaskModel(cfg, TASK, width)

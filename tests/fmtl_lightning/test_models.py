@@ -13,7 +13,6 @@ from fmtl_lightning.models import (
     MultiTaskModel,
     load_arrays,
     model_spec,
-    spec_of,
     state_arrays,
 )
 from fmtl_lightning.roles import WidthSpec
@@ -62,7 +61,7 @@ def test_sliced_submodel_computes_the_prefix_of_the_full_model_mlp():
     torch.manual_seed(0)
     cfg = BackboneConfig("mlp", hidden=(8, 6))
     full_model = MultiTaskModel(cfg, {"t": 2}, 1.0)
-    spec = spec_of(full_model)
+    spec = full_model.role_spec()
     full = state_arrays(full_model)
     small = MultiTaskModel(cfg, {"t": 2}, 0.5)
     load_arrays(small, slice_state(full, spec, 0.5))

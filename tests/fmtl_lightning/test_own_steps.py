@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -26,6 +27,7 @@ from fmtl_lightning.checkpoint import completed_rounds, read_round
 from fmtl_lightning.config import parse_config
 from fmtl_lightning.engine.seeds import phase_seed
 from fmtl_lightning.errors import OwnStepsError
+from fmtl_lightning.export_checks import StepOptimizerWarning
 from fmtl_lightning.local_fit import FitPlan, batch_indices
 from fmtl_lightning.model_source import FederatedModel
 from fmtl_lightning.models import head_name, load_arrays
@@ -276,3 +278,50 @@ def test_a_multi_task_client_steps_on_the_sum_of_its_tasks_own_losses(tmp_path):
     assert set(got) == set(built.state_dict())
     for k, v in built.state_dict().items():
         np.testing.assert_allclose(got[k], v.numpy(), atol=1e-6, rtol=0, err_msg=k)
+
+
+class Recorder(Callback):
+    """Records (client, round, phase, width, batch sizes) of every local fit it sees."""
+
+    def __init__(self) -> None:
+        self.fits: list[tuple] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        feats = pl_module.model.feature_dim
+        self.fits.append((trainer.client, trainer.round, trainer.phase, feats, []))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        assert torch.isfinite(outputs).item() and outputs.ndim == 0
+        self.fits[-1][-1].append(batch[0].shape[0])
+
+
+def test_callbacks_reach_every_local_fit_of_a_builtin_model_and_its_baseline(tmp_path):
+    """run_config(callbacks=) with the configured built-in family: every client, round and
+    FedRep phase (head, then body) of the run and of its local-only baseline."""
+    raw = copy.deepcopy(BASE)
+    raw["algorithm"] = {"name": "fedrep", "rep_head_epochs": 1}
+    raw["compare_local"] = True
+    cfg = parse_config(raw)
+    rec = Recorder()
+    run_config(cfg, tmp_path / "run", progress=False, callbacks=[rec])
+    fed = Simulation(cfg, tmp_path / "probe", progress=False).fed
+    hidden = raw["model"]["hidden"][-1]
+    want = []
+    for algo_phases in (("head", "body"), ("personal",)):  # the run, then its baseline
+        for r in range(cfg.federation.rounds):
+            for c in fed.clients:
+                n, bs = c.x_train.shape[0], cfg.federation.batch_size
+                sizes = [min(bs, n - s) for s in range(0, n, bs)]
+                for phase in algo_phases:
+                    want.append((c.cid, r, phase, int(hidden * c.width), sizes))
+    assert rec.fits == want
+    assert len(rec.fits) == 3 * 2 * 2 + 3 * 2
+
+
+def test_exporting_a_client_with_its_own_adamw_names_the_optimiser(tmp_path):
+    """The optimiser export checks is the user's own configure_optimizers() one."""
+    sim = Simulation(_cfg(rounds=1), tmp_path / "run", progress=False, model=_model("adamw"))
+    sim.run()
+    with pytest.warns(StepOptimizerWarning, match=r"client c00 trained with AdamW\(lr=0.01"):
+        out = sim.export_client("c00", tmp_path / "exp")
+    assert (Path(out) / "manifest.json").is_file()

@@ -1,6 +1,6 @@
 """Width plans inferred from traced models: the zoo at widths 1, 1/2, 1/4 (HeteroFL and
 FedRolex) against models built directly at that width, hand-checked couplings, and the
-built-in families (inferred plan == their hand declarations). Refusals: test_width_plan_refusals."""
+built-in families (planned by the same inference). Refusals: test_width_plan_refusals."""
 
 from __future__ import annotations
 
@@ -328,8 +328,28 @@ BUILTIN = [
 ]
 
 
+# hand-checked axes of a few built-in tensors ((family, scaler): a Scaler shifts the indices)
+BUILTIN_AXES = {
+    ("mlp", False): {
+        "backbone.layers.1.weight": ("h0", None),
+        "backbone.layers.3.weight": ("h1", "h0"),
+    },
+    ("cnn", False): {"backbone.layers.4.weight": ("h1", "h0", None, None)},
+    ("cnn", True): {"backbone.layers.5.weight": ("h1", "h0", None, None)},
+    ("dwcnn", True): {
+        "backbone.layers.4.weight": ("h0", None, None, None),  # depthwise: in == out
+        "backbone.layers.7.weight": ("h1", "h0", None, None),  # pointwise
+    },
+    ("fedavgcnn", False): {"backbone.layers.8.weight": ("h2", "h1", None, None)},  # FlattenLinear
+}
+
+
 @pytest.mark.parametrize(("family", "norm", "scaler"), BUILTIN)
-def test_inferred_plan_equals_builtin_declarations(family: str, norm: str, scaler: bool) -> None:
+def test_builtin_families_are_planned_like_user_models(
+    family: str, norm: str, scaler: bool
+) -> None:
+    """The built-ins' plan is infer_plan's (groups named h0.. after cfg.hidden); a model
+    built directly at a width equals build_at_width of the full model on that plan."""
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel, model_spec
 
     cfg = BackboneConfig(family=family, norm=norm, scaler=scaler)  # type: ignore[arg-type]
@@ -337,20 +357,20 @@ def test_inferred_plan_equals_builtin_declarations(family: str, norm: str, scale
     torch.manual_seed(0)
     model = MultiTaskModel(cfg, tasks)
     x = torch.randn(3, 1, 28, 28)
-    groups, decl = infer_plan(model, x, heads=["heads"])
-    rename: dict[str, str] = {}
-    for key, (kind, axes) in model.declarations.items():
-        assert decl[key].kind == kind, key
-        for hand, inferred in zip(axes, decl[key].axes, strict=True):
-            assert (hand is None) == (inferred is None), key
-            if hand is not None:
-                assert rename.setdefault(hand, inferred) == inferred, key  # one-to-one groups
-    assert {rename[g]: n for g, n in cfg.groups().items()} == groups
-    hand_spec = model_spec(cfg, tasks)
+    spec = model_spec(cfg, tasks)
+    assert spec.groups == cfg.groups()
+    decl = model.declarations
+    assert set(decl) == set(model.state_dict())
+    last = cfg.feature_group
+    assert decl["heads.digits__digit.weight"][:2] == ("head", (None, last))
+    for key, axes in BUILTIN_AXES[(family, scaler)].items():
+        assert decl[key][1] == axes, key
+    inferred, _ = infer_plan(model, x, heads=["heads"])
+    assert list(inferred.values()) == list(cfg.groups().values())
     ws = WidthSpec(0.5, "fedrolex", 2)
-    sub = build_at_width(model, groups, decl, ws).eval()
+    sub = build_at_width(model, cfg.groups(), decl, ws).eval()
     direct = MultiTaskModel(cfg, tasks, 0.5).eval()
-    load_arrays(direct, slice_state(state_arrays(model), hand_spec, ws))
+    load_arrays(direct, slice_state(state_arrays(model), spec, ws))
     with torch.no_grad():
         torch.testing.assert_close(_out(sub(x)), _out(direct(x)), atol=1e-6, rtol=0)
         sub.train()
