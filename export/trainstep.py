@@ -13,7 +13,8 @@ as ``torch.nn.BatchNorm2d.train()`` does.
 
 The total loss is the sum over tasks of each task's batch-mean loss:
 ``multiclass`` = cross-entropy on int64 targets (B,), ``multilabel`` =
-BCE-with-logits on float32 targets (B, n).
+BCE-with-logits on float32 targets (B, n) of 0/1, ``regression`` = mean squared error
+on float32 targets (B, n).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from export.graphs import (
 from fmtl_lightning.models import MultiTaskModel, head_name
 from fmtl_lightning.tasks import DEFAULT_LOSSES, Task
 
-TASK_KINDS = ("multiclass", "multilabel")  # the kinds a step graph trains (no regression yet)
+TASK_KINDS = ("multiclass", "multilabel", "regression")  # the kinds a step graph trains
 LossOf = Callable[[nn.Module, dict, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 
 
@@ -53,7 +54,7 @@ def target_example(kind: str, n: int, batch: int) -> torch.Tensor:
     """A target tensor of the right dtype/shape for a task (values are irrelevant for tracing)."""
     if kind == "multiclass":
         return torch.zeros(batch, dtype=torch.int64)
-    if kind == "multilabel":
+    if kind in ("multilabel", "regression"):
         return torch.zeros(batch, n, dtype=torch.float32)
     raise ExportError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
 

@@ -242,7 +242,7 @@ class ClientPool:
             round_idx=round_idx,
             module=self.module_for(c, ws.width),
             deployed=deployed,
-            normalisation=(mean, std, self.fed.image_size),
+            normalisation=(mean, std),
             spec=self.spec,
             seed=self.cfg.seed,
             plan=self.fit_plan(),

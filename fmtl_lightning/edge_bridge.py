@@ -47,7 +47,7 @@ class EdgeJob:
     round_idx: int
     module: Any  # the client's MultiTaskModule at ws.width
     deployed: Callable[[], dict[str, np.ndarray]]  # the client's deployable state at ws
-    normalisation: tuple[float, float, int]  # (mean, std, image size) of its domain
+    normalisation: tuple[float, float]  # (mean, std) of its domain
     spec: ModelSpec  # the run's roles: the manifest's shared keys, the update's validation
     seed: int
     plan: FitPlan
@@ -79,8 +79,9 @@ class EdgeBridge:
         key = (c.cid, ws.width)
         if key not in self._bundles:
             load_arrays(job.module.model, job.deployed())
-            mean, std, size = job.normalisation
-            norm = Normalisation(mean, std, (1, size, size), 1.0 / 255.0, c.spec.domain)
+            mean, std = job.normalisation
+            shape = tuple(job.module.model.input_shape)  # the model's input, any shape
+            norm = Normalisation(mean, std, shape, 1.0 / 255.0, c.spec.domain)
             out = self.root / "bundles" / f"{c.cid}_w{ws.width:g}"
             export_model(
                 job.module.model,

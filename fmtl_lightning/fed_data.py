@@ -7,7 +7,7 @@ clients, samples and splits (resume relies on this).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -299,9 +299,12 @@ def federation_from_factory(path: str, cfg: RunConfig) -> Federation:
     if not isinstance(fed, Federation):
         raise ConfigError(f"data.factory: {path!r} must return a Federation, "
                           f"got {type(fed).__name__}")  # fmt: skip
-    want = [(tuple(g.tasks), float(g.width)) for g in cfg.clients for _ in range(g.count)]
+    groups = [g for g in cfg.clients for _ in range(g.count)]
+    want = [(tuple(g.tasks), float(g.width)) for g in groups]
     got = [(c.tasks, float(c.width)) for c in fed.clients]
     if got != want:
         raise ConfigError(f"data.factory: {path!r} gave clients (tasks, width) {got[:4]}..., "
                           f"the config's clients are {want[:4]}...")  # fmt: skip
-    return fed
+    # the config says which clients run on the edge runtime and their Ditto lambdas
+    clients = [replace(c, edge=g.edge, lam=g.lam) for c, g in zip(fed.clients, groups, strict=True)]
+    return replace(fed, clients=clients)

@@ -152,14 +152,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from exc
         with np.errstate(over="ignore"):  # exp(-logit) of a very negative logit: inf -> p = 0
-            if head.kind == "multiclass":
+            if head.kind == "regression":  # the outputs are the predicted values
+                probs = logits
+            elif head.kind == "multiclass":
                 z = logits - logits.max(axis=1, keepdims=True)
                 probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
             else:
                 probs = 1.0 / (1.0 + np.exp(-logits))
         for i in range(len(logits)):
             name = f"{path}[{i}]" if len(logits) > 1 else str(path)
-            if head.kind == "multiclass":
+            if head.kind == "regression":
+                pred = " ".join(f"{n}={v:.6g}" for n, v in zip(head.labels, logits[i], strict=True))
+            elif head.kind == "multiclass":
                 pred = head.labels[int(np.argmax(logits[i]))]  # the manifest has one per column
             else:
                 on = [head.labels[j] for j in range(logits.shape[1]) if logits[i, j] > 0]

@@ -128,7 +128,8 @@ def prepare_targets(
     head: Callable[[str], HeadEntry],
 ) -> dict[str, np.ndarray]:
     """The targets of ``tasks`` for ``n`` examples, checked against each task's head
-    (``head(task)``): int64 class ids ``(n,)`` or float32 0/1 ``(n, labels)``."""
+    (``head(task)``): int64 class ids ``(n,)`` (multi-class), float32 0/1 ``(n, labels)``
+    (multi-label) or finite float32 values ``(n, outputs)`` (regression)."""
     out: dict[str, np.ndarray] = {}
     missing = [t for t in tasks if t not in targets]
     if missing:
@@ -149,6 +150,14 @@ def prepare_targets(
                 raise InputError(f"targets[{t!r}] has class ids in [{y.min()}, {y.max()}]; "
                                  f"expected [0, {k - 1}]")  # fmt: skip
             out[t] = y.astype(np.int64)
+        elif h.kind == "regression":
+            if y.dtype != np.float32:
+                raise InputError(f"targets[{t!r}] has dtype {y.dtype}; expected float32 values")
+            if y.shape != (n, k):
+                raise InputError(f"targets[{t!r}] has shape {y.shape}; expected ({n}, {k})")
+            if not np.isfinite(y).all() or (y.size and np.abs(y).max() > max_abs(y.dtype)):
+                raise InputError(f"targets[{t!r}] has NaN/Inf or values beyond the bound")
+            out[t] = y
         else:
             if y.dtype != np.float32:
                 raise InputError(f"targets[{t!r}] has dtype {y.dtype}; expected float32 0/1")

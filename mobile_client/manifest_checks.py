@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mobile_client.errors import ManifestError
-from mobile_client.manifest_entries import ClientEntry, FileEntry
+from mobile_client.manifest_entries import TASK_KINDS, ClientEntry, FileEntry
 
 if TYPE_CHECKING:
     from mobile_client.manifest import Manifest
@@ -152,7 +152,7 @@ def _need_targets(f: FileEntry, tasks: tuple[str, ...], where: str) -> None:
         if t not in f.target_inputs:
             raise ManifestError(f"manifest field '{where}.target_inputs' has no entry {t!r}")
     for t, kind in f.task_kinds.items():
-        if kind not in ("multiclass", "multilabel"):
+        if kind not in TASK_KINDS:
             raise ManifestError(
                 f"manifest field '{where}.task_kinds.{t}' has unknown value {kind!r}"
             )

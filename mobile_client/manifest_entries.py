@@ -18,6 +18,8 @@ from mobile_client.errors import ManifestError
 
 MAX_DIM = 1 << 20  # bound on a declared input / feature dimension
 MAX_INPUT_DIMS = 4  # input_shape: [F] features, [L, F] sequences, [C, H, W] images, ...
+# the task kinds a bundle's heads and step graphs hold (fmtl_lightning.tasks.Task.kind)
+TASK_KINDS = ("multiclass", "multilabel", "regression")
 NORM_BOUND = 1e6  # bound on normalisation parameters and on |x| (see mobile_client.manifest)
 
 
@@ -289,7 +291,7 @@ class HeadEntry:
                 f"manifest field '{where}.columns' must be [start, end], 0 <= start < end"
             )
         kind = get_field(d, "kind", where, str)
-        if kind not in ("multiclass", "multilabel"):
+        if kind not in TASK_KINDS:
             raise ManifestError(f"manifest field '{where}.kind' has unknown value {kind!r}")
         return cls(
             client=get_field(d, "client", where, str),

@@ -39,7 +39,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "checkpoints.keep_every": (0, 1_000_000),  # 0 = none
 }
 DEFAULT_INT_RANGE = (-(2**31), 2**31 - 1)  # an int field not listed above
-EDGE_KINDS = ("multiclass", "multilabel")  # the task kinds export's step graphs train
+EDGE_KINDS = ("multiclass", "multilabel", "regression")  # the kinds export's step graphs train
 MAX_CLIENTS = 10_000  # all groups together
 MAX_HIDDEN_LAYERS = 32
 MAX_PARAMS = 100_000_000  # rough backbone size at full width (400 MB of float32)
@@ -145,9 +145,6 @@ def validate_config(cfg: RunConfig) -> None:
         if not g.edge:
             continue
         where = f"clients[{i}].edge"
-        if cfg.model.factory is not None:
-            raise ConfigError(f"{where}: edge clients need a built-in model family; "
-                              "model.factory names a model of your own")  # fmt: skip
         if not alg.edge_clients:
             runs = " or ".join(x.title for x in ALGORITHMS.values() if x.edge_clients)
             raise ConfigError(f"{where}: edge clients run {runs} (algorithm.name is {a.name!r})")

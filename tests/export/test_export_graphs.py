@@ -78,7 +78,7 @@ def test_bad_task_kind_raises(tmp_path) -> None:
     model = make_model("mlp", "none", 0.25)
     with pytest.raises(ExportError, match="kind must be one of"):
         export_train_step(
-            model, {"mnist/digit": "regression"}, tmp_path / "s.onnx", torch.zeros(1, 1, 28, 28)
+            model, {"mnist/digit": "ranking"}, tmp_path / "s.onnx", torch.zeros(1, 1, 28, 28)
         )
     with pytest.raises(ExportError, match="no head"):
         export_train_step(

@@ -60,7 +60,7 @@ def test_step_info_names_and_order(exports: Exports) -> None:
     assert by_name[counter].dtype == "int64"
 
 
-@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel", "regression"])
 def test_head_step_matches_torch(tmp_path, kind: str) -> None:
     torch.manual_seed(0)
     head = torch.nn.Linear(12, 4)
@@ -72,11 +72,12 @@ def test_head_step_matches_torch(tmp_path, kind: str) -> None:
     batches = []
     for b in SIZES:
         f = torch.randn(b, 12, generator=g)
-        y = (
-            torch.randint(0, 4, (b,), generator=g)
-            if kind == "multiclass"
-            else torch.randint(0, 2, (b, 4), generator=g).float()
-        )
+        if kind == "multiclass":
+            y = torch.randint(0, 4, (b,), generator=g)
+        elif kind == "multilabel":
+            y = torch.randint(0, 2, (b, 4), generator=g).float()
+        else:  # regression: any real values
+            y = torch.randn(b, 4, generator=g) * 3
         batches.append((f, y))
     res = head_step_parity(head, info, batches, LR)
     assert res.worst <= 1e-6, res.max_abs

@@ -125,3 +125,42 @@ def test_fedbn_edge_client_and_its_local_baseline_match_lightning(small_cfg, tmp
     assert not load_config(base / "config.yaml").clients[1].edge  # a config the validator takes
     # --resume of the finished run reloads both configs and changes nothing
     assert resume_run(tmp_path / "e", progress=False)["local_baseline"] == out["local_baseline"]
+
+
+def _own_cfg(small_cfg: dict, edge: bool) -> dict:
+    cfg = copy.deepcopy(small_cfg)
+    cfg["model"] = {"factory": "tests.fmtl_lightning.own_factories:tabular"}
+    cfg["data"] = {"factory": "tests.fmtl_lightning.own_factories:digits_tabular"}
+    cfg["clients"] = [
+        {"count": 1, "tasks": ["digits/digit"], "width": 1.0},
+        {"count": 1, "tasks": ["digits/digit"], "width": 0.5, "edge": edge},
+    ]
+    cfg["federation"].update(rounds=2, batch_size=8)
+    return cfg
+
+
+def test_a_users_own_tabular_model_trains_on_the_edge_like_in_lightning(small_cfg, tmp_path):
+    """model.factory + data.factory (64 tabular features, not an image) with a width-1/2
+    edge client: the device trains the user's model in ONNX Runtime, and the run equals
+    the same config trained in-process, to float rounding."""
+    import onnx
+
+    from fmtl_lightning.checkpoint import read_round
+    from fmtl_lightning.simulation import run_config
+    from mobile_client.manifest import load_manifest
+
+    run_config(_own_cfg(small_cfg, False), tmp_path / "l", progress=False)
+    run_config(_own_cfg(small_cfg, True), tmp_path / "e", progress=False)
+    g_ref, c_ref, _, _ = read_round(tmp_path / "l", 2)
+    g, clients, _, _ = read_round(tmp_path / "e", 2)
+    assert set(g) == set(g_ref) and len(g) == 4  # fc1, fc2 weights and biases
+    for k in g_ref:
+        np.testing.assert_allclose(g[k], g_ref[k], rtol=0, atol=1e-5, err_msg=k)
+    for k, v in c_ref["c01"].items():  # the head trained on the device
+        np.testing.assert_allclose(clients["c01"][k], v, rtol=0, atol=1e-5, err_msg=k)
+    (bundle,) = (tmp_path / "e" / "edge" / "bundles").iterdir()
+    m = load_manifest(bundle)
+    assert m.clients[0].normalisation.input_shape == (64,)
+    assert [w.width for w in m.widths] == [0.5]
+    props = {p.key: p.value for p in onnx.load(bundle / m.widths[0].backbone.path).metadata_props}
+    assert props["fmtl.model_family"] == "own:TabularNet"

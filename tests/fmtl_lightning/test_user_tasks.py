@@ -1,5 +1,5 @@
-"""User tasks from a run config: a regression task federated end to end, refused on edge
-clients, and config factory errors naming ``tasks[i].factory``."""
+"""User tasks from a run config: a regression task federated end to end, on Lightning and
+edge clients, and config factory errors naming ``tasks[i].factory``."""
 
 from __future__ import annotations
 
@@ -62,10 +62,65 @@ def test_a_config_factory_registers_a_regression_task_that_federates(
     assert np.isfinite(out["mean_acc"])
 
 
-def test_regression_on_edge_clients_is_refused_naming_the_fields(small_cfg, user_tasks):
-    small_cfg["tasks"] = [{"factory": FACTORY}]
-    small_cfg["clients"] = [{"count": 1, "tasks": ["digits/value"], "edge": True}]
-    with pytest.raises(ConfigError, match=r"clients\[0\]\.edge.*clients\[0\]\.tasks.*regression"):
+def test_a_regression_task_trains_on_an_edge_client_like_in_lightning(
+    small_cfg, tmp_path, user_tasks, capsys
+):
+    """A user's regression task (MSE, float32 targets) with a width-1/2 edge client: the
+    exported step graph trains it in ONNX Runtime as Lightning does, and the device's
+    bundle predicts the values (``fmtl-edge predict`` prints them by output name)."""
+    import copy
+
+    from fmtl_lightning.checkpoint import read_round
+    from fmtl_lightning.simulation import run_config
+    from mobile_client.cli import main
+    from mobile_client.manifest import load_manifest
+    from mobile_client.runtime import EdgeClient
+
+    def cfg(edge: bool) -> dict:
+        raw = copy.deepcopy(small_cfg)
+        raw["tasks"] = [{"factory": FACTORY}]
+        raw["model"]["hidden"] = [16, 8]
+        raw["clients"] = [
+            {"count": 1, "tasks": ["digits/value", "digits/parity"], "width": 1.0},
+            {"count": 1, "tasks": ["digits/value", "digits/parity"], "width": 0.5, "edge": edge},
+        ]
+        return raw
+
+    run_config(cfg(False), tmp_path / "l", progress=False)
+    run_config(cfg(True), tmp_path / "e", progress=False)
+    g_ref, c_ref, _, _ = read_round(tmp_path / "l", 2)
+    g, clients, _, _ = read_round(tmp_path / "e", 2)
+    for k in g_ref:
+        np.testing.assert_allclose(g[k], g_ref[k], rtol=0, atol=1e-5, err_msg=k)
+    for k, v in c_ref["c01"].items():
+        np.testing.assert_allclose(clients["c01"][k], v, rtol=0, atol=1e-5, err_msg=k)
+    (bundle,) = (tmp_path / "e" / "edge" / "bundles").iterdir()
+    m = load_manifest(bundle)
+    kinds = {h.task: (h.kind, h.labels) for h in m.heads}
+    assert kinds["digits/value"] == ("regression", ("value",))
+    assert m.widths[0].train_steps[0].file.task_kinds["digits/value"] == "regression"
+    edge = EdgeClient(bundle)
+    x = np.random.default_rng(0).standard_normal((2, *m.clients[0].normalisation.input_shape))
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    want = edge.predict("digits/value", x.astype(np.float32))  # (2, 1) values
+    assert main(["predict", str(bundle), "--task", "digits/value", "--client", "c01",
+                 "--width", "0.5", str(tmp_path / "x.npy")]) == 0  # fmt: skip
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert [ln.split("\t")[1] for ln in lines[-2:]] == [f"value={v:.6g}" for v in want[:, 0]]
+    sim_x = np.zeros((3, *m.clients[0].normalisation.input_shape), np.float32)
+    with pytest.raises(Exception, match=r"targets\['digits/value'\] has dtype int64"):
+        edge.train(sim_x, {"digits/value": np.zeros((3, 1), np.int64),
+                           "digits/parity": np.zeros(3, np.int64)}, lr=0.1)  # fmt: skip
+
+
+def test_a_regression_task_with_its_own_loss_is_refused_on_edge_clients(small_cfg, user_tasks):
+    from examples.user_tasks import _value_target
+    from fmtl_lightning.tasks import Task, register_task
+
+    register_task(Task("digits/l1", 1, "regression", domain="digits", target=_value_target("l1"),
+                       loss=lambda z, y: (z - y).abs().mean()))  # fmt: skip
+    small_cfg["clients"] = [{"count": 1, "tasks": ["digits/l1"], "edge": True}]
+    with pytest.raises(ConfigError, match=r"clients\[0\]\.edge.*'digits/l1'.*its own loss"):
         parse_config(small_cfg)
 
 
