@@ -111,7 +111,7 @@ async function readImage(blob, name) {
 
 /** A label as given (class id, label name, 0/1 list or label names) -> the target. */
 function parseLabel(head, v, where) {
-  if (v === undefined || v === null) return null;
+  if (v === undefined || v === null) return head.kind === "multilabel" ? head.labels.map(() => 0) : null; // unticked boxes: 0
   if (head.kind === "multiclass") {
     const id = typeof v === "string" ? head.labels.indexOf(v) : v;
     if (!Number.isInteger(id) || id < 0 || id >= head.labels.length) {
