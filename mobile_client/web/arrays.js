@@ -2,17 +2,18 @@
 // members, stored or deflated, zip64 headers), safetensors files (the update wire format
 // of mobile_client.safetensors_np / mobile_client.update) and the state hash.
 //
-// An array is `{dtype, shape, data}`: dtype "float32" (Float32Array) or "int64"
-// (BigInt64Array), shape an array of ints ([] for 0-d). Every failure is an EdgeError
-// subclass naming the file and the key.
+// An array is `{dtype, shape, data}`: dtype "float32" (Float32Array), "int64"
+// (BigInt64Array) or "uint8" (Uint8Array, pixels), shape an array of ints ([] for 0-d).
+// Every failure is an EdgeError subclass naming the file and the key.
 
 import { InputError, ManifestError } from "./errors.js";
 
 const DTYPES = {
   float32: { npy: "<f4", st: "F32", size: 4, Ctor: Float32Array },
   int64: { npy: "<i8", st: "I64", size: 8, Ctor: BigInt64Array },
+  uint8: { npy: "|u1", st: "U8", size: 1, Ctor: Uint8Array },
 };
-const FROM_NPY = { "<f4": "float32", "<i8": "int64" };
+const FROM_NPY = { "<f4": "float32", "<i8": "int64", "|u1": "uint8" };
 const FROM_ST = { F32: "float32", I64: "int64" };
 const MAX_BYTES = 1 << 30;
 
@@ -24,7 +25,7 @@ async function inflateRaw(bytes) {
   return new Uint8Array(await new Response(stream).arrayBuffer());
 }
 
-function zipEntries(buf, where) {
+function zipEntries(buf, where, Err) {
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   let eocd = -1;
   for (let i = buf.length - 22; i >= Math.max(0, buf.length - 22 - 0xffff); i--) {
@@ -33,14 +34,14 @@ function zipEntries(buf, where) {
       break;
     }
   }
-  if (eocd < 0) throw new ManifestError(`${where}: not a zip (.npz) file`);
+  if (eocd < 0) throw new Err(`${where}: not a zip (.npz) file`);
   let count = v.getUint16(eocd + 10, true);
   let cd = v.getUint32(eocd + 16, true);
   const loc = eocd - 20; // zip64 end of central directory locator
   if (loc >= 0 && v.getUint32(loc, true) === 0x07064b50) {
     const z = Number(v.getBigUint64(loc + 8, true));
     if (z + 56 > buf.length || v.getUint32(z, true) !== 0x06064b50) {
-      throw new ManifestError(`${where}: malformed zip64 directory`);
+      throw new Err(`${where}: malformed zip64 directory`);
     }
     count = Number(v.getBigUint64(z + 32, true));
     cd = Number(v.getBigUint64(z + 48, true));
@@ -49,7 +50,7 @@ function zipEntries(buf, where) {
   let p = cd;
   for (let k = 0; k < count; k++) {
     if (p + 46 > buf.length || v.getUint32(p, true) !== 0x02014b50) {
-      throw new ManifestError(`${where}: malformed zip central directory`);
+      throw new Err(`${where}: malformed zip central directory`);
     }
     const method = v.getUint16(p + 10, true);
     let csize = v.getUint32(p + 20, true);
@@ -84,35 +85,35 @@ function zipEntries(buf, where) {
 }
 
 /** The arrays `keys` of an np.savez file (each `key.npy`), as {dtype, shape, data}. */
-export async function readNpz(bytes, keys, where) {
+export async function readNpz(bytes, keys, where, Err = ManifestError) {
   const buf = new Uint8Array(bytes);
-  const { v, out } = zipEntries(buf, where);
+  const { v, out } = zipEntries(buf, where, Err);
   const arrays = {};
   for (const key of keys) {
     const e = out.get(`${key}.npy`);
-    if (!e) throw new ManifestError(`${where}: key '${key}' is missing`);
+    if (!e) throw new Err(`${where}: key '${key}' is missing`);
     if (e.off + 30 > buf.length || v.getUint32(e.off, true) !== 0x04034b50) {
-      throw new ManifestError(`${where}: key '${key}': malformed zip member`);
+      throw new Err(`${where}: key '${key}': malformed zip member`);
     }
     const start = e.off + 30 + v.getUint16(e.off + 26, true) + v.getUint16(e.off + 28, true);
     if (start + e.csize > buf.length || e.usize > MAX_BYTES) {
-      throw new ManifestError(`${where}: key '${key}': zip member out of bounds`);
+      throw new Err(`${where}: key '${key}': zip member out of bounds`);
     }
     let member = buf.subarray(start, start + e.csize);
     if (e.method === 8) member = await inflateRaw(member);
     else if (e.method !== 0) {
-      throw new ManifestError(`${where}: key '${key}': zip compression ${e.method} unsupported`);
+      throw new Err(`${where}: key '${key}': zip compression ${e.method} unsupported`);
     }
-    arrays[key] = parseNpy(member, `${where}: key '${key}'`);
+    arrays[key] = parseNpy(member, `${where}: key '${key}'`, Err);
   }
   return arrays;
 }
 
-/** One .npy (versions 1-3): little-endian float32 or int64, C order. */
-export function parseNpy(buf, where) {
+/** One .npy (versions 1-3): little-endian float32, int64 or uint8, C order. */
+export function parseNpy(buf, where, Err = ManifestError) {
   const magic = [0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]; // \x93NUMPY
   if (buf.length < 10 || magic.some((b, i) => buf[i] !== b)) {
-    throw new ManifestError(`${where}: not a .npy array`);
+    throw new Err(`${where}: not a .npy array`);
   }
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const major = buf[6];
@@ -122,30 +123,30 @@ export function parseNpy(buf, where) {
   const descr = /'descr':\s*'([^']*)'/.exec(header);
   const fortran = /'fortran_order':\s*(True|False)/.exec(header);
   const shapeM = /'shape':\s*\(([^)]*)\)/.exec(header);
-  if (!descr || !fortran || !shapeM) throw new ManifestError(`${where}: malformed .npy header`);
+  if (!descr || !fortran || !shapeM) throw new Err(`${where}: malformed .npy header`);
   const dtype = FROM_NPY[descr[1]];
   if (!dtype) {
-    throw new ManifestError(`${where}: dtype ${descr[1]} is not supported (float32 or int64)`);
+    throw new Err(`${where}: dtype ${descr[1]} is not supported (float32, int64 or uint8)`);
   }
   const shape = shapeM[1].split(",").map((s) => s.trim()).filter((s) => s).map(Number);
   if (shape.some((s) => !Number.isInteger(s) || s < 0)) {
-    throw new ManifestError(`${where}: malformed shape (${shapeM[1]})`);
+    throw new Err(`${where}: malformed shape (${shapeM[1]})`);
   }
   const n = numel(shape);
   const nbytes = n * DTYPES[dtype].size;
   const start = hstart + hlen;
   if (start + nbytes !== buf.length) {
-    throw new ManifestError(`${where}: shape [${shape}] of ${dtype} needs ${nbytes} bytes of data, the file holds ${buf.length - start}`);
+    throw new Err(`${where}: shape [${shape}] of ${dtype} needs ${nbytes} bytes of data, the file holds ${buf.length - start}`);
   }
   if (fortran[1] === "True" && shape.filter((s) => s > 1).length > 1) {
-    throw new ManifestError(`${where}: Fortran-order arrays are not supported`);
+    throw new Err(`${where}: Fortran-order arrays are not supported`);
   }
   const data = new DTYPES[dtype].Ctor(buf.slice(start, start + nbytes).buffer);
   return { dtype, shape, data };
 }
 
 // ----------------------------------------------------------------------------- safetensors
-const ALIGN_RANK = { int64: 2, float32: 1 }; // the safetensors writer: larger dtypes first
+const ALIGN_RANK = { int64: 2, float32: 1, uint8: 0 }; // the safetensors writer: larger dtypes first
 
 /** The bytes of a safetensors file holding `arrays` and string `metadata`. Tensors
  * are laid out as the `safetensors` package lays them out: by dtype (I64 before F32),

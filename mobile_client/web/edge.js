@@ -333,6 +333,7 @@ export class EdgeClient {
     if (!(result.numExamples > 0)) throw new UpdateError(`metadata field 'num_examples' must be > 0, got ${result.numExamples}`);
     for (const [k, v] of Object.entries(result.metrics)) if (!Number.isFinite(v)) throw new UpdateError(`metadata field 'metrics.${k}' is not finite: ${v}`);
     for (const [k, a] of Object.entries(result.shared)) {
+      if (a.dtype !== "float32" && a.dtype !== "int64") throw new UpdateError(`key '${k}' has dtype ${a.dtype}; expected float32 or int64`);
       if (a.dtype === "float32" && !a.data.every(Number.isFinite)) throw new UpdateError(`key '${k}' has NaN/Inf`);
     }
     return serializeSafetensors(result.shared, meta);
