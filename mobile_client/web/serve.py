@@ -27,7 +27,7 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from mobile_client.errors import FMTLError, error_line
+from mobile_client.errors import FMTLError, UpdateError, error_line
 from mobile_client.update import read_update
 
 WEB_DIR = Path(__file__).resolve().parent
@@ -61,7 +61,8 @@ class EdgeWebServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://{name}:{port}/"
 
     def save_update(self, body: bytes) -> dict[str, object]:
         """Check an update's bytes with the server's reader and keep it; raises FMTLError."""
@@ -71,9 +72,9 @@ class EdgeWebServer(ThreadingHTTPServer):
         tmp.write_bytes(body)
         try:
             arrays, meta = read_update(tmp)
-        except FMTLError:
+        except FMTLError as exc:  # name the upload, not the server's file
             tmp.unlink()
-            raise
+            raise UpdateError(error_line(exc).replace(str(tmp), "the update")) from exc
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", meta.client_id)[:64]
         path = self.updates / f"update_{name}_{n}.safetensors"
         tmp.replace(path)

@@ -197,3 +197,31 @@ def test_a_start_file_without_every_shared_key_is_refused(
     srv = serve(bundle, data)
     page.goto(srv.url + "?bundle=bundle/&data=data/data.json&start=data/global.safetensors")
     assert_error(page, rf"start_from lacks 1 shared key\(s\) {ec.shared_keys[0]}")
+
+
+def test_the_server_refuses_a_bad_update_naming_what_is_wrong(exported, serve, tmp_path) -> None:
+    """POST /update runs the server's reader: a bad file is answered 400 with its message
+    (which names the upload, not the server's paths) and is not kept."""
+    import urllib.error
+    import urllib.request
+
+    from mobile_client.update import UpdateMeta, write_update
+
+    _, bundle = exported
+    srv = serve(bundle, None, tmp_path / "updates")
+    bad = tmp_path / "bad.safetensors"
+    write_update(bad, {"w": np.ones(2, np.float32)}, UpdateMeta("c00", 1, 0.5, 3, "h", {}))
+    raw = bad.read_bytes().replace(b"fmtl-update", b"fmtl-other!")
+    for body, want in ((b"garbage", "not a readable update"),
+                       (raw, "metadata field 'format' is 'fmtl-other!'")):  # fmt: skip
+        req = urllib.request.Request(srv.url + "update", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 400
+        msg = json.loads(e.value.read())["error"]
+        assert want in msg and str(srv.updates) not in msg, msg
+    assert srv.received == [] and list(srv.updates.iterdir()) == []
+    ok = urllib.request.urlopen(
+        urllib.request.Request(srv.url + "update", data=bad.read_bytes(), method="POST"), timeout=10
+    )
+    assert json.loads(ok.read())["client_id"] == "c00" and len(srv.received) == 1
