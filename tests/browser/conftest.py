@@ -22,17 +22,26 @@ from mobile_client.web.serve import ORT_DIST, EdgeWebServer
 from tests.mobile_client.edge_helpers import run_and_export
 
 
-@pytest.fixture(scope="module")
-def browser():  # -> playwright.sync_api.Browser
-    """One headless system Chromium per test module."""
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before any fixture of a browser test is built (the bundle takes a while): is
+    everything the browser needs installed?"""
+    if "page" not in getattr(item, "fixturenames", ()):
+        return
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         missing("the Python package playwright (pip install -e '.[dev]')")
     if not os.access(CHROMIUM, os.X_OK):
         missing(f"Debian's chromium at {CHROMIUM} (apt-get install chromium)")
     if not (ORT_DIST / "ort.wasm.min.mjs").is_file():
         missing(f"onnxruntime-web in {ORT_DIST} (cd mobile_client/web && npm ci)")
+
+
+@pytest.fixture(scope="module")
+def browser():  # -> playwright.sync_api.Browser
+    """One headless system Chromium per test module."""
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
