@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Datasets go to .data/ here: the default of every command run from this checkout
 # (fmtl_lightning.data.resolve_data_dir; FMTL_DATA_DIR overrides it, for make too).
 
-.PHONY: setup data test demo bench bench-accuracy bench-pfllib bench-gain deploy-local setup-flower-sim lint clean
+.PHONY: setup web data test demo bench bench-accuracy bench-pfllib bench-gain deploy-local setup-flower-sim lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[train,flower,dev,images]'
 	touch $(STAMP)
 
-setup: $(STAMP) data
+setup: $(STAMP) data web
+
+# The browser tests (tests/browser) run the web edge client (mobile_client/web) in Debian's
+# chromium (installed as root when missing; Playwright's own browser downloads are not
+# used) on onnxruntime-web, pinned by package-lock.json (npm ci).
+WEB := mobile_client/web
+CHROMIUM := /usr/bin/chromium
+WEB_STAMP := $(WEB)/node_modules/.installed
+
+web: $(WEB_STAMP)
+	@test -x $(CHROMIUM) || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "make setup: no $(CHROMIUM); the browser tests need it: sudo apt-get install chromium"; fi; }
+
+$(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json
+	@command -v npm >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+	  else echo "make setup: npm is missing: sudo apt-get install nodejs npm"; exit 1; fi; }
+	cd $(WEB) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 data: $(STAMP)
 	$(PY) -m fmtl_lightning.data.fetch --all
