@@ -37,8 +37,11 @@ import torch
 from torch import nn
 
 from fmtl_lightning.errors import SpecError, StateValidationError
+from fmtl_lightning.layers import FlattenLinear, Scaler
 from fmtl_lightning.roles import ModelSpec, RolePolicy, channels_at, check_width
 from fmtl_lightning.static_bn import StaticBatchNorm2d
+from fmtl_lightning.width_build import plan_spec
+from fmtl_lightning.width_plan import infer_plan
 from mobile_client.batching import head_name as head_name  # one definition, re-exported
 
 Family = Literal["mlp", "cnn", "dwcnn", "fedavgcnn"]
@@ -108,42 +111,6 @@ def fedavgcnn_map_side(image_size: int) -> int:
 def group_norm_groups(channels: int) -> int:
     """GroupNorm group count that divides ``channels`` at every width: gcd(C, 4)."""
     return math.gcd(channels, 4)
-
-
-class FlattenLinear(nn.Module):
-    """A fully connected layer over a flattened (C, H, W) map, its weight kept (out, C, H, W).
-
-    ``forward(x) = linear(x.flatten(1), weight.flatten(1), bias)``: the same numbers as
-    ``Linear(C*H*W, out)`` after ``flatten`` (PFLlib's FedAvgCNN ``fc1``), whose weight is
-    this one reshaped, and initialised like it (same fan-in, same draws in the same order).
-    Keeping C as its own dim lets width slicing cut input channels as it cuts a conv's.
-    """
-
-    def __init__(self, in_channels: int, side: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_channels, side, side))
-        self.bias = nn.Parameter(torch.empty(out_features))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear.reset_parameters
-        bound = 1.0 / math.sqrt(in_channels * side * side)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, out)
-        return nn.functional.linear(x.flatten(1), self.weight.flatten(1), self.bias)
-
-    def extra_repr(self) -> str:
-        out, c, h, w = self.weight.shape
-        return f"in=({c}, {h}, {w}), out_features={out}"
-
-
-class Scaler(nn.Module):
-    """HeteroFL's scaler: output = input / r while training, identity in eval."""
-
-    def __init__(self, rate: float) -> None:
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.rate if self.training else x
 
 
 def _conv(cin: int, cout: int, k: int, padding: int | None = None) -> nn.Conv2d:
@@ -310,8 +277,6 @@ def builtin_plan(
     the layers create them, are named ``h0, h1, ...`` after ``cfg.hidden`` (the names
     configs, ``spec.json`` and bundles use). Returns ``(groups, declarations)``.
     """
-    from fmtl_lightning.width_plan import infer_plan  # width_plan knows this module's layers
-
     with torch.device("meta"):
         model = MultiTaskModel(cfg, dict(tasks), 1.0)
         x = torch.zeros(2, *model.input_shape)
@@ -331,8 +296,6 @@ def model_spec(
     cfg: BackboneConfig, task_outputs: Mapping[str, int], policy: RolePolicy | str = "fedper"
 ) -> ModelSpec:
     """ModelSpec of a built-in config: its inferred plan plus shapes (meta device)."""
-    from fmtl_lightning.width_build import plan_spec  # width_build builds on this module
-
     groups, decl = builtin_plan(cfg, tuple(task_outputs.items()))
     with torch.device("meta"):
         model = MultiTaskModel(cfg, task_outputs, 1.0)

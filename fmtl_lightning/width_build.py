@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fmtl_lightning.errors import WidthPlanError
-from fmtl_lightning.models import Scaler, state_arrays
+from fmtl_lightning.layers import Scaler
 from fmtl_lightning.roles import ModelSpec, ParamSpec, RolePolicy, Segment, WidthSpec
 from fmtl_lightning.slicing import slice_state
 from fmtl_lightning.static_bn import StaticBatchNorm2d
@@ -138,7 +138,7 @@ def build_at_width(
     """A copy of the full-width ``model`` at ``ws``, holding the slice of its weights."""
     ws = ws if isinstance(ws, WidthSpec) else WidthSpec(float(ws))
     spec = plan_spec(model, groups, declarations)
-    full = state_arrays(model)
+    full = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
     sub = slice_state(full, spec, ws)
     out = copy.deepcopy(model)
     full_modules = dict(model.named_modules())

@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch.fx as fx
 from torch import nn
 
-from fmtl_lightning.models import FlattenLinear
+from fmtl_lightning.layers import FlattenLinear
 from fmtl_lightning.static_bn import StaticBatchNorm2d
 from fmtl_lightning.width_dims import Cat, Flat, Label, Multi, vars_of
 from fmtl_lightning.width_ops import CAT, EXPAND, MATMUL, REDUCE, Trace

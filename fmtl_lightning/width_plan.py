@@ -8,7 +8,7 @@ variables that must have the same size at every width (a union-find over dims):
   depthwise convs (``groups == in == out``) and grouped convs with ``in == out`` couple
   their input and output (the group count scales with the channels);
 * ``Linear`` (last dim), ``Embedding`` (a new group for the embedding dim), and
-  :class:`fmtl_lightning.models.FlattenLinear`;
+  :class:`fmtl_lightning.layers.FlattenLinear`;
 * ``BatchNorm1d/2d/3d``, :class:`~fmtl_lightning.static_bn.StaticBatchNorm2d`, ``GroupNorm``
   (dim 1) and ``LayerNorm`` (last dim) follow their input;
 * ``nn.MultiheadAttention`` (``kdim == vdim == embed_dim``, no ``add_bias_kv``): query,
@@ -68,7 +68,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fmtl_lightning.errors import WidthPlanError as WidthPlanError
-from fmtl_lightning.models import FlattenLinear
+from fmtl_lightning.layers import FlattenLinear
 from fmtl_lightning.roles import Segment
 from fmtl_lightning.static_bn import StaticBatchNorm2d
 from fmtl_lightning.width_dims import Cat, Dims, Flat

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fmtl_lightning.errors import WidthPlanError
-from fmtl_lightning.models import FlattenLinear, load_arrays, state_arrays
+from fmtl_lightning.layers import FlattenLinear
+from fmtl_lightning.models import load_arrays, state_arrays
 from fmtl_lightning.roles import WidthSpec, channels_at
 from fmtl_lightning.slicing import slice_state
 from fmtl_lightning.width_build import build_at_width, plan_spec
