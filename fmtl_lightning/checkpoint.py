@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,17 @@ def write_round(
     client_states: Mapping[str, Mapping[str, np.ndarray]],
     meta: Mapping[str, Any],
     metrics_csv: str,
+    *,
+    carried: Sequence[str] = (),
+    previous: int | None = None,
 ) -> Path:
     """Write one round atomically; returns the final directory.
 
-    Raises :class:`CheckpointError` naming the key, and writes nothing, when a float
-    entry of ``global_state`` holds a NaN/Inf.
+    ``carried``: clients whose arrays are unchanged since round ``previous``'s checkpoint:
+    their files are hard-linked from it (copied where links are not possible), so a round
+    costs the clients that changed, not all of them. Raises :class:`CheckpointError`
+    naming the key, and writes nothing, when a float entry of ``global_state`` holds a
+    NaN/Inf, or a carried client has no file in round ``previous``.
     """
     for k, v in global_state.items():
         a = np.asarray(v)
@@ -88,6 +94,8 @@ def write_round(
         for cid, st in client_states.items():
             if st:
                 save_file(_contig(st), str(tmp / "clients" / f"{cid}.safetensors"))
+        if carried:
+            _carry(run_dir, previous, carried, tmp / "clients")
         (tmp / "metrics.csv").write_text(metrics_csv)
         (tmp / "meta.json").write_text(json.dumps(dict(meta), indent=1))
         if final.exists():  # a resumed run re-doing a round it had finished: replace it
@@ -97,6 +105,23 @@ def write_round(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _carry(run_dir: Path, previous: int | None, cids: Sequence[str], dest: Path) -> None:
+    """Link (or copy) the files of ``cids`` from round ``previous`` into ``dest``; a client
+    that had no arrays has no file there and gets none."""
+    src = round_dir(run_dir, previous) / "clients" if previous else None
+    if src is None or not src.is_dir():
+        raise CheckpointError(f"clients {list(cids)[:3]}... carry over from round {previous}, "
+                              "which has no checkpoint")  # fmt: skip
+    for cid in cids:
+        f = src / f"{cid}.safetensors"
+        if not f.exists():
+            continue
+        try:
+            os.link(f, dest / f.name)
+        except OSError:
+            shutil.copy2(f, dest / f.name)
 
 
 def _contig(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -95,6 +95,8 @@ class ClientPool:
             if self.algorithm.evaluates_personal:
                 st.personal = {k: init[k].copy() for k in keys}
             self.stores[c.cid] = st
+        # clients whose store changed since the last checkpoint (None: all of them)
+        self.changed: set[str] | None = None
         self._modules: dict[tuple, MultiTaskModule] = {}
         if cfg.algorithm.masked_ce and plan.model.own_steps is not None:
             raise OwnStepsError(
@@ -221,7 +223,12 @@ class ClientPool:
         self.embed(st.local, res.local, ws)
         if res.personal is not None:
             self.embed(st.personal, res.personal, ws)
+        self._mark(c.cid)
         return res
+
+    def _mark(self, cid: str) -> None:
+        if self.changed is not None:
+            self.changed.add(cid)
 
     def edge_job(self, idx: int, ws: WidthSpec, received: Mapping[str, np.ndarray],
                  round_idx: int = 0) -> EdgeJob:  # fmt: skip
@@ -272,6 +279,7 @@ class ClientPool:
             stats = compute_static_stats(m.model, c.x_train)
             st = self.stores[c.cid]
             self.embed(st.personal if self.algorithm.evaluates_personal else st.local, stats, ws)
+            self._mark(c.cid)
 
     def evaluate(
         self, idx: int, state: State, width: float, round_idx: int, *, static_stats: bool = False
@@ -290,12 +298,18 @@ class ClientPool:
             compute_static_stats(ctx.module.model, c.x_train)
         return ctx.module.evaluate(c.x_test, c.y_test, ctx.label_masks)
 
-    def client_files(self) -> dict[str, State]:
-        """Every client's local state in its checkpoint form."""
-        return {cid: st.to_arrays() for cid, st in self.stores.items()}
+    def client_files(self) -> tuple[dict[str, State], list[str]]:
+        """The checkpoint form of every client's local state that changed since the last
+        checkpoint, and the ids of the clients whose state did not (their files carry
+        over from it); then starts tracking changes anew."""
+        changed = set(self.stores) if self.changed is None else self.changed
+        files = {cid: st.to_arrays() for cid, st in self.stores.items() if cid in changed}
+        self.changed = set()
+        return files, [cid for cid in self.stores if cid not in changed]
 
     def restore(self, clients: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Local states from a checkpoint's per-client arrays (a client without: empty)."""
         for cid, st in self.stores.items():
             saved = ClientStore.from_arrays(clients.get(cid, {}))
             st.local, st.personal = saved.local, saved.personal
+        self.changed = None  # the next checkpoint writes every client

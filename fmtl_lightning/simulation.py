@@ -210,8 +210,9 @@ class Simulation:
         times.evaluate = time.perf_counter() - t0
         t0 = time.perf_counter()
         trained = [a.client.client_id for a in chosen]
+        files, unchanged = pool.client_files()
         eng.commit_round(t + 1, rows, {"clients_trained": trained, "times": times.as_dict()},
-                         pool.client_files(), {"times": times.as_dict()})  # fmt: skip
+                         files, {"times": times.as_dict()}, carried=unchanged)  # fmt: skip
         times.checkpoint = time.perf_counter() - t0
         self.times.append(times)
         if rows:

@@ -215,16 +215,19 @@ class ServerEngine:
         meta: Mapping[str, Any],
         clients: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         record: Mapping[str, Any] | None = None,
+        *,
+        carried: Sequence[str] = (),
     ) -> None:
         """Round ``round_no`` is done: journal it (``rows`` + ``record``), checkpoint the
         global state (+ each client's ``clients`` arrays, ``meta``, ``rows``) atomically,
-        then apply the retention rule (``cfg.checkpoints``)."""
+        then apply the retention rule (``cfg.checkpoints``). ``carried``: clients whose
+        arrays did not change since the previous round's checkpoint (their files carry over)."""
         rec = {"round": round_no, **(record or {}), "rows": rows}
         # history first: a record of a round that never completed is ignored on resume
         append_history(self.run_dir, rec, fresh=round_no == 1)
         full = {"round": round_no, "algorithm": self.cfg.algorithm.name, **meta}
         write_round(self.run_dir, round_no, self.global_state, dict(clients or {}), full,
-                    rows_csv(rows))  # fmt: skip
+                    rows_csv(rows), carried=carried, previous=self.round_idx)  # fmt: skip
         self.round_idx = round_no
         self.records.append(rec)
         self.prune()

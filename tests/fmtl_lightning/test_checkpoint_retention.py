@@ -230,3 +230,34 @@ def test_crash_while_writing_round_2_resumes_exactly(
     ]
     lines = (run / "checkpoints" / HISTORY_FILE).read_text().splitlines()
     assert sorted({json.loads(x)["round"] for x in lines}) == list(range(1, ROUNDS + 1))
+
+
+def test_unchanged_clients_files_carry_over_as_links(small_cfg, tmp_path):
+    """With a fraction of the clients training each round, a round's checkpoint writes
+    only the clients whose state changed; the others' files are the previous round's
+    (same inode), and every round still reads back as each client's full state."""
+    import os
+
+    from fmtl_lightning.checkpoint import read_round, round_dir
+    from fmtl_lightning.config import parse_config
+    from fmtl_lightning.simulation import Simulation
+
+    small_cfg["clients"] = [{"count": 4, "tasks": ["digits/digit"], "width": 1.0}]
+    small_cfg["federation"].update(rounds=3, fraction=0.5)
+    small_cfg["checkpoints"] = {"keep_last": 3}
+    sim = Simulation(parse_config(small_cfg), tmp_path / "run", progress=False)
+    trained, states = [], []
+    for _ in range(3):
+        trained.append(set(sim.run_round()["clients"]))
+        states.append({cid: st.to_arrays() for cid, st in sim.pool.stores.items()})
+    assert all(len(t) == 2 for t in trained)
+    for r in (2, 3):
+        for cid in sim.pool.stores:
+            prev = round_dir(tmp_path / "run", r - 1) / "clients" / f"{cid}.safetensors"
+            now = round_dir(tmp_path / "run", r) / "clients" / f"{cid}.safetensors"
+            assert (os.stat(now).st_ino == os.stat(prev).st_ino) == (cid not in trained[r - 1])
+        _, clients, _, _ = read_round(tmp_path / "run", r)
+        assert clients.keys() == states[r - 1].keys()
+        for cid, arrays in states[r - 1].items():
+            for k, v in arrays.items():
+                np.testing.assert_array_equal(clients[cid][k], v, err_msg=f"{r} {cid} {k}")
