@@ -50,6 +50,9 @@ reply-timeout = 600.0
 min-nodes = 0
 node-wait-timeout = 300.0
 max-examples = 0
+log-colour = true
+node-auth = true
+node-ids = ""
 """
 
 
@@ -163,27 +166,50 @@ def _local(a: argparse.Namespace) -> int:
             dep.start_nodes(node_specs(clients, root, edge))
             print(f"SuperLink on {dep.address} ({'plain HTTP' if a.insecure else 'TLS'}), "
                   f"{len(dep.procs) - 1} SuperNodes; logs in {dep.root / 'logs'}", flush=True)  # fmt: skip
-        rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout}
+        rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout,
+              "log-colour": sys.stdout.isatty()}  # fmt: skip
         if a.rounds:
             rc["num-rounds"] = a.rounds
         started = time.time()
         n = len(clients) if a.simulation else None
         res = dep.run(app, rc, timeout=a.timeout, num_supernodes=n)
-        print(res.stdout[-4000:])
+        if sys.stdout.isatty():  # Flower's own lines carry colour codes: terminals only
+            print(res.stdout[-4000:])
+        print(f"Flower's log of the run: {dep.root / 'logs' / 'flwr-run.log'}")
         summary = root / "run" / "summary.json"
         # `flwr run` exits 0 even when the ServerApp fails: the summary tells
         if res.returncode or not summary.is_file() or summary.stat().st_mtime < started:
             print(res.stderr[-4000:], file=sys.stderr)
             raise FMTLError(f"the run did not finish; see {dep.root / 'logs'}")
-    s = json.loads(summary.read_text())
-    for r in s["per_round"]:
-        print(f"round {r['round']}: accepted {', '.join(r['accepted']) or '-'}"
-              f"{'; rejected ' + ', '.join(r['rejected']) if r['rejected'] else ''}"
-              f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}")  # fmt: skip
-    for cid, acc in sorted(s["last_round_client_acc"].items()):
-        print(f"  {cid}: test accuracy {acc:.3f}")
+    print(deploy_report(json.loads(summary.read_text())))
     print(f"run directory: {root / 'run'}  ({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+def deploy_report(s: dict[str, Any]) -> str:
+    """The rounds of a deployed run, then ``fmtl simulate``'s table of the same summary
+    (:func:`~fmtl_lightning.report.format_table`: per client the mean over its tasks of
+    the test accuracy of the aggregated model with its own local arrays, at the last
+    evaluated round), then every client without a score and why."""
+    from fmtl_lightning.report import format_table
+
+    lines = []
+    for r in s["per_round"]:
+        lines.append(f"round {r['round']}: accepted {', '.join(r['accepted']) or '-'}"
+                     f"{'; rejected ' + ', '.join(r['rejected']) if r['rejected'] else ''}"
+                     f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}")  # fmt: skip
+    lines.append("")
+    missing = s.get("not_evaluated", {})
+    if s["clients"]:
+        lines.append(f"test accuracy after round {s['evaluated_round']} (the aggregated model "
+                     "with each client's own local arrays, as fmtl simulate reports it):")  # fmt: skip
+        lines.append(format_table(s))
+        if missing:
+            scored = ", ".join(sorted(s["clients"]))
+            lines.append(f"(mean and worst are over the clients with a score: {scored})")
+    for cid, why in sorted(missing.items()):
+        lines.append(f"  {cid}: no test accuracy: {why}")
+    return "\n".join(lines)
 
 
 def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:

@@ -14,6 +14,14 @@ Run config keys (``[tool.flwr.app.config]`` of the Flower app, or ``flwr run -c`
                           of the YAML)
 ``node-wait-timeout``     seconds to wait for ``min-nodes``; then start with whoever is
                           there (at least one)
+``node-auth``             true (default): every client of the YAML must be bound in
+                          ``node-ids`` (the SuperLink runs ``--enable-supernode-auth``);
+                          false: no binding required (trials, the simulation engine)
+``node-ids``              ``c00=NODE_ID,c01=NODE_ID``: the node id of the key registered
+                          for each client (``flwr supernode register``); a node claiming
+                          a client bound to another node is refused
+``log-colour``            false: Flower's log lines without ANSI colour codes (``fmtl
+                          deploy local`` sets it when its output is not a terminal)
 ``max-examples``          the largest ``num-examples`` a reply may claim; a larger
                           claim (it would outweigh the other clients under example
                           weighting) is rejected. 0: ``data.samples_per_client`` of the
@@ -37,21 +45,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
+from flwr.common.logger import update_console_handler
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fmtl_lightning.checkpoint import round_dir
 from fmtl_lightning.config import ConfigError, RunConfig, load_config
+from fmtl_lightning.deploy.auth import missing_bindings, parse_node_ids
+from fmtl_lightning.deploy.evaluation import eval_due
 from fmtl_lightning.deploy.strategy import FMTLStrategy, RoundReport
 from fmtl_lightning.engine import ServerEngine, server_plan
-from fmtl_lightning.engine.metrics import metric_rows, per_task, rows_csv
-from fmtl_lightning.engine.plan import refuse_label_masks
+from fmtl_lightning.engine.metrics import metric_rows, per_task, rows_csv, summarize
+from fmtl_lightning.engine.plan import planned_clients, refuse_label_masks
 from fmtl_lightning.errors import FMTLError
 from mobile_client.fileio import atomic_write_text
 
@@ -63,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     "min-nodes": 0,
     "node-wait-timeout": 300.0,
     "max-examples": 0,
+    "log-colour": True,
+    "node-auth": True,
+    "node-ids": "",
 }
 
 
@@ -87,11 +101,12 @@ def resolve_config(value: str, base: Path | None) -> Path:
 
 
 def _rows(report: RoundReport) -> list[dict[str, Any]]:
-    """metrics.csv rows (the simulator's columns) from the accepted clients' metrics, at
-    the width each trained."""
+    """metrics.csv rows (the simulator's columns, in client order) from the nodes' scores
+    of the aggregated model, at the width each was evaluated with."""
     rows = []
-    for cid, m in report.accepted.items():
-        rows.extend(metric_rows(report.round, cid, report.sent[cid]["width"], per_task(m)))
+    for cid in sorted(report.evaluated):
+        m = report.evaluated[cid]
+        rows.extend(metric_rows(report.round, cid, m["width"], per_task(m)))
     return rows
 
 
@@ -99,8 +114,15 @@ class DeployedRun:
     """The server side of one deployed run directory (see the module docstring)."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: str | Path, *, reply_timeout: float, max_examples: int = 0
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        *,
+        reply_timeout: float,
+        max_examples: int = 0,
+        node_ids: Mapping[str, int] | None = None,
     ) -> None:
+        """``node_ids``: client id -> node id of its registered key (None: unbound)."""
         refuse_label_masks(cfg)
         self.cfg = cfg
         self.engine = ServerEngine(server_plan(cfg), run_dir, max_examples=max_examples)
@@ -111,7 +133,8 @@ class DeployedRun:
         if self.start_round:
             log(INFO, "fmtl: resuming %s after round %d", self.run_dir, self.start_round)
         self.engine.write_run_files()
-        self.strategy = FMTLStrategy(self.engine, reply_timeout=reply_timeout)
+        self.strategy = FMTLStrategy(self.engine, reply_timeout=reply_timeout, node_ids=node_ids)
+        self.num_rounds = cfg.federation.rounds  # the last round (evaluation is due then)
 
     def wait_for_nodes(self, grid: Grid, min_nodes: int, timeout: float) -> int:
         want = min_nodes or len(self.engine.plan.clients)
@@ -127,6 +150,8 @@ class DeployedRun:
             time.sleep(1.0)
 
     def run_round(self, grid: Grid, server_round: int) -> RoundReport:
+        """Train, aggregate, evaluate when due (every node scores the aggregated model,
+        as the simulation does), commit."""
         from flwr.app import ArrayRecord, ConfigRecord
 
         t0 = time.perf_counter()
@@ -139,6 +164,11 @@ class DeployedRun:
         s.aggregate_train(server_round, replies)
         rep = s.report
         rep.times["wait"] = t2 - t1
+        if eval_due(server_round, self.cfg.federation.eval_every, self.num_rounds):
+            t3 = time.perf_counter()
+            msgs = list(s.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+            s.aggregate_evaluate(server_round, grid.send_and_receive(msgs, timeout=s.reply_timeout))
+            rep.times["evaluate"] = time.perf_counter() - t3
         t3 = time.perf_counter()
         meta = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}
         self.engine.commit_round(server_round, _rows(rep), meta, record={"report": rep.as_dict()})
@@ -152,6 +182,7 @@ class DeployedRun:
         return rep
 
     def run(self, grid: Grid, num_rounds: int, min_nodes: int, node_wait: float) -> dict:
+        self.num_rounds = num_rounds
         self.wait_for_nodes(grid, min_nodes, node_wait)
         for r in range(self.start_round + 1, num_rounds + 1):
             log(INFO, "fmtl: [ROUND %d/%d]", r, num_rounds)
@@ -162,6 +193,10 @@ class DeployedRun:
         return summary
 
     def summary(self, num_rounds: int) -> dict[str, Any]:
+        """``fmtl simulate``'s summary (:func:`summarize` of the metric rows: per client the
+        mean over its tasks of the test accuracy of the aggregated model at the last
+        evaluated round), plus the deployment's: nodes, refusals, every round's report,
+        and ``not_evaluated``: the clients without a score at that round, and why."""
         rounds = []
         for rec in self.engine.records:  # the journal: every round, whatever was pruned
             rep = rec.get("report", {})
@@ -171,28 +206,61 @@ class DeployedRun:
                     "accepted": sorted(rep.get("accepted", {})),
                     "rejected": rep.get("rejected", {}),
                     "failed": rep.get("failed", {}),
+                    "not_evaluated": rep.get("not_evaluated", {}),
                     "times": rep.get("times", {}),
                 }
             )
-        last = self.strategy.history[-1].accepted if self.strategy.history else {}
-        accs = {
-            cid: float(np.mean([v for k, v in m.items() if k.startswith("acc/")]))
-            for cid, m in last.items()
-            if any(k.startswith("acc/") for k in m)
-        }
-        return {
-            "name": self.cfg.name,
-            "algorithm": self.cfg.algorithm.name,
-            "rounds": num_rounds,
-            "resumed_after": self.start_round,
-            "nodes": {
-                n.client.client_id: {"node": n.node_id, "width": n.width, "runtime": n.runtime}
-                for n in self.strategy.nodes.values()
-            },
-            "refused_nodes": {str(k): v for k, v in self.strategy.refused.items()},
-            "per_round": rounds,
-            "last_round_client_acc": accs,
-        }
+        rows = self.engine.history
+        out: dict[str, Any] = {"name": self.cfg.name, "algorithm": self.cfg.algorithm.name,
+                               "rounds": num_rounds, "clients": {}}  # fmt: skip
+        if rows:
+            out = summarize(rows, self.cfg.algorithm.name, self.cfg.name)
+        last = max((r["round"] for r in rows), default=None)
+        planned = {c.client_id for c in self.engine.plan.clients}
+        missing = {}
+        for rec in self.engine.records:
+            if rec["round"] == last:
+                missing = dict(rec.get("report", {}).get("not_evaluated", {}))
+        for cid in sorted(planned - set(out["clients"]) - set(missing)):
+            missing[cid] = "no node of this client was registered at the last evaluation"
+        out.update(
+            {
+                "rounds": num_rounds,
+                "evaluated_round": last,
+                "resumed_after": self.start_round,
+                "nodes": {
+                    n.client.client_id: {"node": n.node_id, "width": n.width,
+                                         "runtime": n.runtime}  # fmt: skip
+                    for n in self.strategy.nodes.values()
+                },
+                "refused_nodes": {str(k): v for k, v in self.strategy.refused.items()},
+                "per_round": rounds,
+                "not_evaluated": missing,
+            }
+        )
+        return out
+
+
+def node_bindings(cfg: RunConfig, node_auth: object, node_ids: object) -> dict[str, int] | None:
+    """The run config's ``node-ids`` (client -> node id; :mod:`fmtl_lightning.deploy.auth`).
+    With ``node-auth`` on, every client of the YAML must be bound; off, an empty
+    ``node-ids`` binds nothing (any node may claim any client: trials, the simulation
+    engine's virtual nodes)."""
+    if not isinstance(node_auth, bool):
+        raise ConfigError(f"run config 'node-auth': expected true or false, got {node_auth!r}")
+    clients = [c.client_id for c in planned_clients(cfg)]
+    ids = parse_node_ids(str(node_ids), clients)
+    if not node_auth:
+        return ids or None
+    missing = missing_bindings(ids, clients)
+    if missing:
+        raise ConfigError(
+            f"run config 'node-ids' binds no node to {', '.join(missing)}, and 'node-auth' is "
+            "on: register each client's SuperNode key (fmtl deploy register, or flwr "
+            "supernode register KEY.pub) and pass node-ids=\"c00=NODE_ID,...\" (or "
+            "node-auth=false for a trial without node authentication)"
+        )
+    return ids
 
 
 app = ServerApp()
@@ -201,6 +269,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = {**DEFAULTS, **dict(context.run_config)}
+    update_console_handler(colored=bool(rc["log-colour"]))
     try:
         cfg = load_config(resolve_config(str(rc["config"]), app_dir(grid)))
         num_rounds = int(rc["num-rounds"]) or cfg.federation.rounds
@@ -209,6 +278,7 @@ def main(grid: Grid, context: Context) -> None:
             Path(str(rc["run-dir"])),
             reply_timeout=float(rc["reply-timeout"]),
             max_examples=int(rc["max-examples"]),
+            node_ids=node_bindings(cfg, rc["node-auth"], rc["node-ids"]),
         )
     except FMTLError as exc:
         log(WARNING, "fmtl: %s", exc)

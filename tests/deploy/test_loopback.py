@@ -85,8 +85,9 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
             assert sorted(rep["accepted"]) == ["c00", "c01", "c02"], rep
             assert rep["rejected"] == {} and rep["failed"] == {}
             assert [rep["sent"][c]["width"] for c in ("c00", "c01", "c02")] == [1.0, 0.5, 0.25]
-            for cid in ("c00", "c01"):  # Lightning nodes: test accuracy per task
-                assert 0.0 <= rep["accepted"][cid]["acc/digits/digit"] <= 1.0
+            for cid in ("c00", "c01"):  # Lightning nodes score the aggregated model
+                assert 0.0 <= rep["evaluated"][cid]["acc/digits/digit"] <= 1.0
+            assert "baked in" in rep["not_evaluated"]["c02"]  # edge: says why not
             assert rep["accepted"]["c02"]["steps"] == 10.0  # edge: 150 examples / 16
             assert np.isfinite(rep["accepted"]["c02"]["loss"])
             down = {c: rep["sent"][c]["bytes_down"] for c in rep["sent"]}
@@ -154,3 +155,45 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
     assert left == []
     assert not [p for p in seen if alive(p)], "processes left running"
     print(f"loopback deployment test: {time.monotonic() - t_start:.0f} s")
+
+
+def _two_client_yaml(path: Path, rounds: int = 1) -> Path:
+    """examples/flower/fmtl.yaml without its edge client (no export: a fast trial)."""
+    import yaml
+
+    raw = yaml.safe_load((APP / "fmtl.yaml").read_text())
+    raw["clients"] = raw["clients"][:2]
+    raw["federation"]["rounds"] = rounds
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_deploy_local_reports_what_fmtl_simulate_reports(tmp_path):
+    """``fmtl deploy local`` (real processes, TLS, output to a pipe) prints the table
+    ``fmtl simulate`` prints for the same YAML, number for number, and no ANSI codes."""
+    import os
+    import subprocess
+    import sys
+
+    from fmtl_lightning.report import format_table
+    from fmtl_lightning.simulation import run_config
+
+    t0 = time.monotonic()
+    cfg_path = _two_client_yaml(tmp_path / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "fmtl_lightning.deploy", "local", "--config", str(cfg_path),
+         "--out", str(tmp_path / "dl"), "--reply-timeout", "120", "--timeout", "300"],
+        capture_output=True, text=True, env=env, timeout=400,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "\x1b" not in res.stdout
+    summary = run_config(load_config(cfg_path), tmp_path / "sim", progress=False)
+    table = format_table(summary)
+    assert table in res.stdout, f"{table}\n---\n{res.stdout[-2000:]}"
+    assert "no test accuracy" not in res.stdout
+    deployed = json.loads((tmp_path / "dl" / "run" / "summary.json").read_text())
+    assert {c: v["acc"] for c, v in deployed["clients"].items()} == {
+        c: v["acc"] for c, v in summary["clients"].items()
+    }
+    print(f"deploy local vs simulate: {time.monotonic() - t0:.0f} s")
