@@ -274,15 +274,27 @@ class LocalDeployment:
     def start_node(self, node: NodeSpec, timeout: float = 60.0) -> Proc:
         return self.start_nodes([node], timeout)[0]
 
-    def start_nodes(self, nodes: list[NodeSpec], timeout: float = 60.0) -> list[Proc]:
-        """Start SuperNodes side by side; returns once each has registered."""
+    def start_nodes(
+        self, nodes: list[NodeSpec], timeout: float = 60.0, *, wait: bool = True
+    ) -> list[Proc]:
+        """Start SuperNodes side by side; returns once each has connected (``wait``), or
+        at once (e.g. a node the SuperLink is expected to refuse). Under node
+        authentication a node without ``key`` gets its client's registered key."""
+        if self.node_auth:  # register the keys side by side (one `flwr` call each)
+            from concurrent.futures import ThreadPoolExecutor
+
+            todo = [n for n in nodes if n.key is None]
+            with ThreadPoolExecutor(max(1, len(todo))) as pool:
+                keys = list(pool.map(lambda n: self.register(n.client_id)[0], todo))
+            for node, key in zip(todo, keys, strict=True):
+                node.key = key
         procs = []
         for node in nodes:
             node.state_dir.mkdir(parents=True, exist_ok=True)
-            if self.node_auth and node.key is None:
-                node.key = self.register(node.client_id)[0]
-            procs.append(self._spawn(f"node-{node.client_id}", self.node_argv(node, free_port())))
-        for p in procs:
+            name = f"node-{node.client_id}"
+            name += f"-{len(self.procs)}" if name in self.procs else ""
+            procs.append(self._spawn(name, self.node_argv(node, free_port())))
+        for p in procs if wait else []:
             self._wait_for_log(p, "SuperNode ID", timeout)
         return procs
 

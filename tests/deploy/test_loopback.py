@@ -197,3 +197,65 @@ def test_deploy_local_reports_what_fmtl_simulate_reports(tmp_path):
         c: v["acc"] for c, v in summary["clients"].items()
     }
     print(f"deploy local vs simulate: {time.monotonic() - t0:.0f} s")
+
+
+def test_node_authentication_binds_each_client_to_its_registered_key(tmp_path):
+    """SuperLink with ``--enable-supernode-auth`` over TLS: a node with an unregistered
+    key is refused by Flower; c00's registered node trains; a node on c01's registered
+    key declaring width 1 (the YAML's 0.5) and a node on another registered key claiming
+    c00 are refused by the server, by name."""
+    from fmtl_lightning.deploy.cli import write_app
+    from fmtl_lightning.deploy.tls import write_node_key
+
+    t0 = time.monotonic()
+    app = write_app(_two_client_yaml(tmp_path / "two.yaml"), tmp_path / "app")
+    run_dir = tmp_path / "run"
+    dep = LocalDeployment(tmp_path / "dep")  # TLS: node authentication on by default
+    assert dep.node_auth
+    digit = ("digits/digit",)
+    seen: set[int] = set()
+    try:
+        link = dep.start_superlink()
+        assert "--enable-supernode-auth" in link.log.read_text().splitlines()[0]
+        stranger = write_node_key(tmp_path / "stranger", "s")
+        [s] = dep.start_nodes([NodeSpec("c00", 1.0, digit, tmp_path / "n_s", key=stranger.private)],
+                              wait=False)  # fmt: skip
+
+        s.refresh()
+        thief_key, thief_id = dep.register("c00", bind=False)  # registered, bound to no client
+        dep.start_nodes([
+            NodeSpec("c00", 1.0, digit, tmp_path / "n_c00"),
+            NodeSpec("c01", 1.0, digit, tmp_path / "n_c01"),  # c01's own key, too wide
+            NodeSpec("c00", 1.0, digit, tmp_path / "n_thief", key=thief_key),
+        ])  # fmt: skip
+
+        def stranger_gone() -> bool:
+            s.refresh()
+            return s.popen.poll() is not None
+
+        _wait_for(stranger_gone, 60, "the unregistered node to give up")
+        assert s.popen.returncode != 0
+        assert "Failed to activate SuperNode" in s.log.read_text()
+        assert "SuperNode ID" not in s.log.read_text()
+        seen |= s.pids_seen
+        res = dep.run(app, {"run-dir": str(run_dir), "min-nodes": 1, "node-wait-timeout": 5.0,
+                            "reply-timeout": 120.0}, timeout=300)  # fmt: skip
+        for p in dep.procs.values():
+            p.refresh()
+            seen |= p.pids_seen
+    finally:
+        left = dep.stop()
+    assert left == [] and not [p for p in seen if alive(p)]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ids = dep.node_ids
+    assert summary["nodes"] == {"c00": {"node": ids["c00"], "width": 1.0, "runtime": "lightning"}}
+    refused = summary["refused_nodes"]
+    assert sorted(refused) == sorted([str(ids["c01"]), str(thief_id)])
+    assert "width 1 is wider than the 0.5" in refused[str(ids["c01"])]
+    assert f"claims client 'c00', which is bound to the key of node {ids['c00']}" in refused[
+        str(thief_id)
+    ]
+    rep = _report(run_dir, 1)
+    assert sorted(rep["accepted"]) == ["c00"] and sorted(rep["evaluated"]) == ["c00"]
+    print(f"node authentication loopback: {time.monotonic() - t0:.0f} s")
