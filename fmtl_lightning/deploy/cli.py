@@ -57,6 +57,7 @@ max-examples = 0
 log-colour = true
 node-auth = true
 node-ids = ""
+min-replies = 1
 """
 
 
@@ -210,7 +211,7 @@ def _local(a: argparse.Namespace) -> int:
                   f"{len(dep.procs) - 1} SuperNodes ({auth}); logs in {dep.root / 'logs'}",
                   flush=True)  # fmt: skip
         rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout,
-              "log-colour": sys.stdout.isatty()}  # fmt: skip
+              "min-replies": a.min_replies, "log-colour": sys.stdout.isatty()}  # fmt: skip
         if a.rounds:
             rc["num-rounds"] = a.rounds
         started = time.time()
@@ -240,7 +241,13 @@ def deploy_report(s: dict[str, Any]) -> str:
     for r in s["per_round"]:
         lines.append(f"round {r['round']}: accepted {', '.join(r['accepted']) or '-'}"
                      f"{'; rejected ' + ', '.join(r['rejected']) if r['rejected'] else ''}"
-                     f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}")  # fmt: skip
+                     f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}"
+                     f"{'; late replies ' + ', '.join(r['late']) if r.get('late') else ''}")  # fmt: skip
+        if r.get("not_aggregated"):
+            lines.append(f"  not aggregated: {r['not_aggregated']}")
+    if s.get("late_after_last_round"):
+        lines.append(f"late replies after the last round (not aggregated): "
+                     f"{', '.join(s['late_after_last_round'])}")  # fmt: skip
     lines.append("")
     missing = s.get("not_evaluated", {})
     if s["clients"]:
@@ -299,7 +306,10 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
     lo.add_argument("--config", required=True)
     lo.add_argument("--out", required=True)
     lo.add_argument("--rounds", type=int, default=0)
-    lo.add_argument("--reply-timeout", type=float, default=600.0)
+    lo.add_argument("--reply-timeout", type=float, default=600.0,
+                    help="the round deadline (seconds); later replies are recorded, never used")  # fmt: skip
+    lo.add_argument("--min-replies", type=int, default=1,
+                    help="a round with fewer accepted replies aggregates nothing")  # fmt: skip
     lo.add_argument("--timeout", type=float, default=3600.0)
     lo.add_argument("--insecure", action="store_true",
                     help="plain HTTP (no TLS, hence no node authentication)")  # fmt: skip

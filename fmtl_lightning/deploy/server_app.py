@@ -8,8 +8,11 @@ Run config keys (``[tool.flwr.app.config]`` of the Flower app, or ``flwr run -c`
 ``run-dir``               where rounds are checkpointed; relative to the SuperLink's
                           working directory. An existing run dir is resumed.
 ``num-rounds``            0: ``federation.rounds`` of the YAML
-``reply-timeout``         seconds a round waits for replies; late nodes are recorded
-                          as failed and the round goes on without them
+``reply-timeout``         the round deadline: seconds a round waits for replies; late
+                          nodes are recorded as failed and the round goes on without
+                          them (their late replies are recorded, never aggregated)
+``min-replies``           a round with fewer accepted replies by its deadline
+                          aggregates nothing (int in [1, clients of the YAML]; 1)
 ``min-nodes``             registered nodes to wait for before round 1 (0: every client
                           of the YAML)
 ``node-wait-timeout``     seconds to wait for ``min-nodes``; then start with whoever is
@@ -44,6 +47,7 @@ rows), and ``metrics.csv`` and ``summary.json`` after the last round.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from logging import INFO, WARNING
@@ -59,7 +63,8 @@ from fmtl_lightning.checkpoint import round_dir
 from fmtl_lightning.config import ConfigError, RunConfig, load_config
 from fmtl_lightning.deploy.auth import missing_bindings, parse_node_ids
 from fmtl_lightning.deploy.evaluation import eval_due
-from fmtl_lightning.deploy.strategy import FMTLStrategy, RoundReport
+from fmtl_lightning.deploy.rounds import LateReplies, RoundReport, check_round_rules, collect
+from fmtl_lightning.deploy.strategy import FMTLStrategy
 from fmtl_lightning.engine import ServerEngine, server_plan
 from fmtl_lightning.engine.metrics import metric_rows, per_task, rows_csv, summarize
 from fmtl_lightning.engine.plan import planned_clients, refuse_label_masks
@@ -77,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "log-colour": True,
     "node-auth": True,
     "node-ids": "",
+    "min-replies": 1,
 }
 
 
@@ -121,9 +127,15 @@ class DeployedRun:
         reply_timeout: float,
         max_examples: int = 0,
         node_ids: Mapping[str, int] | None = None,
+        min_replies: int = 1,
     ) -> None:
-        """``node_ids``: client id -> node id of its registered key (None: unbound)."""
+        """``node_ids``: client id -> node id of its registered key (None: unbound);
+        ``reply_timeout`` (the round deadline) and ``min_replies``: see
+        :mod:`fmtl_lightning.deploy.rounds`."""
         refuse_label_masks(cfg)
+        n = len(planned_clients(cfg))
+        check_round_rules(reply_timeout, min_replies,
+                          max(1, math.ceil(cfg.federation.fraction * n - 1e-9)))  # fmt: skip
         self.cfg = cfg
         self.engine = ServerEngine(server_plan(cfg), run_dir, max_examples=max_examples)
         self.run_dir = self.engine.run_dir
@@ -133,7 +145,9 @@ class DeployedRun:
         if self.start_round:
             log(INFO, "fmtl: resuming %s after round %d", self.run_dir, self.start_round)
         self.engine.write_run_files()
-        self.strategy = FMTLStrategy(self.engine, reply_timeout=reply_timeout, node_ids=node_ids)
+        self.strategy = FMTLStrategy(self.engine, reply_timeout=reply_timeout, node_ids=node_ids,
+                                     min_replies=min_replies)  # fmt: skip
+        self.late = LateReplies()
         self.num_rounds = cfg.federation.rounds  # the last round (evaluation is due then)
 
     def wait_for_nodes(self, grid: Grid, min_nodes: int, timeout: float) -> int:
@@ -156,18 +170,22 @@ class DeployedRun:
 
         t0 = time.perf_counter()
         s = self.strategy
+        late = self.late.pull(grid)  # replies to earlier rounds since: recorded, never used
         s.register(grid)  # nodes that joined since the last round
         msgs = list(s.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         t1 = time.perf_counter()
-        replies = grid.send_and_receive(msgs, timeout=s.reply_timeout) if msgs else []
+        replies, unanswered = collect(grid, msgs, s.reply_timeout)  # until the deadline
         t2 = time.perf_counter()
         s.aggregate_train(server_round, replies)
         rep = s.report
+        rep.late = late
         rep.times["wait"] = t2 - t1
+        self.late.expect(server_round, unanswered,
+                         {n.node_id: n.client.client_id for n in s.nodes.values()})  # fmt: skip
         if eval_due(server_round, self.cfg.federation.eval_every, self.num_rounds):
             t3 = time.perf_counter()
             msgs = list(s.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
-            s.aggregate_evaluate(server_round, grid.send_and_receive(msgs, timeout=s.reply_timeout))
+            s.aggregate_evaluate(server_round, collect(grid, msgs, s.reply_timeout)[0])
             rep.times["evaluate"] = time.perf_counter() - t3
         t3 = time.perf_counter()
         meta = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}
@@ -189,6 +207,7 @@ class DeployedRun:
             self.run_round(grid, r)
         atomic_write_text(self.run_dir / "metrics.csv", rows_csv(self.engine.history))
         summary = self.summary(num_rounds)
+        summary["late_after_last_round"] = self.late.pull(grid)
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
@@ -207,6 +226,8 @@ class DeployedRun:
                     "rejected": rep.get("rejected", {}),
                     "failed": rep.get("failed", {}),
                     "not_evaluated": rep.get("not_evaluated", {}),
+                    "late": rep.get("late", {}),
+                    "not_aggregated": rep.get("not_aggregated", ""),
                     "times": rep.get("times", {}),
                 }
             )
@@ -276,9 +297,10 @@ def main(grid: Grid, context: Context) -> None:
         run = DeployedRun(
             cfg,
             Path(str(rc["run-dir"])),
-            reply_timeout=float(rc["reply-timeout"]),
+            reply_timeout=rc["reply-timeout"],
             max_examples=int(rc["max-examples"]),
             node_ids=node_bindings(cfg, rc["node-auth"], rc["node-ids"]),
+            min_replies=rc["min-replies"],
         )
     except FMTLError as exc:
         log(WARNING, "fmtl: %s", exc)

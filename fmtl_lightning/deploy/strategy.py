@@ -35,9 +35,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -52,6 +51,7 @@ from fmtl_lightning.deploy.evaluation import (
     fold_eval_replies,
     run_yaml,
 )
+from fmtl_lightning.deploy.rounds import RoundReport
 from fmtl_lightning.engine import Assignment, PlannedClient, ReplyRejected, ServerEngine
 from fmtl_lightning.engine.seeds import phase_seed
 from mobile_client.flower_app import (
@@ -84,33 +84,6 @@ class Sent:
     bytes_down: int
 
 
-@dataclass
-class RoundReport:
-    """What happened in one round, per client id (written to the round's meta.json)."""
-
-    round: int
-    sent: dict[str, dict[str, Any]] = field(default_factory=dict)  # cid -> width, bytes
-    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # cid -> metrics
-    rejected: dict[str, str] = field(default_factory=dict)  # cid -> reason
-    failed: dict[str, str] = field(default_factory=dict)  # cid -> reason (error, timeout)
-    times: dict[str, float] = field(default_factory=dict)
-    # the evaluation after aggregation (when due): cid -> width + test metrics, or why none
-    evaluated: dict[str, dict[str, Any]] = field(default_factory=dict)
-    not_evaluated: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "sent": self.sent,
-            "accepted": self.accepted,
-            "rejected": self.rejected,
-            "failed": self.failed,
-            "evaluated": self.evaluated,
-            "not_evaluated": self.not_evaluated,
-            "times": {k: round(v, 6) for k, v in self.times.items()},
-        }
-
-
 def _weighted_mean(values: list[tuple[float, float]]) -> float:
     """Mean of finite values under positive weights; finite (weights scaled to sum to 1,
     the result clamped to the values' range, which only undoes rounding)."""
@@ -131,10 +104,14 @@ class FMTLStrategy(Strategy):
         reply_timeout: float = 600.0,
         query_timeout: float = 60.0,
         node_ids: Mapping[str, int] | None = None,
+        min_replies: int = 1,
     ) -> None:
         """``node_ids``: client id -> the node id of the key registered for it
-        (:mod:`fmtl_lightning.deploy.auth`); ``None``: any node may claim any client."""
+        (:mod:`fmtl_lightning.deploy.auth`); ``None``: any node may claim any client.
+        ``min_replies``: a round with fewer accepted replies aggregates nothing
+        (:mod:`fmtl_lightning.deploy.rounds`)."""
         self.engine = engine
+        self.min_replies = int(min_replies)
         self.node_ids = None if node_ids is None else dict(node_ids)
         self.plan = engine.plan
         self.reply_timeout = float(reply_timeout)
@@ -254,7 +231,7 @@ class FMTLStrategy(Strategy):
             content = RecordDict({ARRAYS: rec, CONFIG: ins.to_record()})
             msgs.append(
                 Message(content, dst_node_id=node.node_id, message_type="train",
-                        ttl=self.reply_timeout, group_id=str(server_round))
+                        ttl=2 * self.reply_timeout, group_id=str(server_round))
             )  # fmt: skip
             self.pending[node.node_id] = Sent(node, a, base, rec.count_bytes())
             self.report.sent[node.client.client_id] = {
@@ -344,7 +321,14 @@ class FMTLStrategy(Strategy):
                 rep.failed[cid] = f"no reply within reply-timeout ({self.reply_timeout:g} s)"
                 log(WARNING, "fmtl: round %s: client %s (node %s) did not reply in %g s",
                     server_round, cid, nid, self.reply_timeout)  # fmt: skip
-        refused = self.engine.aggregate(updates)  # folded in client order, never non-finite
+        refused = None
+        if len(updates) < self.min_replies:
+            rep.not_aggregated = (f"{len(updates)} accepted repl{'y' if len(updates) == 1 else 'ies'}"
+                                  f" by the deadline, min-replies is {self.min_replies}: the "
+                                  "global state is kept")  # fmt: skip
+            log(WARNING, "fmtl: round %s: %s", server_round, rep.not_aggregated)
+        else:
+            refused = self.engine.aggregate(updates)  # in client order, never non-finite
         if refused is not None:
             rep.failed["<aggregate>"] = refused
             log(ERROR, "fmtl: round %s: %s", server_round, refused)

@@ -79,12 +79,35 @@ def good_node(node_id: int, delta: float = 1.0) -> Handler:
 
 
 class FakeGrid:
+    """Nodes answer at once; a node in ``hold`` answers only after ``release()`` (late)."""
+
     def __init__(self, handlers: dict[int, Handler]) -> None:
         self.handlers = handlers
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+        self.hold: set[int] = set()
+        self.held: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.handlers)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            self.sent.append(m)
+            mid = f"m{len(self.sent)}"
+            ids.append(mid)
+            r = self.handlers[m.metadata.dst_node_id](m)
+            if r is not None:
+                (self.held if m.metadata.dst_node_id in self.hold else self.replies)[mid] = r
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def release(self) -> None:
+        self.replies.update(self.held)
+        self.held.clear()
 
     def send_and_receive(self, messages, *, timeout=None):
         out = []

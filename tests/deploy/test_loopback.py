@@ -68,6 +68,7 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
         link = dep.start_superlink()
         assert "Uvicorn running on https://" in link.log.read_text()  # TLS, not plain HTTP
         dep.start_nodes([nodes["c00"], nodes["c01"]])
+        dep.register("c02")  # its key, bound before the run starts; the node joins later
         # the server waits for all three clients; export the edge bundle meanwhile
         runner = run_in_background({"run-dir": str(run_dir), "reply-timeout": 150.0})
         bundle, data = prepare_edge(cfg, "c02", tmp_path / "edge_c02")
