@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,26 +79,41 @@ def check_round_rules(reply_timeout: object, min_replies: object, per_round: int
                           f"got {min_replies!r}")  # fmt: skip
 
 
+def _match(reply: Any, waiting: Mapping[str, int]) -> str | None:
+    """The id of the message in ``waiting`` that ``reply`` answers: its
+    ``reply_to_message_id``, else (a grid that sets no ids) its source node's message."""
+    mid = str(reply.metadata.reply_to_message_id)
+    if mid in waiting:
+        return mid
+    return next((i for i, n in waiting.items() if n == reply.metadata.src_node_id), None)
+
+
 def collect(
     grid: Any, messages: Sequence[Any], deadline_s: float, poll_s: float = POLL_S
-) -> tuple[list[Any], dict[str, int]]:
+) -> tuple[list[Any], dict[str, int], dict[int, str]]:
     """Push ``messages`` and pull their replies until all have answered or
-    ``deadline_s`` has passed. Returns (replies, unanswered: message id -> destination
-    node id)."""
+    ``deadline_s`` has passed. Returns (the nodes' replies, unanswered: message id ->
+    destination node id, and node id -> reason for messages the SuperLink answered in
+    the node's place: the node stopped sending heartbeats, the message expired)."""
     if not messages:
-        return [], {}
+        return [], {}, {}
     ids = [str(i) for i in grid.push_messages(messages)]
-    dst = {i: int(m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=True)}
-    waiting = dict(dst)
+    waiting = {i: int(m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=True)}
     replies: list[Any] = []
+    by_link: dict[int, str] = {}
     end = time.monotonic() + deadline_s
     while True:
-        got = list(grid.pull_messages(list(waiting)))
-        for r in got:
-            waiting = {i: n for i, n in waiting.items() if n != r.metadata.src_node_id}
-        replies.extend(got)
+        for r in grid.pull_messages(list(waiting)):
+            mid = _match(r, waiting)
+            if mid is None:
+                continue  # not an answer to this round's messages
+            node = waiting.pop(mid)
+            if r.metadata.src_node_id == node:
+                replies.append(r)
+            else:
+                by_link[node] = f"SuperLink: {r.error.reason}" if r.has_error() else "SuperLink"
         if not waiting or time.monotonic() >= end:
-            return replies, waiting
+            return replies, waiting, by_link
         time.sleep(min(poll_s, max(0.0, end - time.monotonic())))
 
 
@@ -118,18 +133,23 @@ class LateReplies:
 
     def pull(self, grid: Any) -> dict[str, str]:
         """Replies to earlier rounds' unanswered messages that have come since: ``{cid
-        (round r): why}`` entries for a round report's ``late``. Never aggregated."""
+        (round r): what}`` entries for a round report's ``late``. Never aggregated. A
+        message that expired unanswered (the SuperLink answers in the node's place) is
+        dropped: no reply ever came."""
         out: dict[str, str] = {}
         for r, msgs in list(self.outstanding.items()):
-            got: Iterable[Any] = grid.pull_messages(list(msgs)) if msgs else []
-            for reply in got:
-                for i, (n, cid) in list(msgs.items()):
-                    if n == reply.metadata.src_node_id:
-                        what = "an error" if reply.has_error() else "a reply"
-                        out[f"{cid} (round {r})"] = (
-                            f"{what} to round {r} after its deadline: recorded, not aggregated"
-                        )
-                        del msgs[i]
+            waiting = {i: n for i, (n, _) in msgs.items()}
+            for reply in grid.pull_messages(list(msgs)) if msgs else []:
+                mid = _match(reply, waiting)
+                if mid is None:
+                    continue
+                node, cid = msgs.pop(mid)
+                del waiting[mid]
+                if reply.metadata.src_node_id == node:
+                    what = "an error" if reply.has_error() else "a reply"
+                    out[f"{cid} (round {r})"] = (
+                        f"{what} to round {r} after its deadline: recorded, not aggregated"
+                    )
             if not msgs:
                 del self.outstanding[r]
         return out

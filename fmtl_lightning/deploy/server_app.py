@@ -174,18 +174,25 @@ class DeployedRun:
         s.register(grid)  # nodes that joined since the last round
         msgs = list(s.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
         t1 = time.perf_counter()
-        replies, unanswered = collect(grid, msgs, s.reply_timeout)  # until the deadline
+        replies, unanswered, by_link = collect(grid, msgs, s.reply_timeout)  # the deadline
         t2 = time.perf_counter()
         s.aggregate_train(server_round, replies)
         rep = s.report
         rep.late = late
+        for n in s.nodes.values():  # e.g. a node that stopped sending heartbeats
+            if n.node_id in by_link:
+                rep.failed[n.client.client_id] = by_link[n.node_id]
         rep.times["wait"] = t2 - t1
         self.late.expect(server_round, unanswered,
                          {n.node_id: n.client.client_id for n in s.nodes.values()})  # fmt: skip
         if eval_due(server_round, self.cfg.federation.eval_every, self.num_rounds):
             t3 = time.perf_counter()
             msgs = list(s.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
-            s.aggregate_evaluate(server_round, collect(grid, msgs, s.reply_timeout)[0])
+            ev_replies, _, ev_link = collect(grid, msgs, s.reply_timeout)
+            s.aggregate_evaluate(server_round, ev_replies)
+            for n in s.nodes.values():
+                if n.node_id in ev_link:
+                    rep.not_evaluated[n.client.client_id] = ev_link[n.node_id]
             rep.times["evaluate"] = time.perf_counter() - t3
         t3 = time.perf_counter()
         meta = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}

@@ -104,3 +104,49 @@ def test_a_late_reply_is_recorded_in_the_next_round_and_never_aggregated(tmp_pat
     from fmtl_lightning.deploy.cli import deploy_report
 
     assert "round 2: accepted c00, c01, c02; late replies c02 (round 1)" in deploy_report(summary)
+
+
+def _msg(dst: int = 0, src: int = 0, reply_to: str = "", error: str | None = None):
+    from types import SimpleNamespace
+
+    md = SimpleNamespace(dst_node_id=dst, src_node_id=src, reply_to_message_id=reply_to)
+    return SimpleNamespace(metadata=md, has_error=lambda: error is not None,
+                           error=SimpleNamespace(reason=error))  # fmt: skip
+
+
+class IdGrid:
+    """Message ids like Flower's: replies name the message they answer."""
+
+    def __init__(self, answers):
+        self.answers = answers  # pull number -> replies it returns
+
+    def push_messages(self, messages):
+        self.pulls = 0
+        return [f"id{m.metadata.dst_node_id}" for m in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [r for r in self.answers.get(self.pulls, []) if r.metadata.reply_to_message_id in ids]
+
+
+def test_collect_matches_replies_by_message_and_names_what_the_superlink_answered():
+    from fmtl_lightning.deploy.rounds import LateReplies, collect
+
+    unavailable = "Error: Node Unavailable"
+    grid = IdGrid({
+        1: [_msg(src=1, reply_to="id1")],
+        2: [_msg(src=0, reply_to="id2", error=unavailable)],  # the SuperLink, for node 2
+    })  # fmt: skip
+    replies, unanswered, by_link = collect(grid, [_msg(dst=n) for n in (1, 2, 3)], 0.5, 0.01)
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    assert unanswered == {"id3": 3} and by_link == {2: f"SuperLink: {unavailable}"}
+    late = LateReplies()
+    late.expect(1, unanswered, {3: "c02"})
+    grid.answers = {1: [_msg(src=0, reply_to="id3", error="expired")]}  # expired, no reply
+    grid.pulls = 0
+    assert late.pull(grid) == {} and late.outstanding == {}
+    late.expect(1, {"id3": 3}, {3: "c02"})
+    grid.answers, grid.pulls = {1: [_msg(src=3, reply_to="id3")]}, 0
+    assert late.pull(grid) == {
+        "c02 (round 1)": "a reply to round 1 after its deadline: recorded, not aggregated"
+    }
