@@ -802,3 +802,40 @@ def test_a_node_without_a_score_is_named_with_its_reason_never_averaged(plan, tm
     text = deploy_report(summary)
     assert f"c02: no test accuracy: {WHY}" in text
     assert "mean and worst are over the clients with a score: c00" in text
+
+
+@pytest.mark.parametrize("algorithm,slicing", [("ditto", "heterofl"), ("fedavg_ft", "fedrolex")])
+def test_deployed_scores_equal_the_simulations_with_static_bn_personal_and_fine_tune(
+    algorithm, slicing, tmp_path
+):
+    """A static-batch-norm CNN: the nodes' statistics pass, Ditto's personal model,
+    FedAvg-FT's fine-tune on a copy and FedRolex's window give the simulation's rows."""
+    from fmtl_lightning.deploy.lightning_client import lightning_evaluate, lightning_train
+    from fmtl_lightning.simulation import Simulation
+
+    raw = copy.deepcopy(CFG)
+    raw["model"] = {"family": "cnn", "norm": "static_batch"}
+    raw["algorithm"] = {"name": algorithm, "weighting": "uniform", "slicing": slicing}
+    cfg = parse_config(raw)
+    configs = {n: {**NODE_CONFIG[n], "state-dir": str(tmp_path / f"n{n}")} for n in NODE_CONFIG}
+
+    def node(n: int) -> Handler:
+        def handle(msg: Message) -> Message:
+            ctx, kind = _ctx(n, configs[n]), msg.metadata.message_type
+            if kind.startswith("query"):
+                return info_reply(msg, ctx)
+            return (lightning_evaluate if kind == "evaluate" else lightning_train)(msg, ctx)
+
+        return handle
+
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    run.run(FakeGrid({n: node(n) for n in configs}), 2, 0, 1.0)
+    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim.run_round()
+    sim.run_round()
+    key = ("round", "client", "width", "task", "acc")
+    assert [tuple(r[k] for k in key) for r in run.engine.history] == [
+        tuple(r[k] for k in key) for r in sim.history
+    ]
+    np.testing.assert_allclose([r["loss"] for r in run.engine.history],
+                               [r["loss"] for r in sim.history], atol=1e-5)  # fmt: skip
