@@ -7,12 +7,14 @@
 * **Minimum replies** (``min-replies``, an int in ``[1, clients in the YAML]``): a round
   with fewer accepted replies by its deadline aggregates nothing (the global state
   stays as it was, the round is recorded with the reason) and the run goes on.
-* **Late replies**: a train message lives ``2 x reply-timeout`` (its TTL), so a reply
-  that comes after the deadline still reaches the SuperLink. At the start of every
-  later round (and at the end of the run) the server pulls the replies to earlier
-  rounds' unanswered messages and records each, in that round's report, as late
-  (``late``: client -> which round it answered); a late reply is never checked into an
-  aggregate: each round aggregates only replies to its own messages.
+* **Late replies**: a train message lives ``3 x reply-timeout`` (its TTL: its round's
+  wait, its evaluate exchange, the next round's wait), so a reply that comes after the
+  deadline still reaches the SuperLink. At the end of every round (after its evaluate
+  exchange), at the start of the next and at the end of the run, the server pulls the
+  replies to unanswered train messages and records each in the report of the round
+  it is pulled in (``late``: ``"<client> (round r)"`` -> what came); a late reply never
+  enters an aggregate: each round aggregates only replies to its own messages,
+  received by its deadline. A reply after the TTL is dropped by the SuperLink.
 
 :class:`RoundReport` is what happened in one round (the round's ``meta.json``). Numpy-free
 and torch-free: Flower's Grid and the clock only.

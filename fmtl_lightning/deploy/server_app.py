@@ -194,6 +194,7 @@ class DeployedRun:
                 if n.node_id in ev_link:
                     rep.not_evaluated[n.client.client_id] = ev_link[n.node_id]
             rep.times["evaluate"] = time.perf_counter() - t3
+        rep.late.update(self.late.pull(grid))  # including this round's, since its deadline
         t3 = time.perf_counter()
         meta = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}
         self.engine.commit_round(server_round, _rows(rep), meta, record={"report": rep.as_dict()})

@@ -231,7 +231,7 @@ class FMTLStrategy(Strategy):
             content = RecordDict({ARRAYS: rec, CONFIG: ins.to_record()})
             msgs.append(
                 Message(content, dst_node_id=node.node_id, message_type="train",
-                        ttl=2 * self.reply_timeout, group_id=str(server_round))
+                        ttl=3 * self.reply_timeout, group_id=str(server_round))
             )  # fmt: skip
             self.pending[node.node_id] = Sent(node, a, base, rec.count_bytes())
             self.report.sent[node.client.client_id] = {
