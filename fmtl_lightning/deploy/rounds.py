@@ -73,8 +73,10 @@ def check_round_rules(reply_timeout: object, min_replies: object, per_round: int
     if not ok or not math.isfinite(float(reply_timeout)) or float(reply_timeout) <= 0:  # type: ignore[arg-type]
         raise ConfigError(f"run config 'reply-timeout': the round deadline must be a finite "
                           f"number of seconds > 0, got {reply_timeout!r}")  # fmt: skip
-    if not isinstance(min_replies, int) or isinstance(min_replies, bool) or not (
-        1 <= min_replies <= per_round
+    if (
+        not isinstance(min_replies, int)
+        or isinstance(min_replies, bool)
+        or not (1 <= min_replies <= per_round)
     ):
         raise ConfigError(f"run config 'min-replies': must be an int in [1, {per_round}] (the "
                           f"clients a round samples: federation.fraction of the YAML's), "

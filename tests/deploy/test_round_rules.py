@@ -69,7 +69,10 @@ def test_fewer_replies_than_min_replies_keep_the_global_state(tmp_path):
     rep = run.run_round(grid, 1)
     assert sorted(rep.accepted) == ["c00", "c01"]
     assert rep.failed == {"c02": f"no reply within reply-timeout ({DEADLINE:g} s)"}
-    assert rep.not_aggregated == "2 accepted replies by the deadline, min-replies is 3: the global state is kept"
+    assert (
+        rep.not_aggregated
+        == "2 accepted replies by the deadline, min-replies is 3: the global state is kept"
+    )
     for k, v in before.items():
         np.testing.assert_array_equal(run.engine.global_state[k], v, err_msg=k)
     grid.hold.clear()
@@ -126,7 +129,9 @@ class IdGrid:
 
     def pull_messages(self, ids):
         self.pulls += 1
-        return [r for r in self.answers.get(self.pulls, []) if r.metadata.reply_to_message_id in ids]
+        return [
+            r for r in self.answers.get(self.pulls, []) if r.metadata.reply_to_message_id in ids
+        ]
 
 
 def test_collect_matches_replies_by_message_and_names_what_the_superlink_answered():
