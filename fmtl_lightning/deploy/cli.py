@@ -4,9 +4,13 @@
 * ``app``          a Flower app directory (``flwr run DIR``) for any fmtl YAML
 * ``prepare-edge`` an edge node's bundle + data file for one client of a YAML
 * ``prepare-data`` one client's shard of the YAML's dataset as the ``.npz`` a node reads
+* ``keys``         an EC key pair per client (SuperNode authentication)
+* ``register``     each client's public key registered with the SuperLink; prints the
+                   ServerApp's ``node-ids`` (client id -> node id of its key)
 * ``node-config``  the ``--node-config`` string of one client's SuperNode
 * ``local``        the whole deployment on this machine (SuperLink + one SuperNode per
-                   client, TLS on 127.0.0.1) for a YAML: a real-process trial run
+                   client, TLS and SuperNode authentication on 127.0.0.1) for a YAML:
+                   a real-process trial run
 
 Also runnable as ``python -m fmtl_lightning.deploy``.
 """
@@ -50,6 +54,10 @@ reply-timeout = 600.0
 min-nodes = 0
 node-wait-timeout = 300.0
 max-examples = 0
+log-colour = true
+node-auth = true
+node-ids = ""
+min-replies = 1
 """
 
 
@@ -120,6 +128,42 @@ def _prepare_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(a: argparse.Namespace) -> int:
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.deploy.tls import write_node_key
+    from fmtl_lightning.engine.plan import planned_clients
+
+    ids = [c.client_id for c in planned_clients(load_config(a.config))]
+    for cid in a.client or ids:
+        if cid not in ids:
+            raise FMTLError(f"client {cid!r} is not in {a.config} (clients: {', '.join(ids)})")
+        if (Path(a.out) / cid).exists():
+            raise FMTLError(f"{Path(a.out) / cid} exists: a registered key is never replaced "
+                            "silently (remove it, and unregister its node, to make a new one)")  # fmt: skip
+        k = write_node_key(a.out, cid)
+        print(f"{cid}: {k.private} (to its SuperNode: --auth-supernode-private-key), "
+              f"{k.public} (flwr supernode register)")  # fmt: skip
+    return 0
+
+
+def _register(a: argparse.Namespace) -> int:
+    from fmtl_lightning.config import load_config
+    from fmtl_lightning.deploy.auth import format_node_ids, register_key
+    from fmtl_lightning.engine.plan import planned_clients
+
+    ids = {}
+    for c in planned_clients(load_config(a.config)):
+        pub = Path(a.keys) / f"{c.client_id}.pub"
+        if not pub.is_file():
+            raise FMTLError(f"{pub}: no public key for client {c.client_id} (fmtl deploy keys)")
+        ids[c.client_id] = register_key(pub, a.superlink)
+        print(f"{c.client_id}: registered {pub} as node {ids[c.client_id]}", flush=True)
+    text = format_node_ids(ids)
+    (Path(a.keys) / "node-ids.txt").write_text(text + "\n")
+    print(f"run config: node-ids=\"{text}\"  (also in {Path(a.keys) / 'node-ids.txt'})")
+    return 0
+
+
 def _node_config(a: argparse.Namespace) -> int:
     from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.local import NodeSpec
@@ -161,29 +205,61 @@ def _local(a: argparse.Namespace) -> int:
                   f"{len(clients)} virtual SuperNodes (all Lightning)", flush=True)  # fmt: skip
         else:
             dep.start_nodes(node_specs(clients, root, edge))
+            auth = ("SuperNode authentication: one registered key per client, bound to its "
+                    "client id" if dep.node_auth else "no node authentication")  # fmt: skip
             print(f"SuperLink on {dep.address} ({'plain HTTP' if a.insecure else 'TLS'}), "
-                  f"{len(dep.procs) - 1} SuperNodes; logs in {dep.root / 'logs'}", flush=True)  # fmt: skip
-        rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout}
+                  f"{len(dep.procs) - 1} SuperNodes ({auth}); logs in {dep.root / 'logs'}",
+                  flush=True)  # fmt: skip
+        rc = {"run-dir": str(root / "run"), "reply-timeout": a.reply_timeout,
+              "min-replies": a.min_replies, "log-colour": sys.stdout.isatty()}  # fmt: skip
         if a.rounds:
             rc["num-rounds"] = a.rounds
         started = time.time()
         n = len(clients) if a.simulation else None
         res = dep.run(app, rc, timeout=a.timeout, num_supernodes=n)
-        print(res.stdout[-4000:])
+        if sys.stdout.isatty():  # Flower's own lines carry colour codes: terminals only
+            print(res.stdout[-4000:])
+        print(f"Flower's log of the run: {dep.root / 'logs' / 'flwr-run.log'}")
         summary = root / "run" / "summary.json"
         # `flwr run` exits 0 even when the ServerApp fails: the summary tells
         if res.returncode or not summary.is_file() or summary.stat().st_mtime < started:
             print(res.stderr[-4000:], file=sys.stderr)
             raise FMTLError(f"the run did not finish; see {dep.root / 'logs'}")
-    s = json.loads(summary.read_text())
-    for r in s["per_round"]:
-        print(f"round {r['round']}: accepted {', '.join(r['accepted']) or '-'}"
-              f"{'; rejected ' + ', '.join(r['rejected']) if r['rejected'] else ''}"
-              f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}")  # fmt: skip
-    for cid, acc in sorted(s["last_round_client_acc"].items()):
-        print(f"  {cid}: test accuracy {acc:.3f}")
+    print(deploy_report(json.loads(summary.read_text())))
     print(f"run directory: {root / 'run'}  ({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+def deploy_report(s: dict[str, Any]) -> str:
+    """The rounds of a deployed run, then ``fmtl simulate``'s table of the same summary
+    (:func:`~fmtl_lightning.report.format_table`: per client the mean over its tasks of
+    the test accuracy of the aggregated model with its own local arrays, at the last
+    evaluated round), then every client without a score and why."""
+    from fmtl_lightning.report import format_table
+
+    lines = []
+    for r in s["per_round"]:
+        lines.append(f"round {r['round']}: accepted {', '.join(r['accepted']) or '-'}"
+                     f"{'; rejected ' + ', '.join(r['rejected']) if r['rejected'] else ''}"
+                     f"{'; failed ' + ', '.join(r['failed']) if r['failed'] else ''}"
+                     f"{'; late replies ' + ', '.join(r['late']) if r.get('late') else ''}")  # fmt: skip
+        if r.get("not_aggregated"):
+            lines.append(f"  not aggregated: {r['not_aggregated']}")
+    if s.get("late_after_last_round"):
+        lines.append(f"late replies after the last round (not aggregated): "
+                     f"{', '.join(s['late_after_last_round'])}")  # fmt: skip
+    lines.append("")
+    missing = s.get("not_evaluated", {})
+    if s["clients"]:
+        lines.append(f"test accuracy after round {s['evaluated_round']} (the aggregated model "
+                     "with each client's own local arrays, as fmtl simulate reports it):")  # fmt: skip
+        lines.append(format_table(s))
+        if missing:
+            scored = ", ".join(sorted(s["clients"]))
+            lines.append(f"(mean and worst are over the clients with a score: {scored})")
+    for cid, why in sorted(missing.items()):
+        lines.append(f"  {cid}: no test accuracy: {why}")
+    return "\n".join(lines)
 
 
 def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
@@ -207,6 +283,17 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
         e.add_argument("--client", required=True)
         e.add_argument("--out", required=True)
         e.set_defaults(func=func)
+    k = ds.add_parser("keys", help="an EC key pair per client (SuperNode authentication)")
+    k.add_argument("--config", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--client", action="append", default=[], help="only these clients")
+    k.set_defaults(func=_keys)
+    r = ds.add_parser("register", help="register every client's key with the SuperLink "
+                      "(flwr supernode register); prints the run config's node-ids")  # fmt: skip
+    r.add_argument("--config", required=True)
+    r.add_argument("--keys", required=True, help="directory of <client>.pub files")
+    r.add_argument("--superlink", required=True, help="SuperLink connection name (flwr config)")
+    r.set_defaults(func=_register)
     n = ds.add_parser("node-config", help="print a client's --node-config string")
     n.add_argument("--config", required=True)
     n.add_argument("--client", required=True)
@@ -219,9 +306,13 @@ def add_deploy_parser(sub: Any) -> argparse.ArgumentParser:
     lo.add_argument("--config", required=True)
     lo.add_argument("--out", required=True)
     lo.add_argument("--rounds", type=int, default=0)
-    lo.add_argument("--reply-timeout", type=float, default=600.0)
+    lo.add_argument("--reply-timeout", type=float, default=600.0,
+                    help="the round deadline (seconds); later replies are recorded, never used")  # fmt: skip
+    lo.add_argument("--min-replies", type=int, default=1,
+                    help="a round with fewer accepted replies aggregates nothing")  # fmt: skip
     lo.add_argument("--timeout", type=float, default=3600.0)
-    lo.add_argument("--insecure", action="store_true", help="plain HTTP (no TLS)")
+    lo.add_argument("--insecure", action="store_true",
+                    help="plain HTTP (no TLS, hence no node authentication)")  # fmt: skip
     lo.add_argument("--simulation", action="store_true",
                     help="Flower's simulation engine (needs flwr[simulation]) instead of SuperNodes")  # fmt: skip
     lo.set_defaults(func=_local)

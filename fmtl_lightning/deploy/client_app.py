@@ -25,3 +25,15 @@ def train(msg: Message, context: Context) -> Message:
     from fmtl_lightning.deploy.lightning_client import lightning_train
 
     return lightning_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    s = NodeSettings.from_context(context)
+    if s.runtime == "edge":
+        from fmtl_lightning.deploy.edge_eval import edge_evaluate
+
+        return edge_evaluate(msg, context)
+    from fmtl_lightning.deploy.lightning_client import lightning_evaluate
+
+    return lightning_evaluate(msg, context)

@@ -13,10 +13,11 @@ between rounds. Per train message the node
    from ``state-dir/client.safetensors``,
 3. runs ``ClientPool.train`` on the received shared arrays exactly as the in-process
    loop does (the same algorithm object, :mod:`fmtl_lightning.algorithms`),
-4. evaluates the model it now holds on its own test split, as its algorithm evaluates
-   a client (personal model, or shared + local; after the algorithm's fine-tune on a
-   copy, if any), writes its local state back atomically, and returns the trained
-   shared arrays with its metrics.
+4. writes its local state back atomically and returns the trained shared arrays.
+
+Per evaluate message (after aggregation, when evaluation is due) it rebuilds the same
+client and scores the aggregated model exactly as ``fmtl simulate`` scores a client
+(:meth:`LightningNode.evaluate`, :mod:`fmtl_lightning.deploy.evaluation`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class LightningNode:
     # ------------------------------------------------------------------ one round
     def train(
         self, received: dict[str, np.ndarray], ins: TrainInstructions
-    ) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """The round's local fit from ``received``; keeps the new local state on disk and
+        returns the trained shared arrays and the number of examples."""
         pool = self.pool
         ws = WidthSpec(ins.width, ins.slicing, ins.round_idx)  # type: ignore[arg-type]
         cid = self.settings.client_id
@@ -107,24 +110,38 @@ class LightningNode:
             raise NodeConfigError(
                 f"algorithm {pool.algorithm.name!r} shares nothing: nothing to send"
             )
-        personal = res.personal if pool.algorithm.evaluates_personal else None
-        state = personal if personal is not None else {**res.shared, **res.local}
-        metrics = self.evaluate(state, ws.width, ins.round_idx)
         self._save(ins.round)
-        return res.shared, res.num_examples, metrics
+        return res.shared, res.num_examples
 
-    def evaluate(
-        self, state: dict[str, np.ndarray], width: float, round_idx: int = 0
-    ) -> dict[str, float]:
-        """Loss/accuracy per task of ``state`` on this client's own test split, after the
-        algorithm's fine-tune if it has one (static batch norm: with the statistics of
-        the evaluated weights over this client's training data). ``round_idx`` seeds the
-        fine-tune (the in-process loop's seed for the same round)."""
+    def evaluate(self, received: dict[str, np.ndarray], ins: TrainInstructions) -> dict[str, float]:
+        """Loss/accuracy per task on this client's own test split of the model the
+        simulation evaluates after aggregation: ``received`` (the aggregated global shared
+        state at the eval width) with this client's local arrays, or its personal model,
+        as its algorithm evaluates a client (:meth:`ClientPool.evaluate`: after its
+        fine-tune on a copy, seeded by the round). Static batch norm's statistics are
+        first computed as the simulation's pass does (the evaluated model over this
+        client's training data) and kept with the local state."""
         from fmtl_lightning.engine.metrics import flat_metrics
 
-        if self.client.x_test.shape[0] == 0:
+        pool, c = self.pool, self.client
+        ws = WidthSpec(ins.width, ins.slicing, ins.round_idx)  # type: ignore[arg-type]
+        cid = self.settings.client_id
+        validate_state(received, pool.spec, ws, pool.shared_keys, client=f"server->{cid}")
+        full = {k: v.copy() for k, v in pool.plan.initial_state.items()}
+        pool.embed(full, received, ws)  # only the entries at ws are read
+        if pool.spec.keys_of_kind("static_stat"):
+            from fmtl_lightning.models import load_arrays
+            from fmtl_lightning.static_bn import compute_static_stats
+
+            m = pool.module_for(c, ws.width)
+            load_arrays(m.model, pool.client_state(c, ws, full))
+            stats = compute_static_stats(m.model, c.x_train)
+            st = pool.stores[cid]
+            pool.embed(st.personal if pool.algorithm.evaluates_personal else st.local, stats, ws)
+            self._save(ins.round)
+        if c.x_test.shape[0] == 0:
             return {}
-        per = self.pool.evaluate(self.idx, state, width, round_idx, static_stats=True)
+        per = pool.evaluate(self.idx, pool.client_state(c, ws, full), ws.width, ins.round_idx)
         out = flat_metrics(per)
         out["test-loss"] = float(np.mean([vals["loss"] for vals in per.values()]))
         return out
@@ -196,24 +213,45 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     return Federation(clients, size, f"{len(clients)} clients (node {client_id}: own data)", {})
 
 
-def lightning_train(msg: Any, context: Any) -> Any:
-    """Train handler of a Lightning node (see the module docstring)."""
+def _node(msg: Any, context: Any, phase: str) -> tuple[LightningNode, Any, Any, Any]:
+    """The node's client for a train/evaluate message (status written first, then the
+    node config's ``delay-s`` slept, for fault-injection tests)."""
     import time
 
-    from mobile_client.flower_app import read_train_message, reply_message, write_status
+    from mobile_client.flower_app import read_train_message, write_status
 
     s = NodeSettings.from_context(context)
     received, ins = read_train_message(msg)
     if ins.client_id != s.client_id:
-        raise NodeConfigError(f"train message for {ins.client_id!r} reached node {s.client_id!r}")
+        raise NodeConfigError(f"{phase} message for {ins.client_id!r} reached node "
+                              f"{s.client_id!r}")  # fmt: skip
     if not ins.run_config:
-        raise NodeConfigError("train message carries no run config for a Lightning node")
-    write_status(s.state_dir, round=ins.round, phase="training", client=s.client_id)
-    if s.delay_s > 0:
+        raise NodeConfigError(f"{phase} message carries no run config for a Lightning node")
+    write_status(s.state_dir, round=ins.round, phase=phase, client=s.client_id)
+    if s.delay_s > 0 and phase == "training":
         time.sleep(s.delay_s)
-    node = LightningNode(s, ins.run_config)
-    shared, n, metrics = node.train(received, ins)
+    return LightningNode(s, ins.run_config), s, received, ins
+
+
+def lightning_train(msg: Any, context: Any) -> Any:
+    """Train handler of a Lightning node (see the module docstring)."""
+    from mobile_client.flower_app import reply_message, write_status
+
+    node, s, received, ins = _node(msg, context, "training")
+    shared, n = node.train(received, ins)
     write_status(s.state_dir, round=ins.round, phase="done", client=s.client_id)
+    return reply_message(msg, shared, n, {}, ins)
+
+
+def lightning_evaluate(msg: Any, context: Any) -> Any:
+    """Evaluate handler of a Lightning node: its score of the aggregated model."""
+    from fmtl_lightning.deploy.evaluation import eval_reply
+    from mobile_client.flower_app import write_status
+
+    node, s, received, ins = _node(msg, context, "evaluating")
+    metrics = node.evaluate(received, ins)
+    write_status(s.state_dir, round=ins.round, phase="evaluated", client=s.client_id)
     assert s.state_dir is not None
     (s.state_dir / "last_metrics.json").write_text(json.dumps({"round": ins.round, **metrics}))
-    return reply_message(msg, shared, n, metrics, ins)
+    n = int(node.client.x_test.shape[0])
+    return eval_reply(msg, ins, metrics, n, "" if n else "the node's data has no test split")

@@ -3,7 +3,9 @@
 Used by the loopback test, the deploy benchmark and ``fmtl deploy local``. Every
 process is real (``flower-superlink``, ``flower-supernode``, ``flwr``), talks HTTPS on
 127.0.0.1 with certificates from :mod:`fmtl_lightning.deploy.tls`, and is started in
-its own session. :meth:`LocalDeployment.stop` kills each process tree (Flower's
+its own session. With TLS, SuperNode authentication is on: each client's node has its
+own registered key and the ServerApp binds the client id to it
+(:mod:`fmtl_lightning.deploy.auth`). :meth:`LocalDeployment.stop` kills each process tree (Flower's
 SuperExec runs in a session of its own, so trees are walked through ``/proc``, not just
 process groups) and reports anything still alive.
 """
@@ -58,6 +60,7 @@ class NodeSpec:
     bundle: Path | None = None
     data: Path | None = None
     delay_s: float = 0.0
+    key: Path | None = None  # private key (SuperNode authentication); None: LocalDeployment's
 
     def node_config(self) -> str:
         return kv_string(
@@ -165,10 +168,25 @@ class LocalDeployment:
         tls: bool = True,
         threads_per_node: int = 1,
         simulation: bool = False,
+        node_auth: bool | None = None,
     ) -> None:
         """``simulation``: a SuperLink running Flower's simulation engine (Ray) instead of
-        waiting for SuperNodes: ``run(..., num_supernodes=N)`` creates N virtual nodes."""
+        waiting for SuperNodes: ``run(..., num_supernodes=N)`` creates N virtual nodes.
+        ``node_auth`` (default: on with TLS, off without or under ``simulation``): the
+        SuperLink runs ``--enable-supernode-auth``; each client's SuperNode gets a key pair
+        registered for it (:meth:`register`), and :meth:`run` binds each client id to
+        its key's node id (run config ``node-ids``, :mod:`fmtl_lightning.deploy.auth`)."""
+        from fmtl_lightning.errors import FMTLError
+
         self.simulation = simulation
+        if node_auth is None:
+            node_auth = tls and not simulation
+        if node_auth and (not tls or simulation):
+            raise FMTLError("node authentication needs TLS and SuperNodes (not --insecure, "
+                            "not --simulation)")  # fmt: skip
+        self.node_auth = node_auth
+        self.node_ids: dict[str, int] = {}  # client id -> node id of its registered key
+        self.keys: dict[str, Path] = {}  # client id -> private key
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.tls = tls
@@ -214,6 +232,8 @@ class LocalDeployment:
                 "--disable-runtime-dependency-installation"]  # fmt: skip
         if self.simulation:
             argv.append("--simulation")
+        if self.node_auth:
+            argv.append("--enable-supernode-auth")
         if self.certs:
             argv += ["--ssl-ca-certfile", str(self.certs.ca_cert),
                      "--ssl-certfile", str(self.certs.server_cert),
@@ -231,18 +251,50 @@ class LocalDeployment:
         argv = [str(BIN / "flower-supernode"), "--superlink", self.address,
                 "--port", str(port), "--node-config", node.node_config()]  # fmt: skip
         argv += ["--root-certificates", str(self.certs.ca_cert)] if self.certs else ["--insecure"]
+        if node.key is not None:
+            argv += ["--auth-supernode-private-key", str(node.key)]
         return argv
+
+    def register(self, client_id: str, *, bind: bool = True) -> tuple[Path, int]:
+        """A key pair under ``root/keys`` registered with the SuperLink (``flwr supernode
+        register``); returns (private key, node id). ``bind``: the client's key from now
+        on (reused by later calls for the same client)."""
+        from fmtl_lightning.deploy.auth import register_key
+        from fmtl_lightning.deploy.tls import write_node_key
+
+        if bind and client_id in self.keys:
+            return self.keys[client_id], self.node_ids[client_id]
+        name = client_id if bind else f"{client_id}-extra-{len(list(self.root.glob('keys/*')))}"
+        key = write_node_key(self.root / "keys", name)
+        nid = register_key(key.public, "local", env=self.env, flwr=str(BIN / "flwr"))
+        if bind:
+            self.keys[client_id], self.node_ids[client_id] = key.private, nid
+        return key.private, nid
 
     def start_node(self, node: NodeSpec, timeout: float = 60.0) -> Proc:
         return self.start_nodes([node], timeout)[0]
 
-    def start_nodes(self, nodes: list[NodeSpec], timeout: float = 60.0) -> list[Proc]:
-        """Start SuperNodes side by side; returns once each has registered."""
+    def start_nodes(
+        self, nodes: list[NodeSpec], timeout: float = 60.0, *, wait: bool = True
+    ) -> list[Proc]:
+        """Start SuperNodes side by side; returns once each has connected (``wait``), or
+        at once (e.g. a node the SuperLink is expected to refuse). Under node
+        authentication a node without ``key`` gets its client's registered key."""
+        if self.node_auth:  # register the keys side by side (one `flwr` call each)
+            from concurrent.futures import ThreadPoolExecutor
+
+            todo = [n for n in nodes if n.key is None]
+            with ThreadPoolExecutor(max(1, len(todo))) as pool:
+                keys = list(pool.map(lambda n: self.register(n.client_id)[0], todo))
+            for node, key in zip(todo, keys, strict=True):
+                node.key = key
         procs = []
         for node in nodes:
             node.state_dir.mkdir(parents=True, exist_ok=True)
-            procs.append(self._spawn(f"node-{node.client_id}", self.node_argv(node, free_port())))
-        for p in procs:
+            name = f"node-{node.client_id}"
+            name += f"-{len(self.procs)}" if name in self.procs else ""
+            procs.append(self._spawn(name, self.node_argv(node, free_port())))
+        for p in procs if wait else []:
             self._wait_for_log(p, "SuperNode ID", timeout)
         return procs
 
@@ -269,8 +321,15 @@ class LocalDeployment:
     ) -> subprocess.CompletedProcess:
         """``flwr run APP local --stream --run-config ...``: blocks until the run ends.
         Note: ``flwr run`` exits 0 even when the ServerApp fails; check the run dir."""
+        from fmtl_lightning.deploy.auth import format_node_ids
+
+        rc = dict(run_config)
+        if self.node_auth:
+            rc.setdefault("node-ids", format_node_ids(self.node_ids))
+        else:
+            rc.setdefault("node-auth", False)
         argv = [str(BIN / "flwr"), "run", str(Path(app_dir).absolute()), "local", "--stream",
-                "--run-config", kv_string(run_config)]  # fmt: skip
+                "--run-config", kv_string(rc)]  # fmt: skip
         if num_supernodes is not None:
             argv += ["--federation-config", f"num-supernodes={int(num_supernodes)}"]
         for p in self.procs.values():

@@ -5,9 +5,10 @@ over :class:`~fmtl_lightning.engine.ServerEngine` (the same engine the in-proces
 simulation runs: sampling, width plan, slicing, validation, aggregation):
 
 * :meth:`~FMTLStrategy.register` asks new nodes who they are (``query.fmtl_info``) and
-  checks the answer against the run config (client id known, same tasks, width in
-  (0, 1] and not wider than the config gives that client, no two nodes claiming one
-  client); a node may declare a narrower width;
+  checks the answer against the run config (client id known and, under node
+  authentication, bound to this node's key (:mod:`fmtl_lightning.deploy.auth`); same
+  tasks, width in (0, 1] and not wider than the config gives that client, no two nodes
+  claiming one client); a node may declare a narrower width;
 * :meth:`~FMTLStrategy.configure_train` sends each node the engine selects the global
   shared arrays the engine cut to its width (HeteroFL prefix or FedRolex window) with
   the round, width and the hash of what was sent;
@@ -33,10 +34,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import ERROR, INFO, WARNING
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -44,6 +44,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fmtl_lightning.aggregation import ClientUpdate
+from fmtl_lightning.deploy.evaluation import (
+    EvalSent,
+    evaluate_messages,
+    finite_number,
+    fold_eval_replies,
+    run_yaml,
+)
+from fmtl_lightning.deploy.rounds import RoundReport
 from fmtl_lightning.engine import Assignment, PlannedClient, ReplyRejected, ServerEngine
 from fmtl_lightning.engine.seeds import phase_seed
 from mobile_client.flower_app import (
@@ -76,28 +84,6 @@ class Sent:
     bytes_down: int
 
 
-@dataclass
-class RoundReport:
-    """What happened in one round, per client id (written to the round's meta.json)."""
-
-    round: int
-    sent: dict[str, dict[str, Any]] = field(default_factory=dict)  # cid -> width, bytes
-    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # cid -> metrics
-    rejected: dict[str, str] = field(default_factory=dict)  # cid -> reason
-    failed: dict[str, str] = field(default_factory=dict)  # cid -> reason (error, timeout)
-    times: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "sent": self.sent,
-            "accepted": self.accepted,
-            "rejected": self.rejected,
-            "failed": self.failed,
-            "times": {k: round(v, 6) for k, v in self.times.items()},
-        }
-
-
 def _weighted_mean(values: list[tuple[float, float]]) -> float:
     """Mean of finite values under positive weights; finite (weights scaled to sum to 1,
     the result clamped to the values' range, which only undoes rounding)."""
@@ -117,14 +103,23 @@ class FMTLStrategy(Strategy):
         *,
         reply_timeout: float = 600.0,
         query_timeout: float = 60.0,
+        node_ids: Mapping[str, int] | None = None,
+        min_replies: int = 1,
     ) -> None:
+        """``node_ids``: client id -> the node id of the key registered for it
+        (:mod:`fmtl_lightning.deploy.auth`); ``None``: any node may claim any client.
+        ``min_replies``: a round with fewer accepted replies aggregates nothing
+        (:mod:`fmtl_lightning.deploy.rounds`)."""
         self.engine = engine
+        self.min_replies = int(min_replies)
+        self.node_ids = None if node_ids is None else dict(node_ids)
         self.plan = engine.plan
         self.reply_timeout = float(reply_timeout)
         self.query_timeout = min(float(query_timeout), self.reply_timeout)
         self.nodes: dict[int, Node] = {}
         self.refused: dict[int, str] = {}  # node id -> why it was not registered
         self.pending: dict[int, Sent] = {}
+        self.eval_pending: dict[int, EvalSent] = {}
         self.report = RoundReport(0)
         self.history: list[RoundReport] = []
 
@@ -169,6 +164,10 @@ class FMTLStrategy(Strategy):
             known = ", ".join(c.client_id for c in self.plan.clients)
             raise ReplyRejected(f"node {node_id}: client-id {cid!r} is not in the run config "
                                 f"(clients: {known})")  # fmt: skip
+        if self.node_ids is not None and self.node_ids.get(cid) != node_id:
+            raise ReplyRejected(f"node {node_id} claims client {cid!r}, which is bound to the "
+                                f"key of node {self.node_ids.get(cid)} (run config "
+                                "'node-ids')")  # fmt: skip
         taken = [n for n in self.nodes.values() if n.client.client_id == cid]
         if taken and taken[0].node_id != node_id:
             raise ReplyRejected(f"client {cid!r} is already node {taken[0].node_id}; "
@@ -179,7 +178,7 @@ class FMTLStrategy(Strategy):
         if tasks != planned.tasks:
             raise ReplyRejected(f"client {cid!r} (node {node_id}): tasks {list(tasks)} differ "
                                 f"from the run config's {list(planned.tasks)}")  # fmt: skip
-        width = _number(info.get("width"), f"node {node_id}: info 'width'")
+        width = finite_number(info.get("width"), f"node {node_id}: info 'width'")
         if not 0.0 < width <= 1.0:
             raise ReplyRejected(f"client {cid!r} (node {node_id}): width {width} not in (0, 1]")
         if width > planned.width + 1e-9:
@@ -208,7 +207,7 @@ class FMTLStrategy(Strategy):
         self.pending = {}
         cfg = eng.cfg
         f = cfg.federation
-        run_yaml = _run_yaml(cfg)
+        yaml_text = run_yaml(cfg)
         msgs = []
         for a in eng.assign(round_idx, sorted(by_idx), declared):
             node = by_idx[a.idx]
@@ -226,13 +225,13 @@ class FMTLStrategy(Strategy):
                 lr=cfg.optimizer.lr,
                 steps=-1 if f.local_steps is None else f.local_steps,
                 batch_seed=phase_seed(cfg.seed, round_idx, a.idx, "global"),
-                run_config=run_yaml if node.runtime == "lightning" else "",
+                run_config=yaml_text if node.runtime == "lightning" else "",
             )
             rec = to_record(a.received)
             content = RecordDict({ARRAYS: rec, CONFIG: ins.to_record()})
             msgs.append(
                 Message(content, dst_node_id=node.node_id, message_type="train",
-                        ttl=self.reply_timeout, group_id=str(server_round))
+                        ttl=3 * self.reply_timeout, group_id=str(server_round))
             )  # fmt: skip
             self.pending[node.node_id] = Sent(node, a, base, rec.count_bytes())
             self.report.sent[node.client.client_id] = {
@@ -278,7 +277,7 @@ class FMTLStrategy(Strategy):
         except ProtocolError as exc:
             raise ReplyRejected(f"client {cid!r}: {exc}") from exc
         upd = self.engine.check_update(sent.assignment, arrays, metrics.get("num-examples"))
-        m = {k: _number(v, f"client {cid!r} metric {k!r}") for k, v in metrics.items()
+        m = {k: finite_number(v, f"client {cid!r} metric {k!r}") for k, v in metrics.items()
              if k != "num-examples"}  # fmt: skip
         return upd, m, c[ARRAYS].count_bytes()
 
@@ -322,7 +321,14 @@ class FMTLStrategy(Strategy):
                 rep.failed[cid] = f"no reply within reply-timeout ({self.reply_timeout:g} s)"
                 log(WARNING, "fmtl: round %s: client %s (node %s) did not reply in %g s",
                     server_round, cid, nid, self.reply_timeout)  # fmt: skip
-        refused = self.engine.aggregate(updates)  # folded in client order, never non-finite
+        refused = None
+        if len(updates) < self.min_replies:
+            rep.not_aggregated = (f"{len(updates)} accepted repl{'y' if len(updates) == 1 else 'ies'}"
+                                  f" by the deadline, min-replies is {self.min_replies}: the "
+                                  "global state is kept")  # fmt: skip
+            log(WARNING, "fmtl: round %s: %s", server_round, rep.not_aggregated)
+        else:
+            refused = self.engine.aggregate(updates)  # in client order, never non-finite
         if refused is not None:
             rep.failed["<aggregate>"] = refused
             log(ERROR, "fmtl: round %s: %s", server_round, refused)
@@ -342,38 +348,27 @@ class FMTLStrategy(Strategy):
             len(rep.accepted), len(rep.rejected), len(rep.failed))  # fmt: skip
         return to_record(self.engine.global_state), mr
 
-    # ------------------------------------------------------------------ evaluate (in train)
+    # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Nodes report test metrics in their train replies; no separate evaluate round."""
-        return []
+        """One ``evaluate`` message per registered online node: the aggregated global
+        state at its eval width (:mod:`fmtl_lightning.deploy.evaluation`)."""
+        if len(arrays):
+            self.engine.adopt(from_record(arrays))
+        return evaluate_messages(self, server_round, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return None
+        """Each node's test metrics into this round's report (``evaluated``), or why it
+        has none (``not_evaluated``: no reply, an error, a bad reply, nothing to score)."""
+        rep = self.report
+        fold_eval_replies(rep, self.eval_pending, replies, self.reply_timeout)
+        return MetricRecord({"evaluated": len(rep.evaluated)})
 
     def summary(self) -> None:
         a = self.engine.cfg.algorithm
         log(INFO, "\t├── fmtl %s, aggregator %s, slicing %s, weighting %s, %d planned clients, "
             "reply timeout %g s", a.name, a.aggregator, a.slicing, a.weighting,
             len(self.plan.clients), self.reply_timeout)  # fmt: skip
-
-
-def _number(v: object, what: str) -> float:
-    try:
-        x = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
-    except OverflowError:  # an int beyond float range
-        x = math.nan
-    if not math.isfinite(x):
-        raise ReplyRejected(f"{what}: expected a finite number, got {v!r}")
-    return x
-
-
-def _run_yaml(cfg: Any) -> str:
-    import yaml
-
-    from fmtl_lightning.config import config_to_dict
-
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,11 +1,13 @@
-"""Self-signed TLS material for a SuperLink: a CA and a server certificate it signs.
+"""Self-signed TLS material for a SuperLink (a CA and a server certificate it signs), and
+the EC key pairs of SuperNode authentication.
 
 ``write_certificates(out_dir, hosts)`` writes ``ca.crt``, ``ca.key``, ``server.pem``
 and ``server.key``. The server certificate's subject alternative names are the given
 host names and IP addresses (always including ``localhost`` and ``127.0.0.1``), so
 SuperNodes and ``flwr`` verify the SuperLink with ``ca.crt`` alone. For a real
 deployment, use certificates from your organisation's CA; this is for labs, tests
-and two-machine trials. Needs the ``cryptography`` package (installed with flwr).
+and two-machine trials. ``write_node_key(out_dir, "c00")`` writes one SuperNode's key
+pair (``c00``, ``c00.pub``). Needs the ``cryptography`` package (installed with flwr).
 """
 
 from __future__ import annotations
@@ -113,4 +115,37 @@ def write_certificates(
     for p, k in ((paths.ca_key, ca_key), (paths.server_key, key)):
         p.write_bytes(key_pem(k))
         p.chmod(0o600)
+    return paths
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    private: Path  # the SuperNode's --auth-supernode-private-key (OpenSSH format); stays on the node
+    public: Path  # ``flwr supernode register PUBLIC`` on the SuperLink's side (OpenSSH format)
+
+
+def write_node_key(out_dir: str | os.PathLike[str], name: str) -> NodeKey:
+    """An EC P-384 key pair for one SuperNode (Flower's SuperNode authentication):
+    ``out_dir/name`` (private, mode 0600) and ``out_dir/name.pub``, both in the OpenSSH
+    formats ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode
+    register`` read (what ``ssh-keygen -t ecdsa -b 384`` writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    paths = NodeKey(out / name, out / f"{name}.pub")
+    paths.private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    paths.private.chmod(0o600)
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    paths.public.write_bytes(pub + f" fmtl-node-{name}\n".encode())
     return paths

@@ -79,12 +79,35 @@ def good_node(node_id: int, delta: float = 1.0) -> Handler:
 
 
 class FakeGrid:
+    """Nodes answer at once; a node in ``hold`` answers only after ``release()`` (late)."""
+
     def __init__(self, handlers: dict[int, Handler]) -> None:
         self.handlers = handlers
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+        self.hold: set[int] = set()
+        self.held: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.handlers)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            self.sent.append(m)
+            mid = f"m{len(self.sent)}"
+            ids.append(mid)
+            r = self.handlers[m.metadata.dst_node_id](m)
+            if r is not None:
+                (self.held if m.metadata.dst_node_id in self.hold else self.replies)[mid] = r
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def release(self) -> None:
+        self.replies.update(self.held)
+        self.held.clear()
 
     def send_and_receive(self, messages, *, timeout=None):
         out = []
@@ -389,9 +412,14 @@ def test_tls_certificates_verify_for_the_given_hosts(tmp_path):
 
 def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path):
     """Real Lightning node handlers (one reading its own .npz) behind a fake Grid:
-    two deployed rounds equal two in-process rounds; heads persist in state-dir."""
-    from fmtl_lightning.deploy.lightning_client import lightning_train
+    two deployed rounds equal two in-process rounds; heads persist in state-dir; the
+    deployed metric rows and summary (every node scoring the aggregated model) are
+    the simulation's, and the deploy report prints the simulation's table."""
+    from fmtl_lightning.deploy.cli import deploy_report
+    from fmtl_lightning.deploy.lightning_client import lightning_evaluate, lightning_train
     from fmtl_lightning.deploy.prepare import write_client_data
+    from fmtl_lightning.engine.metrics import summarize
+    from fmtl_lightning.report import format_table
     from fmtl_lightning.simulation import Simulation
 
     cfg = parse_config(copy.deepcopy(CFG))
@@ -403,22 +431,37 @@ def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path
     def node(n: int) -> Handler:
         def handle(msg: Message) -> Message:
             ctx = _ctx(n, configs[n])
-            if msg.metadata.message_type.startswith("query"):
+            kind = msg.metadata.message_type
+            if kind.startswith("query"):
                 return info_reply(msg, ctx)
-            return lightning_train(msg, ctx)
+            return (lightning_evaluate if kind == "evaluate" else lightning_train)(msg, ctx)
 
         return handle
 
     grid = FakeGrid({n: node(n) for n in configs})
     run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
-    run.run(grid, 2, 0, 1.0)
+    summary = run.run(grid, 2, 0, 1.0)
     sim.run_round()
     sim.run_round()
     for k, v in sim.global_state.items():
         np.testing.assert_allclose(run.engine.global_state[k], v, rtol=0, atol=1e-6, err_msg=k)
     rep = run.strategy.history[-1]
     assert sorted(rep.accepted) == ["c00", "c01", "c02"] and not rep.rejected and not rep.failed
-    assert set(rep.accepted["c02"]) >= {"acc/digits/parity", "test-loss", "num_examples"}
+    assert sorted(rep.evaluated) == ["c00", "c01", "c02"] and not rep.not_evaluated
+    assert set(rep.evaluated["c02"]) >= {"acc/digits/parity", "test-loss", "num-examples"}
+    assert [m.metadata.message_type for m in grid.sent[-3:]] == ["evaluate"] * 3
+    # the same rows as the simulation (eval_every 1: both rounds), the same summary
+    got, want = run.engine.history, sim.history
+    assert [(r["round"], r["client"], r["width"], r["task"], r["acc"]) for r in got] == [
+        (r["round"], r["client"], r["width"], r["task"], r["acc"]) for r in want
+    ]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], atol=1e-5)
+    ref = summarize(want, "fedper", "t")
+    assert {c: v["acc"] for c, v in summary["clients"].items()} == {
+        c: v["acc"] for c, v in ref["clients"].items()
+    }
+    assert summary["mean_acc"] == ref["mean_acc"] and summary["not_evaluated"] == {}
+    assert format_table(ref) in deploy_report(summary)
     from mobile_client.safetensors_np import load_file
 
     for n, cid in ((101, "c00"), (103, "c02")):
@@ -717,3 +760,82 @@ def test_a_non_finite_aggregate_is_never_adopted_or_written(tmp_path, monkeypatc
     for k, v in before.items():
         np.testing.assert_array_equal(run.engine.global_state[k], v)
     assert DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0).start_round == 1
+
+
+def test_a_node_without_a_score_is_named_with_its_reason_never_averaged(plan, tmp_path):
+    """c02's evaluate reply comes from the edge handler (no score, its reason), c01 scores
+    other weights than those sent: neither enters the rows; the report names both."""
+    from flwr.app import ConfigRecord as CR
+
+    from fmtl_lightning.deploy.cli import deploy_report
+    from fmtl_lightning.deploy.edge_eval import WHY, edge_evaluate
+    from fmtl_lightning.deploy.evaluation import eval_reply
+
+    def scoring(n: int, acc: float, tamper: bool = False) -> Handler:
+        base = good_node(n)
+
+        def handle(msg: Message) -> Message:
+            if msg.metadata.message_type != "evaluate":
+                return base(msg)
+            _, ins = read_train_message(msg)
+            if tamper:
+                rec = ins.to_record()
+                rec["base-hash"] = "0" * 64
+                ins = TrainInstructions.from_record(CR(rec))
+            return eval_reply(msg, ins, {"acc/digits/digit": acc, "loss/digits/digit": 0.5}, 7)
+
+        return handle
+
+    def edge(msg: Message) -> Message:
+        if msg.metadata.message_type == "evaluate":
+            return edge_evaluate(msg, _ctx(103, {**NODE_CONFIG[103], "runtime": "edge",
+                                                 "bundle": "b", "data": "d", "state-dir": "s"}))  # fmt: skip
+        return good_node(103)(msg)
+
+    grid = FakeGrid({101: scoring(101, 0.75), 102: scoring(102, 0.5, tamper=True), 103: edge})
+    run = DeployedRun(parse_config(copy.deepcopy(CFG)), tmp_path / "run", reply_timeout=5.0)
+    summary = run.run(grid, 1, 0, 1.0)
+    assert [(r["client"], r["acc"]) for r in run.engine.history] == [("c00", 0.75)]
+    assert summary["mean_acc"] == 0.75 and list(summary["clients"]) == ["c00"]
+    assert summary["not_evaluated"]["c02"] == WHY
+    assert "evaluated other weights" in summary["not_evaluated"]["c01"]
+    text = deploy_report(summary)
+    assert f"c02: no test accuracy: {WHY}" in text
+    assert "mean and worst are over the clients with a score: c00" in text
+
+
+@pytest.mark.parametrize("algorithm,slicing", [("ditto", "heterofl"), ("fedavg_ft", "fedrolex")])
+def test_deployed_scores_equal_the_simulations_with_static_bn_personal_and_fine_tune(
+    algorithm, slicing, tmp_path
+):
+    """A static-batch-norm CNN: the nodes' statistics pass, Ditto's personal model,
+    FedAvg-FT's fine-tune on a copy and FedRolex's window give the simulation's rows."""
+    from fmtl_lightning.deploy.lightning_client import lightning_evaluate, lightning_train
+    from fmtl_lightning.simulation import Simulation
+
+    raw = copy.deepcopy(CFG)
+    raw["model"] = {"family": "cnn", "norm": "static_batch"}
+    raw["algorithm"] = {"name": algorithm, "weighting": "uniform", "slicing": slicing}
+    cfg = parse_config(raw)
+    configs = {n: {**NODE_CONFIG[n], "state-dir": str(tmp_path / f"n{n}")} for n in NODE_CONFIG}
+
+    def node(n: int) -> Handler:
+        def handle(msg: Message) -> Message:
+            ctx, kind = _ctx(n, configs[n]), msg.metadata.message_type
+            if kind.startswith("query"):
+                return info_reply(msg, ctx)
+            return (lightning_evaluate if kind == "evaluate" else lightning_train)(msg, ctx)
+
+        return handle
+
+    run = DeployedRun(cfg, tmp_path / "run", reply_timeout=5.0)
+    run.run(FakeGrid({n: node(n) for n in configs}), 2, 0, 1.0)
+    sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    sim.run_round()
+    sim.run_round()
+    key = ("round", "client", "width", "task", "acc")
+    assert [tuple(r[k] for k in key) for r in run.engine.history] == [
+        tuple(r[k] for k in key) for r in sim.history
+    ]
+    np.testing.assert_allclose([r["loss"] for r in run.engine.history],
+                               [r["loss"] for r in sim.history], atol=1e-5)  # fmt: skip
