@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_edge import EDGE, TASK, TORCH, WIDTHS, _best
+from benchmarks.bench_edge import EDGE, TASK, TORCH, WIDTHS, _best, cnn_bundle
 from benchmarks.common import write_section
 
 STEPS = 32
@@ -78,12 +78,9 @@ def browser_train_s(browser, bundle: Path, data: Path, repeats: int = 3) -> tupl
 
 
 def main() -> None:
-    import torch
     from playwright.sync_api import sync_playwright
 
-    from export.run_export import export_model
     from fmtl_lightning.data import load_mnist
-    from fmtl_lightning.models import BackboneConfig, MultiTaskModel
     from mobile_client.batching import label_key
 
     tmp = Path(tempfile.mkdtemp(prefix="fmtl-bench-browser-"))
@@ -98,15 +95,7 @@ def main() -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for width in WIDTHS:
-                torch.manual_seed(0)
-                model = MultiTaskModel(
-                    BackboneConfig("cnn", hidden=(32, 64, 128), norm="group"), {TASK: 10}, width
-                )
-                bundle = tmp / f"w{width:g}"
-                norm = {"mean": float(tr.mean), "std": float(tr.std), "input_shape": [1, 28, 28],
-                        "domain": "mnist"}  # fmt: skip
-                export_model(model, {TASK: "multiclass"}, bundle, client="client",
-                             normalisation=norm)  # fmt: skip
+                bundle = cnn_bundle(tmp / f"w{width:g}", width, float(tr.mean), float(tr.std))
                 rows.append({
                     "width": width,
                     "torch": _best(TORCH, str(bundle), str(data), "train", str(width))["work_s"],

@@ -134,12 +134,24 @@ def _best(code: str, *args: str, repeats: int = 3) -> dict:
     }
 
 
-def main() -> None:
+def cnn_bundle(out: Path, width: float, mean: float, std: float) -> Path:
+    """The MNIST CNN (32, 64, 128) at ``width`` (seed 0), exported to ``out``."""
     import torch
 
     from export.run_export import export_model
-    from fmtl_lightning.data import load_mnist
     from fmtl_lightning.models import BackboneConfig, MultiTaskModel
+
+    torch.manual_seed(0)
+    model = MultiTaskModel(
+        BackboneConfig("cnn", hidden=(32, 64, 128), norm="group"), {TASK: 10}, width
+    )
+    norm = {"mean": mean, "std": std, "input_shape": [1, 28, 28], "domain": "mnist"}
+    export_model(model, {TASK: "multiclass"}, out, client="client", normalisation=norm)
+    return out
+
+
+def main() -> None:
+    from fmtl_lightning.data import load_mnist
     from mobile_client.batching import label_key
 
     tmp = Path(tempfile.mkdtemp(prefix="fmtl-bench-edge-"))
@@ -155,15 +167,7 @@ def main() -> None:
         )
         rows = []
         for width in WIDTHS:
-            torch.manual_seed(0)
-            model = MultiTaskModel(
-                BackboneConfig("cnn", hidden=(32, 64, 128), norm="group"), {TASK: 10}, width
-            )
-            bundle = tmp / f"w{width:g}"
-            mnist = {"mean": float(tr.mean), "std": float(tr.std), "input_shape": [1, 28, 28],
-                     "domain": "mnist"}  # fmt: skip
-            export_model(model, {TASK: "multiclass"}, bundle, client="client",
-                         normalisation=mnist)  # fmt: skip
+            bundle = cnn_bundle(tmp / f"w{width:g}", width, float(tr.mean), float(tr.std))
             row = {"width": width}
             for job in ("predict", "train"):
                 row[f"edge_{job}"] = _best(EDGE, str(bundle), str(data), job)
