@@ -6,6 +6,10 @@
                     [--lr LR] [--head-only] [--start-from UPDATE.safetensors]
                     [--round N] [--out update.safetensors] [--client C]
 
+``predict`` without ``--client`` uses the one client with a head for ``T`` (at ``R``);
+when several clients have one (FedPer: a head per client), it names them and asks for
+``--client``. ``train`` needs ``--client`` unless the bundle has one client.
+
 Inputs for ``predict``: ``.npy`` (one example of the bundle's ``input_shape``, such as
 an image (H, W)/(C, H, W) or a feature vector (F,), or a batch), ``.npz`` (key ``x``),
 and, for image bundles (``input_shape`` [C, H, W]) with Pillow installed (``pip install
@@ -64,10 +68,17 @@ def _as_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- commands
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, client_id: str | None = None):
+    from mobile_client.manifest import load_manifest
     from mobile_client.runtime import EdgeClient
 
-    client = EdgeClient(args.dir, args.client)
+    cid = client_id or args.client
+    if cid is None:
+        ids = [c.client for c in load_manifest(args.dir).clients]
+        if len(ids) != 1:
+            raise CLIError(f"{args.dir}: the bundle has {len(ids)} clients ({', '.join(ids)}): "
+                           "name one with --client")  # fmt: skip
+    client = EdgeClient(args.dir, cid)
     if args.width is not None:
         try:
             client._width(args.width)  # the client's own width
@@ -133,9 +144,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict_client(m, task: str, width: float | None) -> str:
+    """The one client of manifest ``m`` with a head for ``task`` (at ``width``), or a
+    :class:`CLIError` that names the candidates and ``--client``."""
+    has = [c for c in m.clients if any(h.task == task for h in m.heads_of(c.client))]
+    if not has:
+        tasks = sorted({h.task for h in m.heads})
+        raise InputError(f"task {task!r} has no head in this bundle; tasks: {', '.join(tasks)}")
+    at = [c for c in has if width is None or abs(c.width - width) < 1e-9]
+    if not at:
+        ws = ", ".join(sorted({f"{c.width:g}" for c in has}))
+        raise InputError(f"task {task!r} has heads at width {ws} only, not at --width "
+                         f"{width:g} (clients {', '.join(c.client for c in has)})")  # fmt: skip
+    if len(at) > 1:
+        raise CLIError(
+            f"task {task!r} has {len(at)} heads, one per client, each trained on its own "
+            f"data ({', '.join(c.client for c in at)}): name one with --client"
+        )
+    return at[0].client
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from mobile_client.manifest import load_manifest
+
     _check_width(args.width)
-    client = _client(args)
+    cid = args.client or predict_client(load_manifest(args.dir), args.task, args.width)
+    client = _client(args, cid)
     head = client.head(args.task)
     norm = client.entry.normalisation
     shape = norm.input_shape
