@@ -12,9 +12,10 @@ when several clients have one (FedPer: a head per client), it names them and ask
 
 Inputs for ``predict``: ``.npy`` (one example of the bundle's ``input_shape``, such as
 an image (H, W)/(C, H, W) or a feature vector (F,), or a batch), ``.npz`` (key ``x``),
-and, for image bundles (``input_shape`` [C, H, W]) with Pillow installed (``pip install
-'fmtl-lightning[images]'``), PNG and PGM images, 8-bit grayscale or RGB (see
-:mod:`mobile_client.inputs`).
+and, for image bundles (``input_shape`` [C, H, W], C 1 or 3) with Pillow installed
+(``pip install 'fmtl-lightning[images]'``), PNG and PGM images: 8-bit gray, palette, RGB
+or RGBA, converted to the bundle's C channels (alpha over black) and resized to its
+H x W (see :mod:`mobile_client.inputs`).
 ``train`` reads ``x`` and one ``y__<task, '/' -> '__'>`` per task from ``--data``;
 it writes the update (shared arrays + metadata) to ``--out`` and the client's local
 arrays (heads) to ``--out`` with suffix ``.local.safetensors``; both paths are
@@ -180,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"{path}: an image input, but this bundle takes inputs of shape {list(shape)}, "
                 "not an image [C, H, W]: give a .npy or .npz (key x) of that shape"
             )
-        x = _as_batch(read_inputs(path), shape)
+        x = _as_batch(read_inputs(path, shape if norm.is_image else None), shape)
         try:
             logits = client.predict(args.task, x, args.width)
         except InputError as exc:

@@ -256,9 +256,9 @@ def test_cli_errors(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8), "RGB").save(tmp_path / "rgb.png")
     Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(tmp_path / "la.png")
     p = ["predict", str(bundle), "--client", "c00", "--task", "digits/digit"]
-    err = _err(capsys, [*p, str(tmp_path / "rgb.png")])  # 3 channels, never 3 gray images
-    assert "x has shape (1, 3, 8, 8); expected (B, 1, 8, 8)" in err
-    assert "image mode 'LA'; only 8-bit grayscale" in _err(capsys, [*p, str(tmp_path / "la.png")])
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "i32.png")  # 16-bit gray
+    assert main([*p, str(tmp_path / "rgb.png"), str(tmp_path / "la.png")]) == 0  # converted
+    assert "image mode 'I;16'; supported: 8-bit" in _err(capsys, [*p, str(tmp_path / "i32.png")])
     np.save(tmp_path / "f64.npy", np.zeros((8, 8)))
     assert "dtype float64" in _err(capsys, [*p, str(tmp_path / "f64.npy")])
     err = _err(capsys, ["predict", str(bundle), "--task", "x", "a.npy"])
