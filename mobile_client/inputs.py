@@ -187,9 +187,7 @@ def read_client_data(
 IMAGE_MODES = ("L", "LA", "P", "RGB", "RGBA")  # 8-bit: gray, gray+alpha, palette, colour
 
 
-def read_image(
-    path: str | os.PathLike[str], shape: Sequence[int] | None = None
-) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], shape: Sequence[int] | None = None) -> np.ndarray:
     """A PNG/PGM image -> a uint8 batch of one.
 
     ``shape`` ``(C, H, W)`` (the bundle's ``input_shape``, C 1 or 3): the image is
