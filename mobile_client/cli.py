@@ -6,6 +6,10 @@
                     [--lr LR] [--head-only] [--start-from UPDATE.safetensors]
                     [--round N] [--out update.safetensors] [--client C]
 
+``predict`` prints a header line (``input``, the task, and with ``--probs`` the labels
+in the order of the probabilities), then one tab-separated row per example: the input
+(``file[i]`` for a batch), the predicted label (multi-label: every label with p > 0.5,
+comma-separated, or ``-``) and with ``--probs`` the probabilities, space-separated.
 ``predict`` without ``--client`` uses the one client with a head for ``T`` (at ``R``);
 when several clients have one (FedPer: a head per client), it names them and asks for
 ``--client``. ``train`` needs ``--client`` unless the bundle has one client.
@@ -165,6 +169,12 @@ def predict_client(m, task: str, width: float | None) -> str:
     return at[0].client
 
 
+def predict_header(task: str, kind: str, labels: Sequence[str], probs: bool) -> str:
+    """The first line of ``predict``'s output: its columns, tab-separated."""
+    pred = task if kind == "multiclass" else f"{task} (labels with p > 0.5, comma-separated)"
+    return "\t".join(["input", pred, *([" ".join(labels)] if probs else [])])
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from mobile_client.manifest import load_manifest
 
@@ -174,6 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     head = client.head(args.task)
     norm = client.entry.normalisation
     shape = norm.input_shape
+    print(predict_header(args.task, head.kind, head.labels, args.probs))
     for p in args.inputs:
         path = Path(p)
         if path.suffix.lower() in IMAGE_FORMATS and not norm.is_image:

@@ -234,7 +234,8 @@ def test_cli_info_predict(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFi
     np.savez(tmp_path / "d.npz", x=px)
     argv = ["predict", str(bundle), "--task", "digits/digit", "--probs"]  # c00: its only head
     assert main([*argv, *(str(tmp_path / n) for n in ["a.png", "b.pgm", "c.npy", "d.npz"])]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header == "input\tdigits/digit\t0 1 2 3 4 5 6 7 8 9"
     want = ec.predict("digits/digit", x).argmax(1)
     assert [ln.split("\t")[1] for ln in lines] == [str(i) for i in [*want, *want]]
     assert lines[3].startswith(f"{tmp_path / 'd.npz'}[0]")

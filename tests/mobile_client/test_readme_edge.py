@@ -102,6 +102,9 @@ def test_readme_edge_commands_verbatim(
     logits = ec.predict("mnist/attrs", px)
     rows = [r.split("\t") for r in outs["predict"].strip().splitlines()]
     labels = ec.head("mnist/attrs").labels
+    assert len(rows) == 5 and labels == ("ge5", "odd", "has_closed_loop")
+    assert rows[0] == ["input", "mnist/attrs (labels with p > 0.5, comma-separated)",
+                       "ge5 odd has_closed_loop"]  # fmt: skip
     want = [",".join(lb for lb, z in zip(labels, row, strict=True) if z > 0) or "-"
             for row in logits]  # fmt: skip
     assert [r[1] for r in rows[-4:]] == want
