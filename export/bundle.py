@@ -22,12 +22,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from export.graphs import ExportError, GraphInfo, TrainStepInfo, stamp_file, to_ort_format
 from mobile_client.manifest import sha256_file
 from mobile_client.manifest_entries import FileEntry, FileRef, Normalisation, TensorSpec
+from mobile_client.slicing import KeySlicing, Slicing
+
+if TYPE_CHECKING:
+    from fmtl_lightning.roles import ModelSpec
 
 
 class RunExportError(ExportError, ValueError):
@@ -61,6 +66,18 @@ def graph_metadata(
     if client is not None:
         meta["fmtl.client"] = client
     return meta
+
+
+def slicing_record(spec: ModelSpec, mode: str, keys: Iterable[str]) -> Slicing:
+    """The manifest's ``slicing`` record: how the server's ``keys`` are cut to a width
+    (the run's ModelSpec and slicing mode; :mod:`mobile_client.slicing`)."""
+    return Slicing(
+        mode=mode,
+        groups=dict(spec.groups),
+        keys={k: KeySlicing(tuple(spec[k].shape), tuple(spec[k].axes), tuple(spec[k].blocks))
+              for k in keys},  # fmt: skip
+        segments={g: tuple((a, int(n)) for a, n in segs) for g, segs in spec.segments.items()},
+    )
 
 
 def width_tag(width: float) -> str:

@@ -44,6 +44,7 @@ from export.bundle import (
     check_out_dir,
     created_stamp,
     graph_metadata,
+    slicing_record,
     width_tag,
 )
 from export.graphs import sanitize
@@ -388,6 +389,7 @@ def export_run(
             algorithm=art.algorithm,
             source_run=str(run_dir.absolute()),
             round=last,
+            slicing=slicing_record(spec, art.config.algorithm.slicing, shared_keys),
         )
         write_manifest(staging, m)
 

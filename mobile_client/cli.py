@@ -31,6 +31,11 @@ and > 0, ``--epochs`` and ``--batch-size`` >= 1 (a run of zero steps is refused,
 written), ``--seed`` and ``--round`` >= 0, ``--memory-mb`` finite and >= 0. Errors print
 one line ``fmtl-edge: error: ...`` and exit with status 2.
 
+``--start-from`` takes the server's shared arrays at the client's width or at full
+width (a checkpoint's ``global.safetensors``): ``train`` cuts full-width arrays to the
+client's width itself (the manifest's ``slicing`` record; :mod:`mobile_client.slicing`),
+with the rolling window of the round in the file's ``round`` metadata (``fedrolex``).
+
 Memory rule (``info --memory-mb``), per width, in bytes::
 
     2 x (backbone file + the width's head files)             # graph + ORT's copy
@@ -298,9 +303,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise CLIError(f"{args.start_from}: metadata 'round' is {md['round']!r}") from exc
             if rnd < 0:
                 raise CLIError(f"{args.start_from}: metadata 'round' is {rnd}, must be >= 0")
-        try:
+        try:  # a server checkpoint is at full width: cut it to the client's (the round's window)
+            start = client.slice_global(start, rnd, f"--start-from {args.start_from}")
             client.start_state(start)
         except InputError as exc:
+            if str(exc).startswith("--start-from"):
+                raise
             raise InputError(f"--start-from {args.start_from}: {exc}") from exc
     if args.round is not None:
         rnd = args.round

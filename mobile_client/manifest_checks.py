@@ -84,6 +84,18 @@ def _check_client(m: Manifest, c: ClientEntry, where: str) -> None:
                 )
 
     need(c.shared_keys, f"{where}.shared_keys")
+    if m.slicing is not None:  # the server's state, cut to this width, fits the weights
+        shapes = {t.name: tuple(t.shape) for t in c.weights.outputs}
+        for k in c.shared_keys:
+            if k not in m.slicing.keys:
+                raise ManifestError(f"manifest field 'slicing.keys' lacks shared key {k!r} "
+                                    f"of {where}")  # fmt: skip
+            want = m.slicing.shape_at(k, c.width)
+            if k in shapes and shapes[k] != want:
+                raise ManifestError(
+                    f"manifest field 'slicing.keys.{k}' cuts to {list(want)} at width "
+                    f"{c.width:g}, but {where}'s weights hold {list(shapes[k])}"
+                )
     heads = {h.task: (i, h) for i, h in enumerate(m.heads) if h.client == c.client}
     for t in c.tasks:
         if t not in heads:

@@ -177,6 +177,27 @@ class EdgeClient:
         local = {k: v for k, v in state.items() if k not in shared}
         return save_file(local, path, {"client_id": self.client_id, "kind": "local"})
 
+    def slice_global(
+        self, state: Mapping[str, np.ndarray], round_idx: int | None = None, where: str = "state"
+    ) -> dict[str, np.ndarray]:
+        """The server's shared arrays (a checkpoint's ``global.safetensors``, full width)
+        cut to this client's width by the manifest's ``slicing`` record; keys already at
+        the client's width are kept. ``round_idx``: the round the client trains in (the
+        rolling window of ``fedrolex`` slicing), default the bundle's round."""
+        s = self.manifest.slicing
+        rnd = self.manifest.round if round_idx is None else round_idx
+        if s is not None:
+            return s.slice_state(state, self.entry.width, rnd, where)
+        base = self.base_state()
+        for k, v in state.items():
+            if k in base and v.shape != base[k].shape:
+                raise InputError(
+                    f"{where}: key {k!r} has shape {v.shape}, width {self.entry.width:g} needs "
+                    f"{base[k].shape}, and this bundle's manifest has no 'slicing' record to "
+                    "cut a full-width server state: export the bundle again (fmtl export)"
+                )
+        return dict(state)
+
     def start_state(self, start_from: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """The state training starts from: the base state overlaid with ``start_from``
         (the server's shared arrays), which must hold every shared key."""

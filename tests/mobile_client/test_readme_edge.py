@@ -4,13 +4,15 @@ The fixture makes, in a temp working directory, what the README's commands name:
 run of the demo's client layout (``runs/demo``: clients c00-c08, c06 with
 ``mnist/attrs`` at width 0.25, a small MLP, one round), its export ``bundles/demo``,
 the inputs ``digit.png`` and ``more.npy`` (real MNIST test images), the client's data
-``local.npz`` and the server's state ``global.safetensors``. Every ``fmtl-edge`` line of
+``local.npz`` and the server's state ``global.safetensors`` (the run's last
+checkpoint, full width: ``train`` cuts it to c06's width). Every ``fmtl-edge`` line of
 the README's bash blocks then runs verbatim (in process, through ``mobile_client.cli.main``).
 """
 
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 
 from mobile_client.cli import main
 from mobile_client.runtime import EdgeClient
-from mobile_client.safetensors_np import load_file, save_file
+from mobile_client.safetensors_np import load_file
 from tests.test_readme_commands import readme_commands
 
 DEMO_LIKE = {
@@ -52,9 +54,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from export.run_export import export_run
     from fmtl_lightning.checkpoint import completed_rounds, round_dir
     from fmtl_lightning.data import load_dataset
-    from fmtl_lightning.roles import ModelSpec, WidthSpec
     from fmtl_lightning.simulation import run_config
-    from fmtl_lightning.slicing import slice_state
     from fmtl_lightning.tasks import get_task
 
     root = tmp_path_factory.mktemp("readme-edge")
@@ -68,11 +68,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     attrs = get_task("mnist/attrs").target(np.asarray(ds.labels[:40]))
     np.savez(root / "local.npz", x=px, y__mnist__attrs=attrs)
     last = completed_rounds(run)[-1]
-    full, md = load_file(round_dir(run, last) / "global.safetensors")
-    spec = ModelSpec.from_json((run / "spec.json").read_text())
-    save_file(
-        slice_state(full, spec, WidthSpec(0.25, "heterofl", last)), root / "global.safetensors", md
-    )
+    shutil.copy(round_dir(run, last) / "global.safetensors", root)  # full width
     return root
 
 
