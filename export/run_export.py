@@ -44,6 +44,7 @@ from export.bundle import (
     check_out_dir,
     created_stamp,
     graph_metadata,
+    measure_memory,
     slicing_record,
     width_tag,
 )
@@ -209,6 +210,7 @@ def export_model(
             round=0,
         )
         write_manifest(staging, m)
+        write_manifest(staging, measure_memory(staging, m))
 
     return build_atomically(Path(out_dir), overwrite, build)
 
@@ -392,5 +394,6 @@ def export_run(
             slicing=slicing_record(spec, art.config.algorithm.slicing, shared_keys),
         )
         write_manifest(staging, m)
+        write_manifest(staging, measure_memory(staging, m))
 
     return build_atomically(out_dir, overwrite, build)

@@ -36,13 +36,16 @@ width (a checkpoint's ``global.safetensors``): ``train`` cuts full-width arrays 
 client's width itself (the manifest's ``slicing`` record; :mod:`mobile_client.slicing`),
 with the rolling window of the round in the file's ``round`` metadata (``fedrolex``).
 
-Memory rule (``info --memory-mb``), per width, in bytes::
+Memory (``info --memory-mb N``): the memory a width's model needs on top of the edge
+runtime itself (Python, numpy, onnxruntime), measured by ``fmtl export`` in a fresh
+process (:mod:`mobile_client.memory`: the growth of peak RSS while one client of the
+width predicts one example and takes one training step at batch 32) and recorded in
+the manifest's ``widths[i].memory``. A width fits N MB when its training peak does;
+the runtime's own peak RSS, measured alongside, is printed apart. Manifests without a
+measurement fall back to an estimate, per width, in bytes::
 
     2 x (backbone file + the width's head files)             # graph + ORT's copy
     + 4 x ACT_FACTOR x TRAIN_BATCH x (C*H*W + feature_dim)   # float32 activations
-    + RUNTIME_MB                                             # python+numpy+onnxruntime
-
-The training step graphs are not counted: ``info`` answers "can it predict".
 """
 
 from __future__ import annotations
@@ -62,7 +65,6 @@ from mobile_client.manifest import MANIFEST_NAME
 
 TRAIN_BATCH = 32
 ACT_FACTOR = 4  # intermediate activations per input/feature element, rough upper bound
-RUNTIME_MB = 70  # measured peak RSS of a torch-free predict+train process: ~68 MB
 
 
 class CLIError(FMTLError):
@@ -102,12 +104,15 @@ def _mb(n: float) -> str:
 
 
 def memory_estimate(m, root: Path, width: float) -> int:
-    """Bytes needed to predict at ``width`` (the rule in the module docstring)."""
+    """Bytes the model needs at ``width`` beyond the runtime: the manifest's measured
+    training peak, else the estimate of the module docstring."""
     we = m.width(width)
+    if we.memory is not None:
+        return max(we.memory.train_bytes, we.memory.predict_bytes)
     files = {we.backbone.path} | {h.file.path for h in m.heads if abs(h.width - we.width) < 1e-9}
     size = sum((root / p).stat().st_size for p in files)
     act = 4 * ACT_FACTOR * TRAIN_BATCH * (math.prod(m.normalisation.input_shape) + we.feature_dim)
-    return 2 * size + act + RUNTIME_MB * 2**20
+    return 2 * size + act
 
 
 def _check_width(width: float | None) -> None:
@@ -137,8 +142,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if f.path not in seen:
             seen.add(f.path)
             print(f"  {f.path:40s} {f.kind:11s} {_mb((root / f.path).stat().st_size)}")
-    print("widths:")
+    print("widths (memory beyond the runtime):")
     fits = []
+    runtime = [we.memory.runtime_bytes for we in m.widths if we.memory is not None]
     for we in m.widths:
         est = memory_estimate(m, root, we.width)
         tasks = sorted({hd.task for hd in m.heads if abs(hd.width - we.width) < 1e-9})
@@ -147,8 +153,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             ok = est <= args.memory_mb * 2**20
             fits += [f"{we.width:g}"] if ok else []
             fit = f" ({'fits' if ok else 'does NOT fit'} in {args.memory_mb:g} MB)"
+        if we.memory is not None:
+            mem = (f"measured (client {we.memory.client}): predict {_mb(we.memory.predict_bytes)}"
+                   f", train at batch {we.memory.batch} {_mb(we.memory.train_bytes)}")  # fmt: skip
+        else:
+            mem = f"estimate {_mb(est)} (not measured at export)"
         print(f"  width {we.width:g}: feature_dim {we.feature_dim}, tasks "
-              f"{', '.join(tasks) or '-'}, estimate {_mb(est)}{fit}")  # fmt: skip
+              f"{', '.join(tasks) or '-'}, {mem}{fit}")  # fmt: skip
+    if runtime:
+        print(f"runtime (Python, numpy, onnxruntime), measured at export: {_mb(max(runtime))}")
     if args.memory_mb is not None:
         print(f"widths that fit {args.memory_mb:g} MB: {', '.join(fits) or 'none'}")
     return 0

@@ -12,7 +12,9 @@ Layout (``format_version`` 1; paths are relative to the manifest's directory)::
       "algorithm": "fedper", "source_run": "...", "round": 3,
       "normalisation": {"domain", "mean", "std", "scale", "input_shape": [C, H, W] | [F] | ...},
       "widths": [{"width", "feature_dim", "backbone": FILE,
-                  "train_steps": [{"tasks": [...], "clients": [...], "file": FILE}]}],
+                  "train_steps": [{"tasks": [...], "clients": [...], "file": FILE}],
+                  "memory": {"runtime_bytes", "predict_bytes", "train_bytes", "batch",
+                             "client"} | null}],   # optional: mobile_client.memory
       "heads": [{"client", "task", "kind", "labels", "width", "file": FILE,
                  "head_step": FILE | null, "columns": [start, end] | null}],
       "clients": [{"client", "width", "tasks", "domain", "normalisation",

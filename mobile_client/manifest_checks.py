@@ -61,6 +61,12 @@ def check_references(m: Manifest) -> None:
             )
     for i, c in enumerate(m.clients):
         _check_client(m, c, f"clients[{i}]")
+    for i, w in enumerate(m.widths):
+        if w.memory is not None and not any(
+            c.client == w.memory.client and abs(c.width - w.width) < 1e-9 for c in m.clients
+        ):
+            raise ManifestError(f"manifest field 'widths[{i}].memory.client': "
+                                f"{w.memory.client!r} is not a client at width {w.width:g}")  # fmt: skip
     for f, where in m.graph_entries():
         ins = {t.name for t in f.inputs} if f.inputs else None  # None: not listed
         check_graph_names(f, ins, {t.name for t in f.outputs} if f.outputs else None, where)

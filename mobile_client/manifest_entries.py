@@ -241,15 +241,38 @@ class TrainStepEntry:
 
 
 @dataclass(frozen=True)
+class MemoryEntry:
+    """Measured at export (:mod:`mobile_client.memory`): peak RSS of the runtime alone,
+    and its growth to predict one example / to also take one step at ``batch``."""
+
+    runtime_bytes: int
+    predict_bytes: int
+    train_bytes: int
+    batch: int
+    client: str
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> MemoryEntry:
+        vals = {k: get_field(d, k, where, int) for k in
+                ("runtime_bytes", "predict_bytes", "train_bytes", "batch")}  # fmt: skip
+        for k, v in vals.items():
+            if not (1 if k == "batch" else 0) <= v <= 1 << 50:
+                raise ManifestError(f"manifest field '{where}.{k}' is out of range: {v}")
+        return cls(**vals, client=get_field(d, "client", where, str))
+
+
+@dataclass(frozen=True)
 class WidthEntry:
     width: float
     feature_dim: int
     backbone: FileEntry
     train_steps: tuple[TrainStepEntry, ...] = ()
+    memory: MemoryEntry | None = None  # optional: manifests before it still load
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> WidthEntry:
         fdim = get_field(d, "feature_dim", where, int)
+        mem = get_field(d, "memory", where, dict, optional=True)
         if not 0 < fdim <= MAX_DIM:
             raise ManifestError(f"manifest field '{where}.feature_dim' must be in 1..{MAX_DIM}")
         return cls(
@@ -262,6 +285,7 @@ class WidthEntry:
                 TrainStepEntry.from_dict(t, f"{where}.train_steps[{i}]")
                 for i, t in enumerate(get_field(d, "train_steps", where, list, optional=True) or [])
             ),
+            memory=None if mem is None else MemoryEntry.from_dict(mem, f"{where}.memory"),
         )
 
 

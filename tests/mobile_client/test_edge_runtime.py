@@ -218,14 +218,17 @@ def _png(img: np.ndarray) -> bytes:
 
 def test_cli_info_predict(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     m = load_manifest(bundle)
-    e1, e05 = (memory_estimate(m, bundle, w) for w in (1.0, 0.5))
-    assert e05 < e1
-    budget = (e1 + e05) / 2 / 2**20
+    mem = {w["width"]: w["memory"] for w in json.loads((bundle / "manifest.json").read_text())["widths"]}
+    assert [memory_estimate(m, bundle, w) for w in (1.0, 0.5)] == [mem[1.0]["train_bytes"],
+                                                                  mem[0.5]["train_bytes"]]  # fmt: skip
+    budget = min(mem[1.0]["train_bytes"], mem[0.5]["train_bytes"]) / 2**20
     assert main(["info", str(bundle), "--memory-mb", str(budget)]) == 0
     out = capsys.readouterr().out
     assert "width 1: feature_dim 8" in out and "width 0.5: feature_dim 4" in out
     assert "head_c01_digits_parity.onnx" in out and "backbone_w0.5.onnx" in out
-    assert f"widths that fit {budget:g} MB: 0.5\n" in out
+    want = [f"{w:g}" for w in (1.0, 0.5) if mem[w]["train_bytes"] <= budget * 2**20]
+    assert f"widths that fit {budget:g} MB: {', '.join(want)}\n" in out
+    assert f"train at batch 32 {mem[0.5]['train_bytes'] / 2**20:.2f} MB" in out
     ec = EdgeClient(bundle, "c00")
     px, x, _ = digits(3, ())
     (tmp_path / "a.png").write_bytes(_png(px[0]))

@@ -88,6 +88,7 @@ def test_readme_edge_commands_verbatim(
         assert code == 0, f"{line}\n{err}"
         outs[argv[1]] = out
 
+    assert "widths that fit 64 MB: 0.25\n" in outs["info"]  # measured at export
     # predict: one row per image, the labels the Python API gives for the same pixels
     ec = EdgeClient(workdir / "bundles" / "demo", "c06")
     from PIL import Image
