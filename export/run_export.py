@@ -29,7 +29,7 @@ their manifest entries). The manifest schema lives in :mod:`mobile_client.manife
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,6 +48,7 @@ from export.bundle import (
     slicing_record,
     width_tag,
 )
+from export.graph_cache import GraphCache, quiet_export
 from export.graphs import sanitize
 from export.inference import export_backbone, export_head
 from export.run_select import (
@@ -224,6 +225,8 @@ def export_run(
     ort: bool = False,
     *,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    dedup: bool = True,
 ) -> Path:
     """Export the last completed round of ``run_dir`` into ``out_dir``; returns ``out_dir``.
 
@@ -233,7 +236,11 @@ def export_run(
     client whose width is exported. A client's heads are exported at its own width.
     The run is read through :class:`~fmtl_lightning.run_artifacts.RunArtifacts`: no
     dataset is loaded (the normalisation and the static batch-norm statistics are
-    in the run directory).
+    in the run directory). Heads and head steps that are the same graph for several
+    clients are exported once (:class:`~export.graph_cache.GraphCache`; ``dedup=False``
+    exports each on its own: the same files, slower). ``progress`` gets one line per
+    graph file; torch.onnx's known-harmless warnings are silenced
+    (:func:`~export.graph_cache.quiet_export`).
     """
     from fmtl_lightning.models import Backbone, head_name, load_arrays
     from fmtl_lightning.tasks import get_task
@@ -298,6 +305,10 @@ def export_run(
             check_exportable(get_task(t))
 
     def build(staging: Path) -> None:
+        with quiet_export(), GraphCache(opset, progress, dedup) as cache:
+            _build(staging, cache)
+
+    def _build(staging: Path, cache: GraphCache) -> None:
         b = BundleWriter(staging, opset, ort)
         width_entries, head_entries, client_entries = [], [], []
         for w in sel_w:
@@ -316,10 +327,9 @@ def export_run(
                 shared_bb = bb_arrays(art.client_state(at_w[0].client_id, ws), backbone)
             load_arrays(backbone, shared_bb)
             tag = width_tag(w)
-            bb = b.graph(
-                export_backbone(backbone, staging / f"backbone_w{tag}.onnx", example_x, opset),
-                meta_of(w, users, w_tasks),
-            )
+            p = staging / f"backbone_w{tag}.onnx"
+            bb = b.graph(export_backbone(backbone, p, example_x, opset), meta_of(w, users, w_tasks))
+            cache.note(p, "exported")
             steps = []
             if union_slices is None:  # FedAvg's union head has mixed-kind columns
                 task_sets: dict[tuple[str, ...], list[str]] = {}
@@ -330,6 +340,7 @@ def export_run(
                     kinds = {t: get_task(t).kind for t in tasks}
                     p = staging / f"train_step_w{tag}_{i}.onnx"
                     info = export_train_step(model, kinds, p, example_x, opset)
+                    cache.note(p, "exported")
                     sm = meta_of(w, [c for c in at_w if c.client_id in cids], tasks)
                     steps.append(
                         TrainStepEntry(tasks, tuple(cids), b.step(info, "train_step", meta=sm))
@@ -348,10 +359,11 @@ def export_run(
                 if any(not np.array_equal(mine[k], shared_bb[k]) for k in shared_bb):
                     p = staging / f"backbone_{cid}_w{tag}.onnx"
                     own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset), cm)
+                    cache.note(p, "exported")
                 if union_slices is not None:
                     hp = staging / f"head_{cid}_union.onnx"
                     union = cast(nn.Linear, model.heads[head_name("union")])
-                    union_entry = b.graph(export_head(union, hp, feat, opset), cm)
+                    union_entry = b.graph(cache.head(union, hp, feat), cm)
                     for t in c.tasks:
                         s, e = union_slices[t]
                         task = get_task(t)
@@ -365,10 +377,8 @@ def export_run(
                         h = head_name(t)
                         mod = cast(nn.Linear, model.heads[h])
                         ht = f"{cid}_{sanitize(t)}"
-                        hi = export_head(mod, staging / f"head_{ht}.onnx", feat, opset)
-                        hs = export_head_step(
-                            mod, task.kind, staging / f"head_step_{ht}.onnx", feat, opset
-                        )
+                        hi = cache.head(mod, staging / f"head_{ht}.onnx", feat)
+                        hs = cache.head_step(mod, task.kind, staging / f"head_step_{ht}.onnx", feat)
                         hm = meta_of(w, [c], [t], c.client_id)
                         head_entries.append(
                             HeadEntry(c.client_id, t, task.kind, tuple(task.output_names), w,
@@ -395,5 +405,8 @@ def export_run(
         )
         write_manifest(staging, m)
         write_manifest(staging, measure_memory(staging, m))
+        if progress is not None:
+            progress(f"{cache.exported} graphs exported, {cache.reused} written from an "
+                     "earlier export of the same graph; memory measured per width")  # fmt: skip
 
     return build_atomically(out_dir, overwrite, build)
