@@ -202,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     head = client.head(args.task)
     norm = client.entry.normalisation
     shape = norm.input_shape
-    print(predict_header(args.task, head.kind, head.labels, args.probs))
+    header = predict_header(args.task, head.kind, head.labels, args.probs)
     for p in args.inputs:
         path = Path(p)
         if path.suffix.lower() in IMAGE_FORMATS and not norm.is_image:
@@ -228,6 +228,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 on = [head.labels[j] for j in range(logits.shape[1]) if logits[i, j] > 0]
                 pred = ",".join(on) or "-"
+            if header:  # once, with the first row (an error before it prints nothing)
+                print(header)
+                header = ""
             line = f"{name}\t{pred}"
             if args.probs:
                 line += "\t" + " ".join(f"{v:.4f}" for v in probs[i])
