@@ -108,7 +108,7 @@ def memory_estimate(m, root: Path, width: float) -> int:
     training peak, else the estimate of the module docstring."""
     we = m.width(width)
     if we.memory is not None:
-        return max(we.memory.train_bytes, we.memory.predict_bytes)
+        return max(we.memory.train_bytes or 0, we.memory.predict_bytes)
     files = {we.backbone.path} | {h.file.path for h in m.heads if abs(h.width - we.width) < 1e-9}
     size = sum((root / p).stat().st_size for p in files)
     act = 4 * ACT_FACTOR * TRAIN_BATCH * (math.prod(m.normalisation.input_shape) + we.feature_dim)
@@ -154,8 +154,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             fits += [f"{we.width:g}"] if ok else []
             fit = f" ({'fits' if ok else 'does NOT fit'} in {args.memory_mb:g} MB)"
         if we.memory is not None:
+            tb = we.memory.train_bytes
+            train = "no step graph" if tb is None else _mb(tb)
             mem = (f"measured (client {we.memory.client}): predict {_mb(we.memory.predict_bytes)}"
-                   f", train at batch {we.memory.batch} {_mb(we.memory.train_bytes)}")  # fmt: skip
+                   f", train at batch {we.memory.batch} {train}")  # fmt: skip
         else:
             mem = f"estimate {_mb(est)} (not measured at export)"
         print(f"  width {we.width:g}: feature_dim {we.feature_dim}, tasks "

@@ -247,16 +247,16 @@ class MemoryEntry:
 
     runtime_bytes: int
     predict_bytes: int
-    train_bytes: int
+    train_bytes: int | None  # None: no step graph for the client (it cannot train)
     batch: int
     client: str
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> MemoryEntry:
-        vals = {k: get_field(d, k, where, int) for k in
+        vals = {k: get_field(d, k, where, int, optional=k == "train_bytes") for k in
                 ("runtime_bytes", "predict_bytes", "train_bytes", "batch")}  # fmt: skip
         for k, v in vals.items():
-            if not (1 if k == "batch" else 0) <= v <= 1 << 50:
+            if v is not None and not (1 if k == "batch" else 0) <= v <= 1 << 50:
                 raise ManifestError(f"manifest field '{where}.{k}' is out of range: {v}")
         return cls(**vals, client=get_field(d, "client", where, str))
 

@@ -12,7 +12,8 @@ current RSS through ``/proc/self/clear_refs`` once the runtime is loaded):
   sessions are created and predict one example;
 * ``train_bytes``: the peak RSS above it (from the same start) once, in addition, one
   training step at batch :data:`TRAIN_BATCH` has run on the full step graph (zeros as
-  inputs and targets), with its weights loaded.
+  inputs and targets), with its weights loaded (``null`` when the bundle has no step
+  graph for the client, e.g. FedAvg's union head).
 
 Elsewhere (no ``/proc``) ``resource.getrusage``'s ``ru_maxrss`` stands in for the peak.
 Sessions use one intra-op thread (onnxruntime's thread pools add per-thread stacks).
@@ -79,8 +80,10 @@ def measure(bundle: str, client_id: str) -> dict[str, Any]:
         h = ec.head(t)
         ys[t] = (np.zeros(TRAIN_BATCH, np.int64) if h.kind == "multiclass"
                  else np.zeros((TRAIN_BATCH, len(h.labels)), np.float32))  # fmt: skip
-    ec.train(xs, ys, steps=1, batch_size=TRAIN_BATCH, epochs=1)
-    train = _peak_bytes() - base
+    train = None  # a client without a step graph (FedAvg's union head) predicts only
+    if ec.manifest.width(ec.entry.width).train_steps:
+        ec.train(xs, ys, steps=1, batch_size=TRAIN_BATCH, epochs=1)
+        train = _peak_bytes() - base
     return {
         "runtime_bytes": base,
         "predict_bytes": predict,
