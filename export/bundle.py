@@ -186,6 +186,9 @@ class BundleWriter:
             target_inputs=dict(info.target_inputs),
             task_kinds=dict(info.task_kinds),
             ort=ort,
+            momentum_inputs={n: key_prefix + k for n, k in info.momentum_inputs.items()},
+            momentum_outputs={n: key_prefix + k for n, k in info.momentum_outputs.items()},
+            optimizer=dict(info.optimizer),
         )
 
     def weights(self, name: str, arrays: Mapping[str, np.ndarray]) -> FileEntry:

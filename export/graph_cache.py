@@ -34,6 +34,7 @@ from torch import nn
 
 from export.graphs import GraphInfo, TrainStepInfo, save_checked
 from export.inference import export_head
+from export.step_optimizer import PLAIN_SGD, StepOptimizer
 from export.trainstep import export_head_step
 
 # (category, message regex) of torch.onnx warnings that every export prints and that
@@ -87,9 +88,14 @@ class GraphCache:
     """
 
     def __init__(
-        self, opset: int, progress: Callable[[str], None] | None = None, dedup: bool = True
+        self,
+        opset: int,
+        progress: Callable[[str], None] | None = None,
+        dedup: bool = True,
+        opt: StepOptimizer = PLAIN_SGD,
     ) -> None:
         self.opset = opset
+        self.opt = opt  # the head steps' SGD
         self.dedup = dedup  # False: every graph exported on its own (the reference)
         self.progress = progress
         self._tmp = tempfile.TemporaryDirectory(prefix="fmtl-graphs-")
@@ -127,12 +133,12 @@ class GraphCache:
     def head_step(self, head: nn.Linear, kind: str, path: Path, feature_dim: int) -> TrainStepInfo:
         """:func:`~export.trainstep.export_head_step`, once per (kind, feature dim, shapes)."""
         if not self.dedup:
-            out = export_head_step(head, kind, path, feature_dim, self.opset)
+            out = export_head_step(head, kind, path, feature_dim, self.opset, self.opt)
             self.note(path, "exported")
             return out
-        key = ("head_step", kind, feature_dim, _shapes(head))
+        key = ("head_step", kind, feature_dim, _shapes(head), self.opt)
         info, how = self._template(
-            key, lambda p: export_head_step(head, kind, p, feature_dim, self.opset)
+            key, lambda p: export_head_step(head, kind, p, feature_dim, self.opset, self.opt)
         )
         shutil.copyfile(info.path, path)
         self.note(path, "exported" if how == "exported" else f"{how}: copied")

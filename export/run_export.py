@@ -58,6 +58,7 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
+from export.step_optimizer import step_optimizer
 from export.trainstep import (
     check_exportable,
     export_head_step,
@@ -65,7 +66,6 @@ from export.trainstep import (
     export_train_step,
     task_kinds_of,
 )
-from fmtl_lightning.export_checks import warn_step_optimizer
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
     ClientEntry,
@@ -255,13 +255,10 @@ def export_run(
             f"{run_dir}: its model is model.factory {art.config.model.factory!r}, a model of "
             "your own: export its clients with Simulation.export_client (see the README)"
         )
-    o = art.config.optimizer
-    warn_step_optimizer(
-        torch.optim.SGD(
-            [torch.zeros(1)], lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-        ),
-        f"run {run_dir}",
-    )
+    o = art.config.optimizer  # the step graphs take the run's SGD, momentum and decay
+    sgd = torch.optim.SGD([torch.zeros(1)], lr=o.lr, momentum=o.momentum,
+                          weight_decay=o.weight_decay)  # fmt: skip
+    opt = step_optimizer(sgd, f"run {run_dir}")
     spec = art.spec
     if not spec.keys_of_kind("head"):
         raise RunExportError(f"{run_dir}: the model's roles declare no head; nothing to export")
@@ -305,7 +302,7 @@ def export_run(
             check_exportable(get_task(t))
 
     def build(staging: Path) -> None:
-        with quiet_export(), GraphCache(opset, progress, dedup) as cache:
+        with quiet_export(), GraphCache(opset, progress, dedup, opt) as cache:
             _build(staging, cache)
 
     def _build(staging: Path, cache: GraphCache) -> None:
@@ -339,7 +336,7 @@ def export_run(
                     model = art.model(cids[0], w)
                     kinds = {t: get_task(t).kind for t in tasks}
                     p = staging / f"train_step_w{tag}_{i}.onnx"
-                    info = export_train_step(model, kinds, p, example_x, opset)
+                    info = export_train_step(model, kinds, p, example_x, opset, opt)
                     cache.note(p, "exported")
                     sm = meta_of(w, [c for c in at_w if c.client_id in cids], tasks)
                     steps.append(

@@ -26,7 +26,9 @@ A FILE entry: ``{"path", "sha256", "kind", "inputs": [TENSOR], "outputs": [TENSO
 "weights": {graph input name: state-dict key}, "weight_outputs": {graph output
 name: state-dict key}, "lr_input", "loss_output", "x_input", "features_input",
 "target_inputs": {task: input name}, "task_kinds": {task: kind}, "ort": {"path",
-"sha256"} | null}``; a TENSOR: ``{"name", "shape" (ints, "batch" for the dynamic
+"sha256"} | null, "momentum_inputs" / "momentum_outputs": {graph name: parameter key}
+(a step's SGD momentum buffers, optional), "optimizer": {"momentum", "weight_decay",
+"nesterov"} (optional)}``; a TENSOR: ``{"name", "shape" (ints, "batch" for the dynamic
 axis), "dtype"}``.
 
 Input normalisation: ``x = (pixels * scale - mean) / std`` with shape

@@ -129,10 +129,21 @@ class FileEntry:
     target_inputs: dict[str, str] = field(default_factory=dict)
     task_kinds: dict[str, str] = field(default_factory=dict)
     ort: FileRef | None = None
+    # a step graph's SGD momentum buffers (graph name -> parameter key) and its optimiser
+    momentum_inputs: dict[str, str] = field(default_factory=dict)
+    momentum_outputs: dict[str, str] = field(default_factory=dict)
+    optimizer: dict[str, float] = field(default_factory=dict)  # momentum, weight_decay, nesterov
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> FileEntry:
         ort = get_field(d, "ort", where, dict, optional=True)
+        opt = get_field(d, "optimizer", where, dict, optional=True) or {}
+        for k in opt:
+            if k not in ("momentum", "weight_decay", "nesterov"):
+                raise ManifestError(f"manifest field '{where}.optimizer' has unknown key {k!r}")
+            v = num_field(opt, k, f"{where}.optimizer")
+            if not (0 <= v < 1 if k == "momentum" else v >= 0):  # type: ignore[operator]
+                raise ManifestError(f"manifest field '{where}.optimizer.{k}' is out of range: {v}")
         return cls(
             path=get_field(d, "path", where, str),
             sha256=get_field(d, "sha256", where, str),
@@ -154,6 +165,9 @@ class FileEntry:
             target_inputs=str_map_field(d, "target_inputs", where),
             task_kinds=str_map_field(d, "task_kinds", where),
             ort=None if ort is None else FileRef.from_dict(ort, f"{where}.ort"),
+            momentum_inputs=str_map_field(d, "momentum_inputs", where),
+            momentum_outputs=str_map_field(d, "momentum_outputs", where),
+            optimizer={k: float(opt[k]) for k in opt},
         )
 
 
