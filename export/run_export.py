@@ -58,7 +58,7 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
-from export.step_optimizer import step_optimizer
+from export.step_optimizer import PLAIN_SGD, step_optimizer
 from export.trainstep import (
     check_exportable,
     export_head_step,
@@ -104,8 +104,13 @@ def export_model(
     ort: bool = False,
     overwrite: bool = False,
     dropout: str = "refuse",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Export one :class:`MultiTaskModel` (its width, its current weights) as a bundle.
+
+    ``optimizer``: the one the model trains with; the step graphs take its momentum and
+    weight decay (:func:`~export.step_optimizer.step_optimizer` refuses what they cannot
+    express); None: plain SGD.
 
     ``task_kinds``: task -> its :class:`~fmtl_lightning.tasks.Task` (or its kind,
     "multiclass"/"multilabel") for the model's heads to export (all must be heads of the
@@ -152,6 +157,7 @@ def export_model(
     example_x = torch.zeros(1, *shape)
     feat = model.feature_dim
     spec = model.role_spec(policy)  # roles, declared by the model
+    opt = PLAIN_SGD if optimizer is None else step_optimizer(optimizer, f"client {client}")
 
     def label_of(t: str) -> tuple[str, ...]:
         if labels is not None and t in labels:
@@ -178,7 +184,7 @@ def export_model(
             meta,
         )
         ts = export_model_step(
-            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset, dropout
+            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset, dropout, opt
         )
         step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step", meta=meta))
         head_entries = []
@@ -187,7 +193,7 @@ def export_model(
             mod = model.heads[h]
             tag = f"{sanitize(client)}_{sanitize(t)}"
             hi = export_head(mod, staging / f"head_{tag}.onnx", feat, opset)
-            hs = export_head_step(mod, kind, staging / f"head_step_{tag}.onnx", feat, opset)
+            hs = export_head_step(mod, kind, staging / f"head_step_{tag}.onnx", feat, opset, opt)
             hm = graph_metadata(family=model.family, width=width, task_kinds={t: kind},
                                 norms=(norm,), client=client)  # fmt: skip
             head_entries.append(

@@ -289,8 +289,9 @@ def export_model_step(
     example_x: torch.Tensor,
     opset: int,
     dropout: str = "refuse",
+    opt: StepOptimizer = PLAIN_SGD,
 ) -> TrainStepInfo:
-    """:func:`export_train_step` of a whole model (built-in or a user's), or
+    """:func:`export_train_step` (with ``opt``) of a whole model (built-in or a user's), or
     :class:`~export.bundle.RunExportError` saying why there is none:
     a dropout layer (the step graph cannot reproduce its random masks), or an op the
     ONNX exporter cannot differentiate (named by its message).
@@ -312,7 +313,7 @@ def export_model_step(
         )
     try:
         with dropout_off(list(drops.values())):
-            return export_train_step(model, task_kinds, path, example_x, opset)
+            return export_train_step(model, task_kinds, path, example_x, opset, opt)
     except Exception as exc:  # torch.onnx raises many types; the message names the op
         last = (str(exc).strip().splitlines() or [""])[-1][:300]
         raise RunExportError(

@@ -97,3 +97,24 @@ def test_refused_at_export(make, match: str) -> None:
         step_optimizer(make(params), "client c00")
     ok = step_optimizer(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4), "c")
     assert ok == StepOptimizer(0.9, 1e-4, False)
+
+
+def test_export_model_takes_the_models_optimizer(tmp_path) -> None:
+    """``export_model(optimizer=...)``: its SGD settings go into every step graph and the
+    manifest; an optimizer a graph cannot express is refused before anything is written."""
+    from export.run_export import export_model
+    from mobile_client.manifest import load_manifest
+
+    model = make_model("mlp", "none", 0.5)
+    norm = {"mean": 0.1, "std": 0.3, "input_shape": [1, 28, 28]}
+    with pytest.raises(RunExportError, match="client c07 trains with Adam"):
+        export_model(model, KINDS, tmp_path / "a", normalisation=norm, client="c07",
+                     optimizer=torch.optim.Adam(model.parameters()))  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    m = load_manifest(export_model(model, KINDS, tmp_path / "b", normalisation=norm, optimizer=sgd))
+    want = {"momentum": 0.9, "weight_decay": 1e-3, "nesterov": 0.0}
+    steps = [m.widths[0].train_steps[0].file, *(h.head_step for h in m.heads)]
+    for f in steps:
+        assert f.optimizer == want and set(f.momentum_inputs.values()) <= set(f.weights.values())
+    assert set(steps[0].momentum_inputs.values()) == {k for k, _ in model.named_parameters()}
