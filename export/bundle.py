@@ -17,17 +17,30 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from export.graphs import ExportError, GraphInfo, TrainStepInfo, stamp_file, to_ort_format
-from mobile_client.manifest import sha256_file
-from mobile_client.manifest_entries import FileEntry, FileRef, Normalisation, TensorSpec
+from mobile_client.manifest import Manifest, sha256_file
+from mobile_client.manifest_entries import (
+    FileEntry,
+    FileRef,
+    MemoryEntry,
+    Normalisation,
+    TensorSpec,
+)
+from mobile_client.slicing import KeySlicing, Slicing
+
+if TYPE_CHECKING:
+    from fmtl_lightning.roles import ModelSpec
 
 
 class RunExportError(ExportError, ValueError):
@@ -61,6 +74,45 @@ def graph_metadata(
     if client is not None:
         meta["fmtl.client"] = client
     return meta
+
+
+def slicing_record(spec: ModelSpec, mode: str, keys: Iterable[str]) -> Slicing:
+    """The manifest's ``slicing`` record: how the server's ``keys`` are cut to a width
+    (the run's ModelSpec and slicing mode; :mod:`mobile_client.slicing`)."""
+    return Slicing(
+        mode=mode,
+        groups=dict(spec.groups),
+        keys={
+            k: KeySlicing(tuple(spec[k].shape), tuple(spec[k].axes), tuple(spec[k].blocks))
+            for k in keys
+        },  # fmt: skip
+        segments={g: tuple((a, int(n)) for a, n in segs) for g, segs in spec.segments.items()},
+    )
+
+
+def measure_memory(staging: Path, manifest: Manifest) -> Manifest:
+    """``manifest`` with each width's ``memory`` measured by :mod:`mobile_client.memory`
+    in a fresh process (one per width, its first client; a width without a client has
+    none). ``manifest`` must already be written to ``staging``."""
+    import mobile_client
+
+    root = str(Path(mobile_client.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    widths = []
+    for w in manifest.widths:
+        cid = next((c.client for c in manifest.clients if abs(c.width - w.width) < 1e-9), None)
+        if cid is None:
+            widths.append(w)
+            continue
+        cmd = [sys.executable, "-m", "mobile_client.memory", str(staging), cid]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if res.returncode != 0:
+            raise RunExportError(f"measuring the memory of width {w.width:g} (client {cid}) "
+                                 f"failed: {res.stderr.strip()[-2000:]}")  # fmt: skip
+        mem = MemoryEntry(**json.loads(res.stdout.strip().splitlines()[-1]))
+        widths.append(replace(w, memory=mem))
+    return replace(manifest, widths=tuple(widths))
 
 
 def width_tag(width: float) -> str:
@@ -134,6 +186,9 @@ class BundleWriter:
             target_inputs=dict(info.target_inputs),
             task_kinds=dict(info.task_kinds),
             ort=ort,
+            momentum_inputs={n: key_prefix + k for n, k in info.momentum_inputs.items()},
+            momentum_outputs={n: key_prefix + k for n, k in info.momentum_outputs.items()},
+            optimizer=dict(info.optimizer),
         )
 
     def weights(self, name: str, arrays: Mapping[str, np.ndarray]) -> FileEntry:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Any
 
 from export.bundle import RunExportError
@@ -50,6 +51,7 @@ def _export(args: argparse.Namespace) -> int:
         opset=args.opset,
         ort=args.ort,
         overwrite=args.overwrite,
+        progress=lambda line: print(f"fmtl export: {line}", file=sys.stderr, flush=True),
     )
     try:
         m = load_manifest(out)

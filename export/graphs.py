@@ -78,7 +78,7 @@ class GraphInfo:
 
 @dataclass(frozen=True)
 class TrainStepInfo:
-    """One plain-SGD step graph.
+    """One SGD step graph (momentum and weight decay: ``optimizer``).
 
     Inputs, in order: ``param_inputs`` (name -> state-dict key), ``buffer_inputs``,
     ``x_input``, ``target_inputs`` (task -> name, in task order), ``lr_input``.
@@ -101,6 +101,11 @@ class TrainStepInfo:
     param_outputs: Mapping[str, str]
     buffer_outputs: Mapping[str, str]
     features_input: str | None = None  # head-only steps take features instead of x
+    # SGD momentum buffers (graph name -> parameter key), present when optimizer's momentum
+    # is not 0; inputs after the buffers, outputs last
+    momentum_inputs: Mapping[str, str] = field(default_factory=dict)
+    momentum_outputs: Mapping[str, str] = field(default_factory=dict)
+    optimizer: Mapping[str, float] = field(default_factory=dict)  # momentum, weight_decay, nesterov
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

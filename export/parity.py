@@ -2,8 +2,9 @@
 
 Every failure mode listed in DESIGN.md is silent (wrong numbers, no error), so an
 export is only trusted after these agree: inference logits against torch eval, and
-several training steps against ``torch.optim.SGD`` on the same batches, comparing
-every updated parameter and buffer. Numbers only; callers decide the tolerance.
+several training steps against ``torch.optim.SGD`` (with the graph's momentum,
+weight decay and nesterov) on the same batches, comparing every updated parameter and
+buffer, and the momentum buffers (keys ``momentum:<param key>``). Numbers only; callers decide the tolerance.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from export.graphs import GraphInfo, TrainStepInfo
+from export.step_optimizer import StepOptimizer
 from export.trainstep import mode, task_loss
 from fmtl_lightning.models import MultiTaskModel, head_name
 
@@ -98,19 +100,25 @@ def run_train_steps(
     batches: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]],
     lr: float,
 ) -> tuple[dict[str, np.ndarray], list[float]]:
-    """Run the step graph once per batch, feeding each step's new state into the next."""
+    """Run the step graph once per batch, feeding each step's new state into the next;
+    momentum buffers (zeros at first) come back as ``momentum:<key>`` entries."""
     sess = session(info.path)
     state = dict(state)
+    for k in info.momentum_inputs.values():
+        state[f"momentum:{k}"] = np.zeros_like(state[k])
     losses = []
     x_name = info.x_input or info.features_input or "x"
     for x, ys in batches:
         feeds = {n: state[k] for n, k in {**info.param_inputs, **info.buffer_inputs}.items()}
+        feeds.update({n: state[f"momentum:{k}"] for n, k in info.momentum_inputs.items()})
         feeds.update({info.target_inputs[t]: ys[t] for t in info.target_inputs})
         feeds[x_name] = x
         feeds[info.lr_input] = np.asarray(lr, dtype=np.float32)
         out = _run(sess, feeds)
         for n, k in {**info.param_outputs, **info.buffer_outputs}.items():
             state[k] = out[n]
+        for n, k in info.momentum_outputs.items():
+            state[f"momentum:{k}"] = out[n]
         losses.append(float(out[info.loss_output]))
     return state, losses
 
@@ -120,8 +128,11 @@ def _torch_sgd(
     loss_fn,
     batches: Sequence[Batch],
     lr: float,
-) -> list[float]:
-    opt = torch.optim.SGD(module.parameters(), lr=lr)
+    step_opt: StepOptimizer,
+) -> tuple[list[float], dict[str, np.ndarray]]:
+    """Torch's SGD steps; returns the losses and the momentum buffers by key."""
+    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=step_opt.momentum,
+                          weight_decay=step_opt.weight_decay, nesterov=step_opt.nesterov)  # fmt: skip
     losses = []
     with mode(module, training=True):
         for x, ys in batches:
@@ -130,13 +141,26 @@ def _torch_sgd(
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-    return losses
+    moms = {f"momentum:{k}": _np(opt.state[p]["momentum_buffer"])
+            for k, p in module.named_parameters() if opt.state[p].get("momentum_buffer") is not None}  # fmt: skip
+    return losses, moms
+
+
+def _step_opt(info: TrainStepInfo) -> StepOptimizer:
+    o = info.optimizer
+    return StepOptimizer(
+        o.get("momentum", 0.0), o.get("weight_decay", 0.0), bool(o.get("nesterov"))
+    )
 
 
 def _compare(
-    got: Mapping[str, np.ndarray], module: nn.Module, keys: Sequence[str]
+    got: Mapping[str, np.ndarray],
+    module: nn.Module,
+    keys: Sequence[str],
+    moms: Mapping[str, np.ndarray],
 ) -> dict[str, float]:
-    want = module.state_dict()
+    want = {**module.state_dict(), **{k: torch.from_numpy(v) for k, v in moms.items()}}
+    keys = [*keys, *(k for k in got if k.startswith("momentum:"))]
     return {
         k: float(np.abs(got[k].astype(np.float64) - _np(want[k]).astype(np.float64)).max())
         for k in keys
@@ -157,9 +181,9 @@ def train_step_parity(
         losses = [task_loss(info.task_kinds[t], out[t], ys[t]) for t in info.task_kinds]
         return torch.stack(losses).sum()
 
-    torch_losses = _torch_sgd(ref, loss_fn, batches, lr)
+    torch_losses, moms = _torch_sgd(ref, loss_fn, batches, lr, _step_opt(info))
     keys = [*info.param_inputs.values(), *info.buffer_inputs.values()]
-    return StepParity(_compare(got, ref, keys), ort_losses, torch_losses)
+    return StepParity(_compare(got, ref, keys, moms), ort_losses, torch_losses)
 
 
 def head_step_parity(
@@ -179,7 +203,8 @@ def head_step_parity(
     def loss_fn(m: nn.Module, f: torch.Tensor, ys: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return task_loss(kind, m(f), ys[task])
 
-    torch_losses = _torch_sgd(ref, loss_fn, [(f, {task: y}) for f, y in batches], lr)
+    tb = [(f, {task: y}) for f, y in batches]
+    torch_losses, moms = _torch_sgd(ref, loss_fn, tb, lr, _step_opt(info))
     return StepParity(
-        _compare(got, ref, list(info.param_inputs.values())), ort_losses, torch_losses
+        _compare(got, ref, list(info.param_inputs.values()), moms), ort_losses, torch_losses
     )

@@ -29,7 +29,7 @@ their manifest entries). The manifest schema lives in :mod:`mobile_client.manife
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -44,8 +44,11 @@ from export.bundle import (
     check_out_dir,
     created_stamp,
     graph_metadata,
+    measure_memory,
+    slicing_record,
     width_tag,
 )
+from export.graph_cache import GraphCache, quiet_export
 from export.graphs import sanitize
 from export.inference import export_backbone, export_head
 from export.run_select import (
@@ -55,6 +58,7 @@ from export.run_select import (
     select_clients,
     select_widths,
 )
+from export.step_optimizer import PLAIN_SGD, step_optimizer
 from export.trainstep import (
     check_exportable,
     export_head_step,
@@ -62,7 +66,6 @@ from export.trainstep import (
     export_train_step,
     task_kinds_of,
 )
-from fmtl_lightning.export_checks import warn_step_optimizer
 from mobile_client.manifest import Manifest, write_manifest
 from mobile_client.manifest_entries import (
     ClientEntry,
@@ -101,8 +104,13 @@ def export_model(
     ort: bool = False,
     overwrite: bool = False,
     dropout: str = "refuse",
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Export one :class:`MultiTaskModel` (its width, its current weights) as a bundle.
+
+    ``optimizer``: the one the model trains with; the step graphs take its momentum and
+    weight decay (:func:`~export.step_optimizer.step_optimizer` refuses what they cannot
+    express); None: plain SGD.
 
     ``task_kinds``: task -> its :class:`~fmtl_lightning.tasks.Task` (or its kind,
     "multiclass"/"multilabel") for the model's heads to export (all must be heads of the
@@ -149,6 +157,7 @@ def export_model(
     example_x = torch.zeros(1, *shape)
     feat = model.feature_dim
     spec = model.role_spec(policy)  # roles, declared by the model
+    opt = PLAIN_SGD if optimizer is None else step_optimizer(optimizer, f"client {client}")
 
     def label_of(t: str) -> tuple[str, ...]:
         if labels is not None and t in labels:
@@ -175,7 +184,7 @@ def export_model(
             meta,
         )
         ts = export_model_step(
-            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset, dropout
+            model, task_kinds, staging / f"train_step_w{w}_0.onnx", example_x, opset, dropout, opt
         )
         step = TrainStepEntry(tuple(task_kinds), (client,), b.step(ts, "train_step", meta=meta))
         head_entries = []
@@ -184,7 +193,7 @@ def export_model(
             mod = model.heads[h]
             tag = f"{sanitize(client)}_{sanitize(t)}"
             hi = export_head(mod, staging / f"head_{tag}.onnx", feat, opset)
-            hs = export_head_step(mod, kind, staging / f"head_step_{tag}.onnx", feat, opset)
+            hs = export_head_step(mod, kind, staging / f"head_step_{tag}.onnx", feat, opset, opt)
             hm = graph_metadata(family=model.family, width=width, task_kinds={t: kind},
                                 norms=(norm,), client=client)  # fmt: skip
             head_entries.append(
@@ -208,6 +217,7 @@ def export_model(
             round=0,
         )
         write_manifest(staging, m)
+        write_manifest(staging, measure_memory(staging, m))
 
     return build_atomically(Path(out_dir), overwrite, build)
 
@@ -221,6 +231,8 @@ def export_run(
     ort: bool = False,
     *,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    dedup: bool = True,
 ) -> Path:
     """Export the last completed round of ``run_dir`` into ``out_dir``; returns ``out_dir``.
 
@@ -230,7 +242,11 @@ def export_run(
     client whose width is exported. A client's heads are exported at its own width.
     The run is read through :class:`~fmtl_lightning.run_artifacts.RunArtifacts`: no
     dataset is loaded (the normalisation and the static batch-norm statistics are
-    in the run directory).
+    in the run directory). Heads and head steps that are the same graph for several
+    clients are exported once (:class:`~export.graph_cache.GraphCache`; ``dedup=False``
+    exports each on its own: the same files, slower). ``progress`` gets one line per
+    graph file; torch.onnx's known-harmless warnings are silenced
+    (:func:`~export.graph_cache.quiet_export`).
     """
     from fmtl_lightning.models import Backbone, head_name, load_arrays
     from fmtl_lightning.tasks import get_task
@@ -245,13 +261,10 @@ def export_run(
             f"{run_dir}: its model is model.factory {art.config.model.factory!r}, a model of "
             "your own: export its clients with Simulation.export_client (see the README)"
         )
-    o = art.config.optimizer
-    warn_step_optimizer(
-        torch.optim.SGD(
-            [torch.zeros(1)], lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-        ),
-        f"run {run_dir}",
-    )
+    o = art.config.optimizer  # the step graphs take the run's SGD, momentum and decay
+    sgd = torch.optim.SGD([torch.zeros(1)], lr=o.lr, momentum=o.momentum,
+                          weight_decay=o.weight_decay)  # fmt: skip
+    opt = step_optimizer(sgd, f"run {run_dir}")
     spec = art.spec
     if not spec.keys_of_kind("head"):
         raise RunExportError(f"{run_dir}: the model's roles declare no head; nothing to export")
@@ -295,6 +308,10 @@ def export_run(
             check_exportable(get_task(t))
 
     def build(staging: Path) -> None:
+        with quiet_export(), GraphCache(opset, progress, dedup, opt) as cache:
+            _build(staging, cache)
+
+    def _build(staging: Path, cache: GraphCache) -> None:
         b = BundleWriter(staging, opset, ort)
         width_entries, head_entries, client_entries = [], [], []
         for w in sel_w:
@@ -313,10 +330,9 @@ def export_run(
                 shared_bb = bb_arrays(art.client_state(at_w[0].client_id, ws), backbone)
             load_arrays(backbone, shared_bb)
             tag = width_tag(w)
-            bb = b.graph(
-                export_backbone(backbone, staging / f"backbone_w{tag}.onnx", example_x, opset),
-                meta_of(w, users, w_tasks),
-            )
+            p = staging / f"backbone_w{tag}.onnx"
+            bb = b.graph(export_backbone(backbone, p, example_x, opset), meta_of(w, users, w_tasks))
+            cache.note(p, "exported")
             steps = []
             if union_slices is None:  # FedAvg's union head has mixed-kind columns
                 task_sets: dict[tuple[str, ...], list[str]] = {}
@@ -326,7 +342,8 @@ def export_run(
                     model = art.model(cids[0], w)
                     kinds = {t: get_task(t).kind for t in tasks}
                     p = staging / f"train_step_w{tag}_{i}.onnx"
-                    info = export_train_step(model, kinds, p, example_x, opset)
+                    info = export_train_step(model, kinds, p, example_x, opset, opt)
+                    cache.note(p, "exported")
                     sm = meta_of(w, [c for c in at_w if c.client_id in cids], tasks)
                     steps.append(
                         TrainStepEntry(tasks, tuple(cids), b.step(info, "train_step", meta=sm))
@@ -345,10 +362,11 @@ def export_run(
                 if any(not np.array_equal(mine[k], shared_bb[k]) for k in shared_bb):
                     p = staging / f"backbone_{cid}_w{tag}.onnx"
                     own_bb = b.graph(export_backbone(model.backbone, p, example_x, opset), cm)
+                    cache.note(p, "exported")
                 if union_slices is not None:
                     hp = staging / f"head_{cid}_union.onnx"
                     union = cast(nn.Linear, model.heads[head_name("union")])
-                    union_entry = b.graph(export_head(union, hp, feat, opset), cm)
+                    union_entry = b.graph(cache.head(union, hp, feat), cm)
                     for t in c.tasks:
                         s, e = union_slices[t]
                         task = get_task(t)
@@ -362,10 +380,8 @@ def export_run(
                         h = head_name(t)
                         mod = cast(nn.Linear, model.heads[h])
                         ht = f"{cid}_{sanitize(t)}"
-                        hi = export_head(mod, staging / f"head_{ht}.onnx", feat, opset)
-                        hs = export_head_step(
-                            mod, task.kind, staging / f"head_step_{ht}.onnx", feat, opset
-                        )
+                        hi = cache.head(mod, staging / f"head_{ht}.onnx", feat)
+                        hs = cache.head_step(mod, task.kind, staging / f"head_step_{ht}.onnx", feat)
                         hm = meta_of(w, [c], [t], c.client_id)
                         head_entries.append(
                             HeadEntry(c.client_id, t, task.kind, tuple(task.output_names), w,
@@ -388,7 +404,12 @@ def export_run(
             algorithm=art.algorithm,
             source_run=str(run_dir.absolute()),
             round=last,
+            slicing=slicing_record(spec, art.config.algorithm.slicing, shared_keys),
         )
         write_manifest(staging, m)
+        write_manifest(staging, measure_memory(staging, m))
+        if progress is not None:
+            progress(f"{cache.exported} graphs exported, {cache.reused} written from an "
+                     "earlier export of the same graph; memory measured per width")  # fmt: skip
 
     return build_atomically(out_dir, overwrite, build)

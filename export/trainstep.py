@@ -1,7 +1,11 @@
-"""Training-step graphs: one plain-SGD step as a pure ONNX function, for stock onnxruntime.
+"""Training-step graphs: one SGD step as a pure ONNX function, for stock onnxruntime.
 
-A step is ``(params..., buffers..., x, y_task..., lr) -> (loss, new_params...,
-new_buffers...)``. It is written with ``torch.func`` (``functional_call`` +
+A step is ``(params..., buffers..., [momenta...], x, y_task..., lr) -> (loss,
+new_params..., new_buffers..., [new_momenta...])``. The SGD is ``torch.optim.SGD``'s with
+dampening 0 (:class:`StepOptimizer`): weight decay and momentum are constants of the
+graph; the momentum buffers (one per stepped parameter, zeros before a client's first
+step, as torch's optimizer starts) are inputs and outputs, so a device carries them
+from step to step. What the graph cannot express is refused (:func:`step_optimizer`). It is written with ``torch.func`` (``functional_call`` +
 ``grad_and_value``), traced to aten ops by ``make_fx`` with symbolic shapes and
 the decompositions of :mod:`export.decompositions`, then exported with
 ``torch.onnx.export(dynamo=True)``. Parameters and buffers are graph inputs, so a
@@ -35,6 +39,7 @@ from export.graphs import (
     trace_batch,
     unique_names,
 )
+from export.step_optimizer import PLAIN_SGD, StepOptimizer, momentum_io, momentum_keys
 from fmtl_lightning.models import MultiTaskModel, head_name
 from fmtl_lightning.tasks import DEFAULT_LOSSES, Task
 
@@ -76,21 +81,28 @@ def sgd_step_fn(
     buffer_keys: Sequence[str],
     loss_of: LossOf,
     n_targets: int,
+    opt: StepOptimizer = PLAIN_SGD,
+    frozen: frozenset[str] = frozenset(),
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The flat pure function ``(*params, *buffers, x, *ys, lr) -> (loss, *new_p, *new_b)``.
+    """The flat pure function ``(*params, *buffers, *momenta, x, *ys, lr) -> (loss, *new_p,
+    *new_b, *new_momenta)`` (momenta: one per key of ``momentum_keys(param_keys, opt,
+    frozen)``). Parameters in ``frozen`` (heads outside the loss) come back unchanged,
+    as torch's SGD skips a parameter without a gradient.
 
     ``loss_of(module, state, x, ys)`` runs ``module`` with ``state`` swapped in
     (``torch.func.functional_call``) and returns the scalar loss.
     """
     from torch.func import grad_and_value
 
-    n_p, n_b = len(param_keys), len(buffer_keys)
+    mk = momentum_keys(param_keys, opt, frozen)
+    n_p, n_b, n_m = len(param_keys), len(buffer_keys), len(mk)
 
     def step(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         params = dict(zip(param_keys, args[:n_p], strict=True))
         buffers = {k: b.clone() for k, b in zip(buffer_keys, args[n_p : n_p + n_b], strict=True)}
-        x = args[n_p + n_b]
-        ys = args[n_p + n_b + 1 : n_p + n_b + 1 + n_targets]
+        moms = dict(zip(mk, args[n_p + n_b : n_p + n_b + n_m], strict=True))
+        x = args[n_p + n_b + n_m]
+        ys = args[n_p + n_b + n_m + 1 : n_p + n_b + n_m + 1 + n_targets]
         lr = args[-1]
 
         def loss_fn(p: dict, b: dict) -> tuple[torch.Tensor, dict]:
@@ -98,8 +110,18 @@ def sgd_step_fn(
             return loss_of(module, {**p, **b}, x, ys), b
 
         grads, (loss, new_b) = grad_and_value(loss_fn, has_aux=True)(params, buffers)
-        new_p = [params[k] - lr * grads[k] for k in param_keys]
-        return (loss, *new_p, *(new_b[k] for k in buffer_keys))
+        new_p, new_m = [], {}
+        for k in param_keys:
+            p = params[k]
+            if k in frozen:
+                new_p.append(p)
+                continue
+            g = grads[k] + opt.weight_decay * p if opt.weight_decay else grads[k]
+            if opt.momentum:
+                new_m[k] = opt.momentum * moms[k] + g
+                g = g + opt.momentum * new_m[k] if opt.nesterov else new_m[k]
+            new_p.append(p - lr * g)
+        return (loss, *new_p, *(new_b[k] for k in buffer_keys), *(new_m[k] for k in mk))
 
     return step
 
@@ -119,13 +141,14 @@ def export_train_step(
     path: Path | str,
     example_x: torch.Tensor,
     opset: int = 18,
+    opt: StepOptimizer = PLAIN_SGD,
 ) -> TrainStepInfo:
-    """Export one SGD step of ``model`` on the summed losses of ``task_kinds``' tasks.
+    """Export one SGD step (``opt``) of ``model`` on the summed losses of ``task_kinds``' tasks.
 
     ``example_x`` fixes the per-sample input shape and dtype; its batch size does
     not matter (the batch axis is dynamic). Targets follow each task's kind. Every
-    parameter of ``model`` is updated, heads of tasks not in ``task_kinds`` included
-    (their gradient is zero, so they come back unchanged).
+    parameter of ``model`` is a graph input and output; heads of tasks not in
+    ``task_kinds`` come back unchanged (no gradient: torch's SGD skips them).
     """
     path = Path(path)
     tasks = list(task_kinds)
@@ -138,23 +161,29 @@ def export_train_step(
 
     pk = [k for k, _ in model.named_parameters()]
     bk = [k for k, _ in model.named_buffers()]
+    trained = {head_name(t) for t in tasks}
+    outside = {id(p) for h, m in model.heads.items() if h not in trained for p in m.parameters()}
+    frozen = frozenset(k for k, p in model.named_parameters() if id(p) in outside)
+    mk = momentum_keys(pk, opt, frozen)
     state = model.state_dict()
     b = trace_batch(state.values(), [*example_x.shape[1:], *model.task_outputs.values()])
     x = torch.zeros(b, *example_x.shape[1:], dtype=example_x.dtype)
     ys = [target_example(task_kinds[t], model.task_outputs[t], b) for t in tasks]
-    args = [state[k].detach().clone() for k in [*pk, *bk]] + [x, *ys, torch.tensor(0.1)]
+    args = [state[k].detach().clone() for k in [*pk, *bk]]
+    args += [torch.zeros_like(state[k]) for k in mk] + [x, *ys, torch.tensor(0.1)]
 
     p_in, b_in = unique_names("p_", pk), unique_names("b_", bk)
+    m_in, m_out = momentum_io(mk)
     y_in = {t: f"y_{sanitize(head_name(t))}" for t in tasks}
     p_out = {f"new_{n}": k for n, k in p_in.items()}
     b_out = {f"new_{n}": k for n, k in b_in.items()}
-    in_names = [*p_in, *b_in, "x", *y_in.values(), "lr"]
-    out_names = ["loss", *p_out, *b_out]
-    n_sb = len(pk) + len(bk)
+    in_names = [*p_in, *b_in, *m_in, "x", *y_in.values(), "lr"]
+    out_names = ["loss", *p_out, *b_out, *m_out]
+    n_sb = len(pk) + len(bk) + len(mk)
     batch_args = set(range(n_sb, n_sb + 1 + len(tasks)))
 
     with mode(model, training=True):
-        step = sgd_step_fn(model, pk, bk, loss_of, len(tasks))
+        step = sgd_step_fn(model, pk, bk, loss_of, len(tasks), opt, frozen)
         proto = export_pure_function(step, args, batch_args, in_names, out_names, path, opset)
     ins, outs = describe(proto)
     return TrainStepInfo(
@@ -171,16 +200,25 @@ def export_train_step(
         loss_output="loss",
         param_outputs=p_out,
         buffer_outputs=b_out,
+        momentum_inputs=m_in,
+        momentum_outputs=m_out,
+        optimizer=opt.to_dict(),
     )
 
 
 def export_head_step(
-    head: nn.Linear, kind: str, path: Path | str, feature_dim: int, opset: int = 18
+    head: nn.Linear,
+    kind: str,
+    path: Path | str,
+    feature_dim: int,
+    opset: int = 18,
+    opt: StepOptimizer = PLAIN_SGD,
 ) -> TrainStepInfo:
-    """Export one SGD step of a head alone on frozen features.
+    """Export one SGD step (``opt``) of a head alone on frozen features.
 
-    Graph: ``(p_weight, p_bias, features, y, lr) -> (loss, new_p_weight, new_p_bias)``;
-    the maps say ``weight``/``bias`` (keys of the head's own state dict).
+    Graph: ``(p_weight, p_bias, [m_weight, m_bias,] features, y, lr) -> (loss,
+    new_p_weight, new_p_bias[, new_m_weight, new_m_bias])``; the maps say
+    ``weight``/``bias`` (keys of the head's own state dict).
     """
     path = Path(path)
     if head.in_features != feature_dim:
@@ -191,20 +229,22 @@ def export_head_step(
         return task_loss(kind, torch.func.functional_call(m, state, (f,)), ys[0])
 
     pk = [k for k, _ in head.named_parameters()]
+    mk = momentum_keys(pk, opt)
     state = head.state_dict()
     b = trace_batch(state.values())
     feats = torch.zeros(b, feature_dim)
     y = target_example(kind, head.out_features, b)
-    args = [state[k].detach().clone() for k in pk] + [feats, y, torch.tensor(0.1)]
+    args = [state[k].detach().clone() for k in pk] + [torch.zeros_like(state[k]) for k in mk]
+    args += [feats, y, torch.tensor(0.1)]
 
     p_in = unique_names("p_", pk)
     p_out = {f"new_{n}": k for n, k in p_in.items()}
-    in_names = [*p_in, "features", "y", "lr"]
-    out_names = ["loss", *p_out]
-    step = sgd_step_fn(head, pk, [], loss_of, 1)
-    proto = export_pure_function(
-        step, args, {len(pk), len(pk) + 1}, in_names, out_names, path, opset
-    )
+    m_in, m_out = momentum_io(mk)
+    in_names = [*p_in, *m_in, "features", "y", "lr"]
+    out_names = ["loss", *p_out, *m_out]
+    step = sgd_step_fn(head, pk, [], loss_of, 1, opt)
+    n = len(pk) + len(mk)
+    proto = export_pure_function(step, args, {n, n + 1}, in_names, out_names, path, opset)
     ins, outs = describe(proto)
     return TrainStepInfo(
         path=str(path),
@@ -221,6 +261,9 @@ def export_head_step(
         param_outputs=p_out,
         buffer_outputs={},
         features_input="features",
+        momentum_inputs=m_in,
+        momentum_outputs=m_out,
+        optimizer=opt.to_dict(),
     )
 
 
@@ -247,8 +290,9 @@ def export_model_step(
     example_x: torch.Tensor,
     opset: int,
     dropout: str = "refuse",
+    opt: StepOptimizer = PLAIN_SGD,
 ) -> TrainStepInfo:
-    """:func:`export_train_step` of a whole model (built-in or a user's), or
+    """:func:`export_train_step` (with ``opt``) of a whole model (built-in or a user's), or
     :class:`~export.bundle.RunExportError` saying why there is none:
     a dropout layer (the step graph cannot reproduce its random masks), or an op the
     ONNX exporter cannot differentiate (named by its message).
@@ -270,7 +314,7 @@ def export_model_step(
         )
     try:
         with dropout_off(list(drops.values())):
-            return export_train_step(model, task_kinds, path, example_x, opset)
+            return export_train_step(model, task_kinds, path, example_x, opset, opt)
     except Exception as exc:  # torch.onnx raises many types; the message names the op
         last = (str(exc).strip().splitlines() or [""])[-1][:300]
         raise RunExportError(

@@ -6,11 +6,20 @@
                     [--lr LR] [--head-only] [--start-from UPDATE.safetensors]
                     [--round N] [--out update.safetensors] [--client C]
 
+``predict`` prints a header line (``input``, the task, and with ``--probs`` the labels
+in the order of the probabilities), then one tab-separated row per example: the input
+(``file[i]`` for a batch), the predicted label (multi-label: every label with p > 0.5,
+comma-separated, or ``-``) and with ``--probs`` the probabilities, space-separated.
+``predict`` without ``--client`` uses the one client with a head for ``T`` (at ``R``);
+when several clients have one (FedPer: a head per client), it names them and asks for
+``--client``. ``train`` needs ``--client`` unless the bundle has one client.
+
 Inputs for ``predict``: ``.npy`` (one example of the bundle's ``input_shape``, such as
 an image (H, W)/(C, H, W) or a feature vector (F,), or a batch), ``.npz`` (key ``x``),
-and, for image bundles (``input_shape`` [C, H, W]) with Pillow installed (``pip install
-'fmtl-lightning[images]'``), PNG and PGM images, 8-bit grayscale or RGB (see
-:mod:`mobile_client.inputs`).
+and, for image bundles (``input_shape`` [C, H, W], C 1 or 3) with Pillow installed
+(``pip install 'fmtl-lightning[images]'``), PNG and PGM images: 8-bit gray, palette, RGB
+or RGBA, converted to the bundle's C channels (alpha over black) and resized to its
+H x W (see :mod:`mobile_client.inputs`).
 ``train`` reads ``x`` and one ``y__<task, '/' -> '__'>`` per task from ``--data``;
 it writes the update (shared arrays + metadata) to ``--out`` and the client's local
 arrays (heads) to ``--out`` with suffix ``.local.safetensors``; both paths are
@@ -22,13 +31,21 @@ and > 0, ``--epochs`` and ``--batch-size`` >= 1 (a run of zero steps is refused,
 written), ``--seed`` and ``--round`` >= 0, ``--memory-mb`` finite and >= 0. Errors print
 one line ``fmtl-edge: error: ...`` and exit with status 2.
 
-Memory rule (``info --memory-mb``), per width, in bytes::
+``--start-from`` takes the server's shared arrays at the client's width or at full
+width (a checkpoint's ``global.safetensors``): ``train`` cuts full-width arrays to the
+client's width itself (the manifest's ``slicing`` record; :mod:`mobile_client.slicing`),
+with the rolling window of the round in the file's ``round`` metadata (``fedrolex``).
+
+Memory (``info --memory-mb N``): the memory a width's model needs on top of the edge
+runtime itself (Python, numpy, onnxruntime), measured by ``fmtl export`` in a fresh
+process (:mod:`mobile_client.memory`: the growth of peak RSS while one client of the
+width predicts one example and takes one training step at batch 32) and recorded in
+the manifest's ``widths[i].memory``. A width fits N MB when its training peak does;
+the runtime's own peak RSS, measured alongside, is printed apart. Manifests without a
+measurement fall back to an estimate, per width, in bytes::
 
     2 x (backbone file + the width's head files)             # graph + ORT's copy
     + 4 x ACT_FACTOR x TRAIN_BATCH x (C*H*W + feature_dim)   # float32 activations
-    + RUNTIME_MB                                             # python+numpy+onnxruntime
-
-The training step graphs are not counted: ``info`` answers "can it predict".
 """
 
 from __future__ import annotations
@@ -48,7 +65,6 @@ from mobile_client.manifest import MANIFEST_NAME
 
 TRAIN_BATCH = 32
 ACT_FACTOR = 4  # intermediate activations per input/feature element, rough upper bound
-RUNTIME_MB = 70  # measured peak RSS of a torch-free predict+train process: ~68 MB
 
 
 class CLIError(FMTLError):
@@ -64,10 +80,17 @@ def _as_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- commands
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, client_id: str | None = None):
+    from mobile_client.manifest import load_manifest
     from mobile_client.runtime import EdgeClient
 
-    client = EdgeClient(args.dir, args.client)
+    cid = client_id or args.client
+    if cid is None:
+        ids = [c.client for c in load_manifest(args.dir).clients]
+        if len(ids) != 1:
+            raise CLIError(f"{args.dir}: the bundle has {len(ids)} clients ({', '.join(ids)}): "
+                           "name one with --client")  # fmt: skip
+    client = EdgeClient(args.dir, cid)
     if args.width is not None:
         try:
             client._width(args.width)  # the client's own width
@@ -81,12 +104,15 @@ def _mb(n: float) -> str:
 
 
 def memory_estimate(m, root: Path, width: float) -> int:
-    """Bytes needed to predict at ``width`` (the rule in the module docstring)."""
+    """Bytes the model needs at ``width`` beyond the runtime: the manifest's measured
+    training peak, else the estimate of the module docstring."""
     we = m.width(width)
+    if we.memory is not None:
+        return max(we.memory.train_bytes or 0, we.memory.predict_bytes)
     files = {we.backbone.path} | {h.file.path for h in m.heads if abs(h.width - we.width) < 1e-9}
     size = sum((root / p).stat().st_size for p in files)
     act = 4 * ACT_FACTOR * TRAIN_BATCH * (math.prod(m.normalisation.input_shape) + we.feature_dim)
-    return 2 * size + act + RUNTIME_MB * 2**20
+    return 2 * size + act
 
 
 def _check_width(width: float | None) -> None:
@@ -116,8 +142,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         if f.path not in seen:
             seen.add(f.path)
             print(f"  {f.path:40s} {f.kind:11s} {_mb((root / f.path).stat().st_size)}")
-    print("widths:")
+    print("widths (memory beyond the runtime):")
     fits = []
+    runtime = [we.memory.runtime_bytes for we in m.widths if we.memory is not None]
     for we in m.widths:
         est = memory_estimate(m, root, we.width)
         tasks = sorted({hd.task for hd in m.heads if abs(hd.width - we.width) < 1e-9})
@@ -126,19 +153,58 @@ def cmd_info(args: argparse.Namespace) -> int:
             ok = est <= args.memory_mb * 2**20
             fits += [f"{we.width:g}"] if ok else []
             fit = f" ({'fits' if ok else 'does NOT fit'} in {args.memory_mb:g} MB)"
+        if we.memory is not None:
+            tb = we.memory.train_bytes
+            train = "no step graph" if tb is None else _mb(tb)
+            mem = (f"measured (client {we.memory.client}): predict {_mb(we.memory.predict_bytes)}"
+                   f", train at batch {we.memory.batch} {train}")  # fmt: skip
+        else:
+            mem = f"estimate {_mb(est)} (not measured at export)"
         print(f"  width {we.width:g}: feature_dim {we.feature_dim}, tasks "
-              f"{', '.join(tasks) or '-'}, estimate {_mb(est)}{fit}")  # fmt: skip
+              f"{', '.join(tasks) or '-'}, {mem}{fit}")  # fmt: skip
+    if runtime:
+        print(f"runtime (Python, numpy, onnxruntime), measured at export: {_mb(max(runtime))}")
     if args.memory_mb is not None:
         print(f"widths that fit {args.memory_mb:g} MB: {', '.join(fits) or 'none'}")
     return 0
 
 
+def predict_client(m, task: str, width: float | None) -> str:
+    """The one client of manifest ``m`` with a head for ``task`` (at ``width``), or a
+    :class:`CLIError` that names the candidates and ``--client``."""
+    has = [c for c in m.clients if any(h.task == task for h in m.heads_of(c.client))]
+    if not has:
+        tasks = sorted({h.task for h in m.heads})
+        raise InputError(f"task {task!r} has no head in this bundle; tasks: {', '.join(tasks)}")
+    at = [c for c in has if width is None or abs(c.width - width) < 1e-9]
+    if not at:
+        ws = ", ".join(sorted({f"{c.width:g}" for c in has}))
+        raise InputError(f"task {task!r} has heads at width {ws} only, not at --width "
+                         f"{width:g} (clients {', '.join(c.client for c in has)})")  # fmt: skip
+    if len(at) > 1:
+        raise CLIError(
+            f"task {task!r} has {len(at)} heads, one per client, each trained on its own "
+            f"data ({', '.join(c.client for c in at)}): name one with --client"
+        )
+    return at[0].client
+
+
+def predict_header(task: str, kind: str, labels: Sequence[str], probs: bool) -> str:
+    """The first line of ``predict``'s output: its columns, tab-separated."""
+    pred = task if kind == "multiclass" else f"{task} (labels with p > 0.5, comma-separated)"
+    return "\t".join(["input", pred, *([" ".join(labels)] if probs else [])])
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    from mobile_client.manifest import load_manifest
+
     _check_width(args.width)
-    client = _client(args)
+    cid = args.client or predict_client(load_manifest(args.dir), args.task, args.width)
+    client = _client(args, cid)
     head = client.head(args.task)
     norm = client.entry.normalisation
     shape = norm.input_shape
+    header = predict_header(args.task, head.kind, head.labels, args.probs)
     for p in args.inputs:
         path = Path(p)
         if path.suffix.lower() in IMAGE_FORMATS and not norm.is_image:
@@ -146,7 +212,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 f"{path}: an image input, but this bundle takes inputs of shape {list(shape)}, "
                 "not an image [C, H, W]: give a .npy or .npz (key x) of that shape"
             )
-        x = _as_batch(read_inputs(path), shape)
+        x = _as_batch(read_inputs(path, shape if norm.is_image else None), shape)
         try:
             logits = client.predict(args.task, x, args.width)
         except InputError as exc:
@@ -168,6 +234,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 on = [head.labels[j] for j in range(logits.shape[1]) if logits[i, j] > 0]
                 pred = ",".join(on) or "-"
+            if header:  # once, with the first row (an error before it prints nothing)
+                print(header)
+                header = ""
             line = f"{name}\t{pred}"
             if args.probs:
                 line += "\t" + " ".join(f"{v:.4f}" for v in probs[i])
@@ -256,9 +325,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise CLIError(f"{args.start_from}: metadata 'round' is {md['round']!r}") from exc
             if rnd < 0:
                 raise CLIError(f"{args.start_from}: metadata 'round' is {rnd}, must be >= 0")
-        try:
+        try:  # a server checkpoint is at full width: cut it to the client's (the round's window)
+            start = client.slice_global(start, rnd, f"--start-from {args.start_from}")
             client.start_state(start)
         except InputError as exc:
+            if str(exc).startswith("--start-from"):
+                raise
             raise InputError(f"--start-from {args.start_from}: {exc}") from exc
     if args.round is not None:
         rnd = args.round

@@ -8,10 +8,11 @@ otherwise) naming the file and, where there is one, the key. Never unpickles.
   declared shape and dtype (plain numbers or bool only) must account for exactly the
   bytes the file (or zip member) holds, checked *before* anything is allocated, and
   at most :data:`MAX_BYTES`.
-* images: Pillow (the ``[images]`` extra) decodes PNG and binary/plain PGM; 8-bit
-  grayscale (mode ``L``) gives ``(1, H, W)``, RGB gives ``(1, 3, H, W)``: always a
-  batch of one, so an RGB image is never taken for three gray ones. The size is
-  checked (at most :data:`MAX_PIXELS`) before the pixels are decoded.
+* images: Pillow (the ``[images]`` extra) decodes PNG and binary/plain PGM, 8-bit
+  gray, palette, RGB, with or without alpha; given the model's input shape (C, H, W)
+  an image is converted to C channels and resized to H x W, giving ``(1, C, H, W)``:
+  always a batch of one, so an RGB image is never taken for three gray ones. The size
+  is checked (at most :data:`MAX_PIXELS`) before the pixels are decoded.
 """
 
 from __future__ import annotations
@@ -183,43 +184,79 @@ def read_client_data(
 
 
 # ----------------------------------------------------------------------------- images
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """A PNG/PGM image -> uint8 ``(1, H, W)`` (grayscale) or ``(1, 3, H, W)`` (RGB)."""
+IMAGE_MODES = ("L", "LA", "P", "RGB", "RGBA")  # 8-bit: gray, gray+alpha, palette, colour
+
+
+def read_image(path: str | os.PathLike[str], shape: Sequence[int] | None = None) -> np.ndarray:
+    """A PNG/PGM image -> a uint8 batch of one.
+
+    ``shape`` ``(C, H, W)`` (the bundle's ``input_shape``, C 1 or 3): the image is
+    converted to C channels (Pillow's ``L`` luma or ``RGB``; an alpha channel is
+    composited over black, i.e. transparent pixels are 0) and resized to H x W
+    (bilinear, aspect ratio not kept), giving ``(1, C, H, W)``. Without ``shape``: 8-bit
+    grayscale gives ``(1, H, W)``, RGB ``(1, 3, H, W)``, as stored (other modes refused).
+    """
     p = _file(path, InputError)
     fmt = IMAGE_FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise InputError(f"{p}: unknown image type {p.suffix!r} ({', '.join(IMAGE_FORMATS)})")
+    if shape is not None and not (len(shape) == 3 and shape[0] in (1, 3)):
+        raise InputError(f"{p}: an image, but the model's input shape is {list(shape)}, "
+                         "not [C, H, W] with C 1 or 3")  # fmt: skip
     try:
         from PIL import Image
     except ImportError as exc:
         raise InputError(
             f"{p}: reading {p.suffix} images needs Pillow: pip install 'fmtl-lightning[images]'"
         ) from exc
+    modes = IMAGE_MODES if shape is not None else ("L", "RGB")
     try:
         with Image.open(p, formats=[fmt]) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise InputError(f"{p}: image is {w}x{h} pixels, more than {MAX_PIXELS}")
-            if im.mode not in ("L", "RGB"):
+            if im.mode not in modes:
                 raise InputError(
-                    f"{p}: image mode {im.mode!r}; only 8-bit grayscale ('L') or RGB is "
-                    "supported (convert it first)"
+                    f"{p}: image mode {im.mode!r}; supported: 8-bit {', '.join(modes)} "
+                    "(grayscale, palette, RGB, with or without alpha): convert it first"
                 )
             im.load()
-            px = np.asarray(im, dtype=np.uint8)
+            px = _to_model(im, shape) if shape is not None else np.asarray(im, dtype=np.uint8)
     except InputError:
         raise
     except (*_READ_ERRORS, Image.DecompressionBombError) as exc:
         raise InputError(f"{p}: not a readable {fmt} image: {exc}") from exc
+    if shape is not None:
+        return px[None]
     if px.shape[:2] != (h, w) or px.ndim not in (2, 3):
         raise InputError(f"{p}: decoded to shape {px.shape}, expected ({h}, {w}[, 3])")
     return px[None] if px.ndim == 2 else px.transpose(2, 0, 1)[None].copy()
 
 
-def read_inputs(path: str | os.PathLike[str]) -> np.ndarray:
+def _to_model(im, shape: Sequence[int]) -> np.ndarray:  # im: PIL.Image.Image
+    """A decoded image -> uint8 ``shape`` (C, H, W): channels, alpha over black, size."""
+    from PIL import Image
+
+    c, h, w = shape
+    has_alpha = im.mode in ("LA", "RGBA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)  # (H, W, 4)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)  # over black
+        im = Image.fromarray(np.rint(rgb).astype(np.uint8), "RGB")
+    im = im.convert("L" if c == 1 else "RGB")
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    px = np.asarray(im, dtype=np.uint8)
+    return px[None].copy() if c == 1 else px.transpose(2, 0, 1).copy()
+
+
+def read_inputs(
+    path: str | os.PathLike[str], image_shape: Sequence[int] | None = None
+) -> np.ndarray:
     """One input file -> an array: uint8 pixels or float32 normalised inputs.
 
-    ``.npy``: the array; ``.npz``: its key ``x``; an image: a batch of one.
+    ``.npy``: the array; ``.npz``: its key ``x``; an image: a batch of one, converted
+    and resized to ``image_shape`` (C, H, W) when given (:func:`read_image`).
     """
     p = Path(path)
     if not p.is_file():
@@ -230,5 +267,5 @@ def read_inputs(path: str | os.PathLike[str]) -> np.ndarray:
     if suffix == ".npz":
         return read_npz(p, ["x"])["x"]
     if suffix in IMAGE_FORMATS:
-        return read_image(p)
+        return read_image(p, image_shape)
     raise InputError(f"{p}: unknown input type {suffix!r} ({', '.join(INPUT_SUFFIXES)})")

@@ -12,18 +12,23 @@ Layout (``format_version`` 1; paths are relative to the manifest's directory)::
       "algorithm": "fedper", "source_run": "...", "round": 3,
       "normalisation": {"domain", "mean", "std", "scale", "input_shape": [C, H, W] | [F] | ...},
       "widths": [{"width", "feature_dim", "backbone": FILE,
-                  "train_steps": [{"tasks": [...], "clients": [...], "file": FILE}]}],
+                  "train_steps": [{"tasks": [...], "clients": [...], "file": FILE}],
+                  "memory": {"runtime_bytes", "predict_bytes", "train_bytes", "batch",
+                             "client"} | null}],   # optional: mobile_client.memory
       "heads": [{"client", "task", "kind", "labels", "width", "file": FILE,
                  "head_step": FILE | null, "columns": [start, end] | null}],
       "clients": [{"client", "width", "tasks", "domain", "normalisation",
-                   "weights": FILE, "backbone": FILE | null, "shared_keys": [KEY]}]
+                   "weights": FILE, "backbone": FILE | null, "shared_keys": [KEY]}],
+      "slicing": {"mode", "groups", "segments", "keys"}     # optional: mobile_client.slicing
     }
 
 A FILE entry: ``{"path", "sha256", "kind", "inputs": [TENSOR], "outputs": [TENSOR],
 "weights": {graph input name: state-dict key}, "weight_outputs": {graph output
 name: state-dict key}, "lr_input", "loss_output", "x_input", "features_input",
 "target_inputs": {task: input name}, "task_kinds": {task: kind}, "ort": {"path",
-"sha256"} | null}``; a TENSOR: ``{"name", "shape" (ints, "batch" for the dynamic
+"sha256"} | null, "momentum_inputs" / "momentum_outputs": {graph name: parameter key}
+(a step's SGD momentum buffers, optional), "optimizer": {"momentum", "weight_decay",
+"nesterov"} (optional)}``; a TENSOR: ``{"name", "shape" (ints, "batch" for the dynamic
 axis), "dtype"}``.
 
 Input normalisation: ``x = (pixels * scale - mean) / std`` with shape
@@ -72,6 +77,7 @@ from mobile_client.manifest_entries import (
     get_field,
     list_field,
 )
+from mobile_client.slicing import Slicing
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -91,9 +97,12 @@ class Manifest:
     source_run: str = ""
     round: int = 0
     format_version: int = MANIFEST_VERSION
+    slicing: Slicing | None = None  # how the server's shared keys are cut to a width
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["slicing"] is None:  # a bundle of one model (export_model): no server state
+            del d["slicing"]
         return {"format_version": d.pop("format_version"), **d}
 
     @classmethod
@@ -132,6 +141,7 @@ class Manifest:
             algorithm=get_field(d, "algorithm", "", str, optional=True) or "",
             source_run=get_field(d, "source_run", "", str, optional=True) or "",
             round=get_field(d, "round", "", int, optional=True) or 0,
+            slicing=None if d.get("slicing") is None else Slicing.from_dict(d["slicing"]),
         )
         check_references(m)
         return m

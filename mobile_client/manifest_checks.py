@@ -61,6 +61,12 @@ def check_references(m: Manifest) -> None:
             )
     for i, c in enumerate(m.clients):
         _check_client(m, c, f"clients[{i}]")
+    for i, w in enumerate(m.widths):
+        if w.memory is not None and not any(
+            c.client == w.memory.client and abs(c.width - w.width) < 1e-9 for c in m.clients
+        ):
+            raise ManifestError(f"manifest field 'widths[{i}].memory.client': "
+                                f"{w.memory.client!r} is not a client at width {w.width:g}")  # fmt: skip
     for f, where in m.graph_entries():
         ins = {t.name for t in f.inputs} if f.inputs else None  # None: not listed
         check_graph_names(f, ins, {t.name for t in f.outputs} if f.outputs else None, where)
@@ -84,6 +90,18 @@ def _check_client(m: Manifest, c: ClientEntry, where: str) -> None:
                 )
 
     need(c.shared_keys, f"{where}.shared_keys")
+    if m.slicing is not None:  # the server's state, cut to this width, fits the weights
+        shapes = {t.name: tuple(t.shape) for t in c.weights.outputs}
+        for k in c.shared_keys:
+            if k not in m.slicing.keys:
+                raise ManifestError(f"manifest field 'slicing.keys' lacks shared key {k!r} "
+                                    f"of {where}")  # fmt: skip
+            want = m.slicing.shape_at(k, c.width)
+            if k in shapes and shapes[k] != want:
+                raise ManifestError(
+                    f"manifest field 'slicing.keys.{k}' cuts to {list(want)} at width "
+                    f"{c.width:g}, but {where}'s weights hold {list(shapes[k])}"
+                )
     heads = {h.task: (i, h) for i, h in enumerate(m.heads) if h.client == c.client}
     for t in c.tasks:
         if t not in heads:
@@ -118,10 +136,12 @@ def _check_client(m: Manifest, c: ClientEntry, where: str) -> None:
                 at = f"widths[{i}].train_steps[{j}].file"
                 need(step.file.weights.values(), f"{at}.weights")
                 need(step.file.weight_outputs.values(), f"{at}.weight_outputs")
+                _need_momenta(step.file, at)
                 _need_targets(step.file, tuple(step.file.task_kinds), at)
     for i, h in heads.values():
         if h.head_step is not None:
             _need_targets(h.head_step, ("task",), f"heads[{i}].head_step")
+            _need_momenta(h.head_step, f"heads[{i}].head_step")
 
 
 def check_graph_names(
@@ -133,7 +153,9 @@ def check_graph_names(
     named_in: list[tuple[str, str | None]] = [(f"weights.{n}", n) for n in f.weights]
     named_in += [(k, getattr(f, k)) for k in ("x_input", "features_input", "lr_input")]
     named_in += [(f"target_inputs.{t}", n) for t, n in f.target_inputs.items()]
+    named_in += [(f"momentum_inputs.{n}", n) for n in f.momentum_inputs]
     named_out: list[tuple[str, str | None]] = [(f"weight_outputs.{n}", n) for n in f.weight_outputs]
+    named_out += [(f"momentum_outputs.{n}", n) for n in f.momentum_outputs]
     named_out.append(("loss_output", f.loss_output))
     for side, named, have in (("input", named_in, inputs), ("output", named_out, outputs)):
         for fld, name in named:
@@ -142,6 +164,23 @@ def check_graph_names(
                     f"manifest field '{where}.{fld}' names graph {side} {name!r}, which "
                     f"{f.path!r} does not have ({side}s: {', '.join(sorted(have or ())) or 'none'})"
                 )
+
+
+def _need_momenta(f: FileEntry, where: str) -> None:
+    """A step with momentum has one buffer per parameter it steps, in and out, keyed by
+    parameter keys of the graph's ``weights``."""
+    keys = set(f.weights.values())
+    for fld in ("momentum_inputs", "momentum_outputs"):
+        for n, k in getattr(f, fld).items():
+            if k not in keys:
+                raise ManifestError(f"manifest field '{where}.{fld}.{n}' names key {k!r}, "
+                                    "which is not one of the graph's weights")  # fmt: skip
+    if sorted(f.momentum_inputs.values()) != sorted(f.momentum_outputs.values()):
+        raise ManifestError(f"manifest field '{where}.momentum_outputs' must give back the "
+                            "keys of 'momentum_inputs'")  # fmt: skip
+    if bool(f.momentum_inputs) != bool(f.optimizer.get("momentum", 0)):
+        raise ManifestError(f"manifest field '{where}.momentum_inputs' must be given exactly "
+                            "when 'optimizer.momentum' is not 0")  # fmt: skip
 
 
 def _need_targets(f: FileEntry, tasks: tuple[str, ...], where: str) -> None:

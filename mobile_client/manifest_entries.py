@@ -131,10 +131,21 @@ class FileEntry:
     target_inputs: dict[str, str] = field(default_factory=dict)
     task_kinds: dict[str, str] = field(default_factory=dict)
     ort: FileRef | None = None
+    # a step graph's SGD momentum buffers (graph name -> parameter key) and its optimiser
+    momentum_inputs: dict[str, str] = field(default_factory=dict)
+    momentum_outputs: dict[str, str] = field(default_factory=dict)
+    optimizer: dict[str, float] = field(default_factory=dict)  # momentum, weight_decay, nesterov
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> FileEntry:
         ort = get_field(d, "ort", where, dict, optional=True)
+        opt = get_field(d, "optimizer", where, dict, optional=True) or {}
+        for k in opt:
+            if k not in ("momentum", "weight_decay", "nesterov"):
+                raise ManifestError(f"manifest field '{where}.optimizer' has unknown key {k!r}")
+            v = num_field(opt, k, f"{where}.optimizer")
+            if not (0 <= v < 1 if k == "momentum" else v >= 0):  # type: ignore[operator]
+                raise ManifestError(f"manifest field '{where}.optimizer.{k}' is out of range: {v}")
         return cls(
             path=get_field(d, "path", where, str),
             sha256=get_field(d, "sha256", where, str),
@@ -156,6 +167,9 @@ class FileEntry:
             target_inputs=str_map_field(d, "target_inputs", where),
             task_kinds=str_map_field(d, "task_kinds", where),
             ort=None if ort is None else FileRef.from_dict(ort, f"{where}.ort"),
+            momentum_inputs=str_map_field(d, "momentum_inputs", where),
+            momentum_outputs=str_map_field(d, "momentum_outputs", where),
+            optimizer={k: float(opt[k]) for k in opt},
         )
 
 
@@ -243,15 +257,38 @@ class TrainStepEntry:
 
 
 @dataclass(frozen=True)
+class MemoryEntry:
+    """Measured at export (:mod:`mobile_client.memory`): peak RSS of the runtime alone,
+    and its growth to predict one example / to also take one step at ``batch``."""
+
+    runtime_bytes: int
+    predict_bytes: int
+    train_bytes: int | None  # None: no step graph for the client (it cannot train)
+    batch: int
+    client: str
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> MemoryEntry:
+        vals = {k: get_field(d, k, where, int, optional=k == "train_bytes") for k in
+                ("runtime_bytes", "predict_bytes", "train_bytes", "batch")}  # fmt: skip
+        for k, v in vals.items():
+            if v is not None and not (1 if k == "batch" else 0) <= v <= 1 << 50:
+                raise ManifestError(f"manifest field '{where}.{k}' is out of range: {v}")
+        return cls(**vals, client=get_field(d, "client", where, str))
+
+
+@dataclass(frozen=True)
 class WidthEntry:
     width: float
     feature_dim: int
     backbone: FileEntry
     train_steps: tuple[TrainStepEntry, ...] = ()
+    memory: MemoryEntry | None = None  # optional: manifests before it still load
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> WidthEntry:
         fdim = get_field(d, "feature_dim", where, int)
+        mem = get_field(d, "memory", where, dict, optional=True)
         if not 0 < fdim <= MAX_DIM:
             raise ManifestError(f"manifest field '{where}.feature_dim' must be in 1..{MAX_DIM}")
         return cls(
@@ -264,6 +301,7 @@ class WidthEntry:
                 TrainStepEntry.from_dict(t, f"{where}.train_steps[{i}]")
                 for i, t in enumerate(get_field(d, "train_steps", where, list, optional=True) or [])
             ),
+            memory=None if mem is None else MemoryEntry.from_dict(mem, f"{where}.memory"),
         )
 
 

@@ -3,7 +3,8 @@
 :class:`EdgeClient` reads only ``manifest.json`` and the files it names. Inference runs
 the backbone graph then the task's head graph. Training runs the exported SGD step
 graphs over the batches of :func:`mobile_client.batching.batch_order`, starting from
-the client's weights (``weights_{cid}.npz``) overlaid with the server's shared arrays;
+the client's weights (``weights_{cid}.npz``) overlaid with the server's shared arrays,
+carrying the SGD momentum buffers of graphs exported with momentum from step to step;
 it returns the new state and its shared subset (what goes into the update). The
 heads stay on the device (:meth:`EdgeClient.save_local`). The checks on arrays entering
 the client live in :mod:`mobile_client.edge_arrays`, the onnxruntime sessions in
@@ -48,6 +49,7 @@ class TrainResult:
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     base_hash: str = ""  # state_hash of the shared arrays training started from
+    momenta: dict[str, np.ndarray] = field(default_factory=dict)  # SGD momentum, by key
 
 
 def _fmt_widths(ws: list[float]) -> str:
@@ -177,6 +179,27 @@ class EdgeClient:
         local = {k: v for k, v in state.items() if k not in shared}
         return save_file(local, path, {"client_id": self.client_id, "kind": "local"})
 
+    def slice_global(
+        self, state: Mapping[str, np.ndarray], round_idx: int | None = None, where: str = "state"
+    ) -> dict[str, np.ndarray]:
+        """The server's shared arrays (a checkpoint's ``global.safetensors``, full width)
+        cut to this client's width by the manifest's ``slicing`` record; keys already at
+        the client's width are kept. ``round_idx``: the round the client trains in (the
+        rolling window of ``fedrolex`` slicing), default the bundle's round."""
+        s = self.manifest.slicing
+        rnd = self.manifest.round if round_idx is None else round_idx
+        if s is not None:
+            return s.slice_state(state, self.entry.width, rnd, where)
+        base = self.base_state()
+        for k, v in state.items():
+            if k in base and v.shape != base[k].shape:
+                raise InputError(
+                    f"{where}: key {k!r} has shape {v.shape}, width {self.entry.width:g} needs "
+                    f"{base[k].shape}, and this bundle's manifest has no 'slicing' record to "
+                    "cut a full-width server state: export the bundle again (fmtl export)"
+                )
+        return dict(state)
+
     def start_state(self, start_from: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """The state training starts from: the base state overlaid with ``start_from``
         (the server's shared arrays), which must hold every shared key."""
@@ -259,6 +282,17 @@ class EdgeClient:
         lr_arr = np.asarray(lr, dtype=np.float32)
         per_epoch = -(-n // batch_size)
         losses: list[float] = []
+        # SGD momentum buffers (step graphs exported with momentum): zeros before the
+        # first step, as torch's optimiser starts each local fit, then carried step to step
+        moms: dict[str, np.ndarray] = {}
+
+        def run_step(f: FileEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            for name, key in f.momentum_inputs.items():
+                feed[name] = moms[key] if key in moms else np.zeros_like(state[key])
+            res = self._graphs.run(f, feed)
+            store_outputs(state, f, res)
+            moms.update({key: res[name] for name, key in f.momentum_outputs.items()})
+            return res
 
         def report(i: int) -> None:
             if progress and (i % per_epoch == 0):
@@ -292,8 +326,7 @@ class EdgeClient:
                     feed[s.features_input or "features"] = feats[idx]
                     feed[s.target_inputs["task"]] = ys[t][idx]
                     feed[s.lr_input or "lr"] = lr_arr
-                    res = self._graphs.run(s, feed)
-                    store_outputs(state, s, res)
+                    res = run_step(s, feed)
                     total += float(res[s.loss_output or "loss"])
                 losses.append(total)
                 report(i)
@@ -306,8 +339,7 @@ class EdgeClient:
                 for t, y in ys.items():
                     feed[step.target_inputs[t]] = y[idx]
                 feed[step.lr_input or "lr"] = lr_arr
-                res = self._graphs.run(step, feed)
-                store_outputs(state, step, res)
+                res = run_step(step, feed)
                 losses.append(float(res[step.loss_output or "loss"]))
                 report(i)
         for k, v in state.items():
@@ -316,6 +348,6 @@ class EdgeClient:
         metrics = {"steps": float(len(losses))}
         if losses:
             metrics.update(loss=float(np.mean(losses)), last_loss=losses[-1])
-        result = TrainResult(state, {k: state[k] for k in shared}, n, metrics, base_hash)
+        result = TrainResult(state, {k: state[k] for k in shared}, n, metrics, base_hash, moms)
         self.last = result
         return result

@@ -560,9 +560,9 @@ MUTATIONS: list[Mut] = [
     Mut("png/zlib garbage", _pred_file("in.png", _png(raw=b"\x78\x9c garbage")), MUST),
     Mut("png/no IDAT", _pred_file("in.png", _png(raw=b"")), MUST),
     Mut(
-        "png/16x16 image",
+        "png/16x16 image",  # resized to the bundle's 8x8
         _pred_file("in.png", lambda c: forge.png(np.zeros((16, 16), np.uint8))),
-        MUST,
+        VALID,
     ),
     Mut("png/16-bit depth", _pred_file("in.png", _png(depth=16)), MUST),
     Mut(
@@ -570,7 +570,7 @@ MUTATIONS: list[Mut] = [
         _pred_file(
             "in.png", lambda c: forge.png(np.repeat(c.s.px[0][..., None], 3, axis=2), color=2)
         ),
-        EITHER,
+        VALID,  # converted to the bundle's one channel
     ),
     Mut("png/interlaced flag", _pred_file("in.png", _png(interlace=1)), MUST),
     Mut(

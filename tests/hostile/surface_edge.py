@@ -203,8 +203,12 @@ class EdgeSurface:
                 f"predicted with a head whose labels/kind differ from its graph's "
                 f"{n} outputs: {head.get('labels')} {head.get('kind')}"
             )
+        wrong: list[str] = []
         rows = [ln.split("\t") for ln in out.splitlines() if ln.strip()]
-        wrong = []
+        if rows and rows[0][0] == "input":  # the header line
+            if rows[0][2:] != [" ".join(map(str, labels))]:
+                wrong.append(f"header {rows[0]!r} does not name the labels")
+            rows = rows[1:]
         if c.rows is not None and len(rows) != c.rows:
             wrong.append(f"{len(rows)} prediction lines for {c.rows} inputs")
         for r in rows:

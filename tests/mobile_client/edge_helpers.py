@@ -76,6 +76,8 @@ def torch_sgd(
     batches: list[np.ndarray],
     lr: float,
     head_only: bool = False,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Replay ``batches`` with ``torch.optim.SGD``; returns the final state dict as numpy."""
     import torch
@@ -90,7 +92,7 @@ def torch_sgd(
     else:
         model.train()
         params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=lr)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for idx in batches:
         i = torch.from_numpy(idx)
         opt.zero_grad()

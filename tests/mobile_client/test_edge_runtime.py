@@ -218,23 +218,27 @@ def _png(img: np.ndarray) -> bytes:
 
 def test_cli_info_predict(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     m = load_manifest(bundle)
-    e1, e05 = (memory_estimate(m, bundle, w) for w in (1.0, 0.5))
-    assert e05 < e1
-    budget = (e1 + e05) / 2 / 2**20
+    mem = {w["width"]: w["memory"] for w in json.loads((bundle / "manifest.json").read_text())["widths"]}
+    assert [memory_estimate(m, bundle, w) for w in (1.0, 0.5)] == [mem[1.0]["train_bytes"],
+                                                                  mem[0.5]["train_bytes"]]  # fmt: skip
+    budget = min(mem[1.0]["train_bytes"], mem[0.5]["train_bytes"]) / 2**20
     assert main(["info", str(bundle), "--memory-mb", str(budget)]) == 0
     out = capsys.readouterr().out
     assert "width 1: feature_dim 8" in out and "width 0.5: feature_dim 4" in out
     assert "head_c01_digits_parity.onnx" in out and "backbone_w0.5.onnx" in out
-    assert f"widths that fit {budget:g} MB: 0.5\n" in out
+    want = [f"{w:g}" for w in (1.0, 0.5) if mem[w]["train_bytes"] <= budget * 2**20]
+    assert f"widths that fit {budget:g} MB: {', '.join(want)}\n" in out
+    assert f"train at batch 32 {mem[0.5]['train_bytes'] / 2**20:.2f} MB" in out
     ec = EdgeClient(bundle, "c00")
     px, x, _ = digits(3, ())
     (tmp_path / "a.png").write_bytes(_png(px[0]))
     (tmp_path / "b.pgm").write_bytes(b"P5\n# digit\n8 8\n255\n" + px[1].tobytes())
     np.save(tmp_path / "c.npy", x[2])
     np.savez(tmp_path / "d.npz", x=px)
-    argv = ["predict", str(bundle), "--client", "c00", "--task", "digits/digit", "--probs"]
+    argv = ["predict", str(bundle), "--task", "digits/digit", "--probs"]  # c00: its only head
     assert main([*argv, *(str(tmp_path / n) for n in ["a.png", "b.pgm", "c.npy", "d.npz"])]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header == "input\tdigits/digit\t0 1 2 3 4 5 6 7 8 9"
     want = ec.predict("digits/digit", x).argmax(1)
     assert [ln.split("\t")[1] for ln in lines] == [str(i) for i in [*want, *want]]
     assert lines[3].startswith(f"{tmp_path / 'd.npz'}[0]")
@@ -256,12 +260,17 @@ def test_cli_errors(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8), "RGB").save(tmp_path / "rgb.png")
     Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(tmp_path / "la.png")
     p = ["predict", str(bundle), "--client", "c00", "--task", "digits/digit"]
-    err = _err(capsys, [*p, str(tmp_path / "rgb.png")])  # 3 channels, never 3 gray images
-    assert "x has shape (1, 3, 8, 8); expected (B, 1, 8, 8)" in err
-    assert "image mode 'LA'; only 8-bit grayscale" in _err(capsys, [*p, str(tmp_path / "la.png")])
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "i32.png")  # 16-bit gray
+    assert main([*p, str(tmp_path / "rgb.png"), str(tmp_path / "la.png")]) == 0  # converted
+    assert "image mode 'I;16'; supported: 8-bit" in _err(capsys, [*p, str(tmp_path / "i32.png")])
     np.save(tmp_path / "f64.npy", np.zeros((8, 8)))
     assert "dtype float64" in _err(capsys, [*p, str(tmp_path / "f64.npy")])
-    assert "2 clients" in _err(capsys, ["predict", str(bundle), "--task", "x", "a.npy"])
+    err = _err(capsys, ["predict", str(bundle), "--task", "x", "a.npy"])
+    assert "task 'x' has no head in this bundle; tasks: digits/attrs, digits/digit" in err
+    err = _err(capsys, ["predict", str(bundle), "--task", "digits/digit", "--width", "0.5", "a"])
+    assert "task 'digits/digit' has heads at width 1 only, not at --width 0.5 (clients c00)" in err
+    err = _err(capsys, ["train", str(bundle), "--data", str(tmp_path / "f64.npy")])
+    assert "the bundle has 2 clients (c00, c01): name one with --client" in err
     assert "the following arguments are required: --data" in _err(capsys, ["train", str(bundle)])
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8), np.uint8))
     err = _err(capsys, ["train", str(bundle), "--client", "c00", "--data", str(tmp_path / "d.npz")])
@@ -348,3 +357,23 @@ def test_edge_path_without_torch(bundle: Path, tmp_path: Path) -> None:
     _, meta = read_update(tmp_path / "u.safetensors")
     assert meta.client_id == "c00" and meta.num_examples == 12 and meta.metrics["steps"] == 2
     assert (tmp_path / "h.local.safetensors").is_file()
+
+
+def test_predict_client_picks_the_one_head_or_names_the_candidates(bundle: Path) -> None:
+    """``predict`` without ``--client``: the only client with a head for the task (at the
+    width), else an error naming every candidate and ``--client`` (FedPer: one head each)."""
+    from dataclasses import replace
+
+    from mobile_client.cli import CLIError, predict_client
+    from mobile_client.manifest import load_manifest
+
+    m = load_manifest(bundle)
+    assert predict_client(m, "digits/digit", None) == "c00"
+    assert predict_client(m, "digits/parity", 0.5) == "c01"
+    c00 = m.client("c00")
+    twin = replace(m, clients=(*m.clients, replace(c00, client="c09")),
+                   heads=(*m.heads, *(replace(h, client="c09") for h in m.heads_of("c00"))))  # fmt: skip
+    with pytest.raises(CLIError, match=r"2 heads, one per client.*\(c00, c09\): name one with --client"):
+        predict_client(twin, "digits/digit", 1.0)
+    with pytest.raises(InputError, match="has heads at width 1 only, not at --width 0.25"):
+        predict_client(twin, "digits/digit", 0.25)
