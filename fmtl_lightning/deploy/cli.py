@@ -160,7 +160,7 @@ def _register(a: argparse.Namespace) -> int:
         print(f"{c.client_id}: registered {pub} as node {ids[c.client_id]}", flush=True)
     text = format_node_ids(ids)
     (Path(a.keys) / "node-ids.txt").write_text(text + "\n")
-    print(f"run config: node-ids=\"{text}\"  (also in {Path(a.keys) / 'node-ids.txt'})")
+    print(f'run config: node-ids="{text}"  (also in {Path(a.keys) / "node-ids.txt"})')
     return 0
 
 

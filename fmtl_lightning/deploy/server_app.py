@@ -258,8 +258,11 @@ class DeployedRun:
                 "evaluated_round": last,
                 "resumed_after": self.start_round,
                 "nodes": {
-                    n.client.client_id: {"node": n.node_id, "width": n.width,
-                                         "runtime": n.runtime}  # fmt: skip
+                    n.client.client_id: {
+                        "node": n.node_id,
+                        "width": n.width,
+                        "runtime": n.runtime,
+                    }  # fmt: skip
                     for n in self.strategy.nodes.values()
                 },
                 "refused_nodes": {str(k): v for k, v in self.strategy.refused.items()},
@@ -286,7 +289,7 @@ def node_bindings(cfg: RunConfig, node_auth: object, node_ids: object) -> dict[s
         raise ConfigError(
             f"run config 'node-ids' binds no node to {', '.join(missing)}, and 'node-auth' is "
             "on: register each client's SuperNode key (fmtl deploy register, or flwr "
-            "supernode register KEY.pub) and pass node-ids=\"c00=NODE_ID,...\" (or "
+            'supernode register KEY.pub) and pass node-ids="c00=NODE_ID,..." (or '
             "node-auth=false for a trial without node authentication)"
         )
     return ids

@@ -120,7 +120,9 @@ def write_certificates(
 
 @dataclass(frozen=True)
 class NodeKey:
-    private: Path  # the SuperNode's --auth-supernode-private-key (OpenSSH format); stays on the node
+    private: (
+        Path  # the SuperNode's --auth-supernode-private-key (OpenSSH format); stays on the node
+    )
     public: Path  # ``flwr supernode register PUBLIC`` on the SuperLink's side (OpenSSH format)
 
 

@@ -254,9 +254,10 @@ def test_node_authentication_binds_each_client_to_its_registered_key(tmp_path):
     refused = summary["refused_nodes"]
     assert sorted(refused) == sorted([str(ids["c01"]), str(thief_id)])
     assert "width 1 is wider than the 0.5" in refused[str(ids["c01"])]
-    assert f"claims client 'c00', which is bound to the key of node {ids['c00']}" in refused[
-        str(thief_id)
-    ]
+    assert (
+        f"claims client 'c00', which is bound to the key of node {ids['c00']}"
+        in refused[str(thief_id)]
+    )
     rep = _report(run_dir, 1)
     assert sorted(rep["accepted"]) == ["c00"] and sorted(rep["evaluated"]) == ["c00"]
     print(f"node authentication loopback: {time.monotonic() - t0:.0f} s")

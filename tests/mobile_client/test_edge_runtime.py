@@ -218,7 +218,10 @@ def _png(img: np.ndarray) -> bytes:
 
 def test_cli_info_predict(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     m = load_manifest(bundle)
-    mem = {w["width"]: w["memory"] for w in json.loads((bundle / "manifest.json").read_text())["widths"]}
+    mem = {
+        w["width"]: w["memory"]
+        for w in json.loads((bundle / "manifest.json").read_text())["widths"]
+    }
     assert [memory_estimate(m, bundle, w) for w in (1.0, 0.5)] == [mem[1.0]["train_bytes"],
                                                                   mem[0.5]["train_bytes"]]  # fmt: skip
     budget = min(mem[1.0]["train_bytes"], mem[0.5]["train_bytes"]) / 2**20
@@ -373,7 +376,9 @@ def test_predict_client_picks_the_one_head_or_names_the_candidates(bundle: Path)
     c00 = m.client("c00")
     twin = replace(m, clients=(*m.clients, replace(c00, client="c09")),
                    heads=(*m.heads, *(replace(h, client="c09") for h in m.heads_of("c00"))))  # fmt: skip
-    with pytest.raises(CLIError, match=r"2 heads, one per client.*\(c00, c09\): name one with --client"):
+    with pytest.raises(
+        CLIError, match=r"2 heads, one per client.*\(c00, c09\): name one with --client"
+    ):
         predict_client(twin, "digits/digit", 1.0)
     with pytest.raises(InputError, match="has heads at width 1 only, not at --width 0.25"):
         predict_client(twin, "digits/digit", 0.25)
