@@ -254,7 +254,16 @@ class ClientPool:
             seed=self.cfg.seed,
             plan=self.fit_plan(),
             lr=self.cfg.optimizer.lr,
+            optimizer=self.trained_optimizer(c),
         )
+
+    def trained_optimizer(self, c: ClientData) -> torch.optim.Optimizer:
+        """The optimiser client ``c``'s local fits use (the user's own, or the config's)."""
+        module = self.module_for(c, c.width)
+        own = self.plan.model.own_steps
+        if own is not None:
+            return own.optimizers(module.model.backbone)[0]
+        return module.configure_optimizers(None)
 
     # ------------------------------------------------------------------ evaluation
     def static_stats(

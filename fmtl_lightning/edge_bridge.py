@@ -52,6 +52,7 @@ class EdgeJob:
     seed: int
     plan: FitPlan
     lr: float
+    optimizer: Any = None  # the torch optimiser its Lightning peers fit with (momentum, decay)
 
 
 class EdgeBridge:
@@ -91,6 +92,7 @@ class EdgeBridge:
                 client=c.cid,
                 policy=job.spec.policy,  # the manifest's shared_keys are the spec's
                 overwrite=True,
+                optimizer=job.optimizer,  # the step graphs take its momentum and decay
             )
             self._bundles[key] = out
         return self._bundles[key]

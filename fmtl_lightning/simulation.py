@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.fabric.loggers import CSVLogger
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
@@ -146,7 +145,9 @@ class Simulation:
         normalisation (:func:`export.run_export.export_model`; ``kw`` go there). Works for
         a user's own model too; a run directory of a built-in family can also be exported
         later with ``fmtl export``."""
+        from export.bundle import RunExportError
         from export.run_export import export_model
+        from export.step_optimizer import step_optimizer
         from fmtl_lightning.models import load_arrays
         from fmtl_lightning.tasks import get_task
 
@@ -161,17 +162,14 @@ class Simulation:
         norm = {"mean": mean, "std": std, "input_shape": list(model.input_shape),
                 "scale": 1.0, "domain": c.spec.domain}  # fmt: skip
         kw.setdefault("normalisation", norm)
-        warn_step_optimizer(self.trained_optimizer(c), f"client {cid}")
+        opt = self.pool.trained_optimizer(c)
+        try:  # SGD with momentum / weight decay / nesterov: the step graphs take it
+            step_optimizer(opt, f"client {cid}")
+            kw.setdefault("optimizer", opt)
+        except RunExportError as exc:
+            warn_step_optimizer(opt, f"client {cid}", str(exc))
         return export_model(model, {t: get_task(t) for t in c.tasks}, out_dir, client=cid,
                             policy=self.spec.policy, **kw)  # fmt: skip
-
-    def trained_optimizer(self, c: ClientData) -> torch.optim.Optimizer:
-        """The optimiser client ``c``'s local fits use (the user's own, or the config's)."""
-        model = self.pool.module_for(c, c.width)
-        own = self.engine.plan.model.own_steps
-        if own is not None:
-            return own.optimizers(model.model.backbone)[0]
-        return model.configure_optimizers(None)
 
     # ------------------------------------------------------------------ one round
     def run_round(self) -> dict[str, Any]:

@@ -148,11 +148,6 @@ def validate_config(cfg: RunConfig) -> None:
         if not alg.edge_clients:
             runs = " or ".join(x.title for x in ALGORITHMS.values() if x.edge_clients)
             raise ConfigError(f"{where}: edge clients run {runs} (algorithm.name is {a.name!r})")
-        if o.momentum or o.weight_decay:
-            raise ConfigError(
-                f"{where}: the exported step is plain SGD; set optimizer.momentum and "
-                "optimizer.weight_decay to 0"
-            )
         if a.masked_ce or cfg.model.scaler:
             raise ConfigError(
                 f"{where}: masked_ce and the scaler are not exported for edge clients"

@@ -346,9 +346,9 @@ def test_a_config_names_its_model_and_data_factories_and_resumes_from_them(tmp_p
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_export_says_when_the_step_graph_cannot_express_the_optimiser(momentum, tmp_path):
-    """The step graph is plain SGD: a client trained with momentum is exported with a
-    StepOptimizerWarning naming its optimiser; a plain-SGD client exports silently."""
+def test_export_client_gives_the_step_graphs_the_clients_sgd(momentum, tmp_path):
+    """A client trained with SGD (with or without momentum) exports silently, and its
+    step graphs take that momentum (AdamW warns: tests/fmtl_lightning/test_own_steps)."""
     import warnings
 
     from fmtl_lightning.export_checks import StepOptimizerWarning
@@ -369,8 +369,9 @@ def test_export_says_when_the_step_graph_cannot_express_the_optimiser(momentum, 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         sim.export_client("c01", tmp_path / "bundle")
-    said = [str(w.message) for w in seen if issubclass(w.category, StepOptimizerWarning)]
-    if momentum:
-        assert len(said) == 1 and "client c01 trained with SGD(lr=0.05, momentum=0.9" in said[0]
-    else:
-        assert said == []
+    assert [w for w in seen if issubclass(w.category, StepOptimizerWarning)] == []
+    from mobile_client.manifest import load_manifest
+
+    (step,) = load_manifest(tmp_path / "bundle").widths[0].train_steps
+    assert step.file.optimizer.get("momentum", 0.0) == momentum
+    assert bool(step.file.momentum_inputs) == bool(momentum)
