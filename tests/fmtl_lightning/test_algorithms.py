@@ -293,14 +293,16 @@ def test_the_lightning_node_evaluates_fedavg_ft_with_the_same_finetune(small_cfg
 
     from fmtl_lightning.config import config_to_dict
     from fmtl_lightning.deploy.lightning_client import LightningNode
-    from mobile_client.flower_app import NodeSettings
+    from mobile_client.flower_app import NodeSettings, TrainInstructions
 
     small_cfg["algorithm"] = {"name": "fedavg_ft", "finetune_epochs": 1}
     cfg = parse_config(small_cfg)
     settings = NodeSettings("c02", 0.5, ("digits/parity", "digits/attrs"), state_dir=tmp_path)
     node = LightningNode(settings, yaml.safe_dump(config_to_dict(cfg)))
     state = node.pool.client_state(node.client, WidthSpec(0.5), node.pool.plan.initial_state)
-    got = node.evaluate(state, 0.5, round_idx=4)
+    assert set(state) == set(node.pool.shared_keys)  # FedAvg-FT shares every key
+    ins = TrainInstructions(5, 4, "c02", 2, 0.5, "heterofl", "", 1, 16, 0.1, -1, 0)
+    got = node.evaluate(state, ins)  # the aggregated model the server sends to evaluate
     want = _hand_finetune_eval(node.pool, 2, state, 0.5, round_idx=4)
     for t, (loss, acc) in want.items():
         assert got[f"loss/{t}"] == pytest.approx(loss, abs=2e-5), t

@@ -270,7 +270,7 @@ def test_deployed_lightning_node_evaluates_with_the_statistics_of_its_training_d
 
     from fmtl_lightning.config import config_to_dict
     from fmtl_lightning.deploy.lightning_client import LightningNode
-    from mobile_client.flower_app import NodeSettings
+    from mobile_client.flower_app import NodeSettings, TrainInstructions
 
     cfg = parse_config(_cfg(small_cfg))
     settings = NodeSettings("c02", 0.5, ("digits/parity", "digits/attrs"), state_dir=tmp_path)
@@ -278,8 +278,11 @@ def test_deployed_lightning_node_evaluates_with_the_statistics_of_its_training_d
     c = node.client
     state = {k: v + 0.1 * np.random.default_rng(0).standard_normal(v.shape).astype(v.dtype)
              for k, v in node.pool.client_state(c, WidthSpec(0.5), node.pool.plan.initial_state).items()}  # fmt: skip
-    got = node.evaluate(state, 0.5)
-    ref = dict(state)
+    received = {k: v for k, v in state.items() if k in node.pool.shared_keys}
+    ins = TrainInstructions(1, 0, "c02", 2, 0.5, "heterofl", "", 1, 16, 0.1, -1, 0)
+    got = node.evaluate(received, ins)  # the aggregated shared state, its own heads at home
+    ref = {**node.pool.client_state(c, WidthSpec(0.5), node.pool.plan.initial_state), **received}
+    assert ref.keys() == state.keys() and set(received) < set(ref)
     for k, v in _numpy_stats({k: v.astype(np.float64) for k, v in state.items()},
                              c.x_train.numpy()).items():  # fmt: skip
         ref[k] = v.astype(np.float32)
