@@ -245,6 +245,7 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
         for s in args.splits
         for m in args.methods
     ]
+
     # split by split (a cut run still has whole splits), the longest jobs first
     def cost(j: dict[str, Any]) -> float:
         return COST.get(j["method"], 1.0) * j["rounds"] + END_COST.get(j["method"], 0.0)
