@@ -196,7 +196,8 @@ def report(data: Mapping[str, Any]) -> str:
     return "\n\n".join(
         [
             f"{note}{cut} Wall time of the whole benchmark: {data['wall'] / 60:.1f} min "
-            f"({data['workers']} worker processes, one torch thread each).{_load_note(data)}",
+            f"({data['workers']} worker processes, one torch thread each).{_load_note(data)}"
+            + (f" {data['note']}" if data.get("note") else ""),
             PROTOCOL,
             table(data["results"]),
             DIFFERENCES.format(lam=data["ditto_lam"]),
@@ -205,34 +206,51 @@ def report(data: Mapping[str, Any]) -> str:
     )
 
 
+ZOOM = (85.0, 100.5)  # the second row: where PFLlib's personalised figures are
+
+
+def _draw(ax: Any, runs: Sequence[Mapping[str, Any]], split: str) -> None:
+    colours = {m: f"C{i}" for i, m in enumerate(TITLES)}
+    for r in sorted(runs, key=lambda r: r["method"]):
+        c = colours.get(r["method"], "k")
+        name = TITLES.get(r["method"], r["method"])
+        variants = r.get("variants") or [{"label": "", "curve": r["curve"]}]
+        points = iter("*xP")
+        for i, v in enumerate(variants):
+            xs = [p[0] for p in v["curve"]]
+            ys = [100 * p[1] for p in v["curve"]]
+            label = f"{name}: {v['label']}" if v["label"] else name
+            if len(xs) == 1:  # an end-of-run evaluation
+                ax.plot(xs, ys, next(points), ms=9, color=c, ls="none", label=label)
+            else:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, color=c,
+                        ls="-" if i == 0 else "--", label=label)  # fmt: skip
+        theirs = THEIRS.get(split, {}).get(r["method"])
+        if theirs is not None:
+            ax.axhline(theirs[0], color=c, ls=":", lw=1, alpha=0.7)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
 def plot(results: Sequence[Mapping[str, Any]], path: Any = None) -> str:
-    """Pooled accuracy per round, one panel per split; PFLlib's figures as dotted lines;
-    extra evaluations dashed (curves) or as stars and crosses (end-of-run points)."""
+    """Pooled accuracy per round, one column per split (second row: zoomed on 85-100%);
+    PFLlib's figures as dotted lines; extra evaluations dashed (curves) or as stars and
+    crosses (end-of-run points)."""
     pyplot = plt()
     splits = sorted({r["split"] for r in results})
-    fig, axes = pyplot.subplots(1, len(splits), figsize=(7 * len(splits), 5), squeeze=False)
-    colours = {m: f"C{i}" for i, m in enumerate(TITLES)}
-    for ax, split in zip(axes[0], splits, strict=True):
-        for r in sorted((r for r in results if r["split"] == split), key=lambda r: r["method"]):
-            c = colours.get(r["method"], "k")
-            name = TITLES.get(r["method"], r["method"])
-            variants = r.get("variants") or [{"label": "", "curve": r["curve"]}]
-            points = iter("*xP")
-            for i, v in enumerate(variants):
-                xs = [p[0] for p in v["curve"]]
-                ys = [100 * p[1] for p in v["curve"]]
-                label = f"{name}: {v['label']}" if v["label"] else name
-                if len(xs) == 1:  # an end-of-run evaluation
-                    ax.plot(xs, ys, next(points), ms=9, color=c, ls="none", label=label)
-                else:
-                    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, color=c,
-                            ls="-" if i == 0 else "--", label=label)  # fmt: skip
-            theirs = THEIRS.get(split, {}).get(r["method"])
-            if theirs is not None:
-                ax.axhline(theirs[0], color=c, ls=":", lw=1, alpha=0.7)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"Fashion-MNIST, {SPLIT_TITLES.get(split, split)}  (dotted: PFLlib)")
-        label_axes(ax, "round", "pooled test accuracy, %", legend_size=7)
+    n = len(splits)
+    fig, axes = pyplot.subplots(2, n, figsize=(7 * n, 9), squeeze=False)
+    for col, split in enumerate(splits):
+        runs = [r for r in results if r["split"] == split]
+        top, zoom = axes[0][col], axes[1][col]
+        _draw(top, runs, split)
+        top.set_title(f"Fashion-MNIST, {SPLIT_TITLES.get(split, split)}  (dotted: PFLlib)")
+        label_axes(top, "round", "pooled test accuracy, %", legend_size=7)
+        _draw(zoom, runs, split)
+        zoom.set_ylim(*ZOOM)
+        zoom.set_title(f"the same, {ZOOM[0]:g}-100%")
+        zoom.set_xlabel("round")
+        zoom.set_ylabel("pooled test accuracy, %")
+        zoom.grid(alpha=0.3)
     if path is None:
         return save_fig(fig, "pfllib_curves.png")
     fig.tight_layout()
