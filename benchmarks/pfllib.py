@@ -11,15 +11,19 @@ The protocol (TsingZ0/PFLlib, see :mod:`fmtl_lightning.data.pfllib` for the data
   20 clients, PFLlib's Dirichlet(0.1) split ("dir", their "practical" label skew) or their
   pathological 2-classes-per-client split ("pat"), seed 1, each client 75/25 train/test;
 * FedAvgCNN (``model.family: fedavgcnn``, ``norm: none``), the head = the last linear layer;
-* every client every round, 1 local epoch, batch 10, plain SGD lr 0.005 (no momentum);
+* every client every round, 1 local epoch, batch 10 with the short last batch dropped
+  (``federation.drop_last``), plain SGD lr 0.005 (no momentum);
 * metric: each round, correct predictions pooled over all clients' test sets (the
   sample-weighted mean); PFLlib reports the best round ("best"), we also report the last
   ("final").
 
 Methods: FedAvg, FedPer, FedRep (1 head epoch, then 1 body epoch, as PFLlib's default
-``plocal_epochs=1``), Ditto (lambda ``--ditto-lam``), local-only, FedBABU (heads frozen at
-init; PFLlib fine-tunes them for 10 epochs once, after the last round, and so do we: one
-evaluation, at the end), FedAvg+FT (1 fine-tune epoch before every evaluation).
+``plocal_epochs=1``), Ditto (lambda ``--ditto-lam``; scored with the personal models and,
+every round too, the global copies, as PFLlib's list holds both), local-only, FedBABU
+(heads frozen at init, scored every round with those heads as PFLlib does; after the last
+round each client fine-tunes its whole model for 10 epochs, PFLlib's ``fine_tune()``, and
+also, separately, its heads alone, our library's FedBABU evaluation), FedAvg+FT (1
+fine-tune epoch before every evaluation). The extra evaluations: :mod:`benchmarks.pfllib_evals`.
 
 ``--full`` runs PFLlib's 2,000 rounds. The default runs :data:`DEFAULT_ROUNDS` rounds, sized
 to fit about 60 minutes on 2 cores, and its table says so. Each (split, method) is one
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -60,14 +65,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedrep": {"algorithm": {"name": "fedrep", "rep_head_epochs": 1}},
     "ditto": {"algorithm": {"name": "ditto", "lam": DITTO_LAM}},
     "local": {"algorithm": {"name": "local"}},
-    "fedbabu": {
-        "algorithm": {"name": "fedbabu", "finetune_epochs": FEDBABU_FINETUNE_EPOCHS},
-        "eval_at_end_only": True,
-    },
+    # per-round scores with the init heads; the 10-epoch fine-tunes run once, at the end
+    "fedbabu": {"algorithm": {"name": "fedbabu", "finetune_epochs": 0}},
     "fedavg_ft": {"algorithm": {"name": "fedavg_ft", "finetune_epochs": FEDAVG_FT_EPOCHS}},
 }
 # relative cost of a round (epochs of work per client), to start the longest jobs first
 COST = {"ditto": 2.0, "fedavg_ft": 2.0, "fedrep": 1.4, "fedbabu": 1.3}
+END_COST = {"fedbabu": 13.0}  # its two 10-epoch fine-tunes, in rounds of FedAvg (measured)
 
 
 def build_federation(
@@ -120,8 +124,7 @@ def run_config(
     method: str, rounds: int, num_clients: int, seed: int = 1, ditto_lam: float = DITTO_LAM
 ) -> dict[str, Any]:
     """The run's config: PFLlib's training recipe for ``method`` (a plain mapping)."""
-    m = METHODS[method]
-    algorithm = dict(m["algorithm"])
+    algorithm = dict(METHODS[method]["algorithm"])
     if method == "ditto":
         algorithm["lam"] = ditto_lam
     return {
@@ -135,7 +138,8 @@ def run_config(
             "fraction": 1.0,
             "local_epochs": 1,
             "batch_size": 10,
-            "eval_every": rounds if m.get("eval_at_end_only") else 1,
+            "drop_last": True,
+            "eval_every": 1,
         },
         "optimizer": {"name": "sgd", "lr": 0.005, "momentum": 0.0, "weight_decay": 0.0},
         "compare_local": False,
@@ -155,8 +159,19 @@ def pooled_curve(rows: Sequence[dict[str, Any]], n_test: dict[str, int]) -> list
     return [[rnd, c / n] for rnd, (c, n) in sorted(by_round.items())]
 
 
+def headline(method: str, variants: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """PFLlib's figure ("best": the max over every evaluation its list holds, with its
+    round) and the honest one ("final": the last evaluation of the model a client keeps:
+    Ditto's personal model, FedBABU's whole-model fine-tune)."""
+    points = [p for v in variants if v["in_best"] for p in v["curve"]]
+    best = max(points, key=lambda p: p[1])
+    final = next(v for v in variants if v["final"])["curve"][-1][1]
+    return {"best": best[1], "best_round": int(best[0]), "final": final}
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One (split, method) simulation; returns its pooled-accuracy curve and timings."""
+    """One (split, method) simulation; returns its pooled-accuracy curves and timings."""
+    from benchmarks import pfllib_evals
     from fmtl_lightning.config import parse_config
     from fmtl_lightning.simulation import Simulation
 
@@ -172,27 +187,47 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         sim = Simulation(cfg, tmp, progress=False, federation=fed)
         t_build = time.perf_counter() - t0
-        sim.run()
-        curve = pooled_curve(sim.history, n_test)
+        method, glob = job["method"], []
+        on_round = pfllib_evals.global_model_curve(sim, glob) if method == "ditto" else None
+        sim.run(on_round)
         times = [t.as_dict() for t in sim.times]
+        round_s = [sum(t.values()) for t in times]
+        curve = pooled_curve(sim.history, n_test)
+        variants = [{"label": "", "curve": curve, "in_best": True, "final": True}]
+        t1 = time.perf_counter()
+        if method == "ditto":
+            variants[0]["label"] = "personal models"
+            variants.append({"label": "global model", "curve": glob, "in_best": True,
+                             "final": False})  # fmt: skip
+        elif method == "fedbabu":
+            last, ep = sim.round_idx, FEDBABU_FINETUNE_EPOCHS
+            whole = pfllib_evals.finetuned_accuracy(sim, ep, whole_model=True)
+            head = pfllib_evals.finetuned_accuracy(sim, ep, whole_model=False)
+            variants = [
+                {"label": "init heads, each round", "curve": curve, "in_best": True,
+                 "final": False},
+                {"label": f"{ep}-epoch whole-model fine-tune (PFLlib)",
+                 "curve": [[last, whole]], "in_best": True, "final": True},
+                {"label": f"{ep}-epoch head-only fine-tune (our FedBABU)",
+                 "curve": [[last, head]], "in_best": False, "final": False},
+            ]  # fmt: skip
+        end_s = time.perf_counter() - t1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    best = max(curve, key=lambda p: p[1])
-    round_s = [sum(t.values()) for t in times]
     return {
         "split": job["split"],
-        "method": job["method"],
+        "method": method,
         "rounds": job["rounds"],
         "clients": job["clients"],
         "curve": curve,
-        "best": best[1],
-        "best_round": int(best[0]),
-        "final": curve[-1][1],
+        "variants": variants,
+        **headline(method, variants),
         "n_train": sum(c.num_train for c in fed.clients),
         "n_test": sum(n_test.values()),
         "round_s": round_s,
         "times": times,
         "setup_s": t_build,
+        "end_eval_s": end_s,
         "wall": time.perf_counter() - t0,
     }
 
@@ -210,7 +245,12 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
         for s in args.splits
         for m in args.methods
     ]
-    return sorted(jobs, key=lambda j: -COST.get(j["method"], 1.0))  # longest first
+
+    # split by split (a cut run still has whole splits), the longest jobs first
+    def cost(j: dict[str, Any]) -> float:
+        return COST.get(j["method"], 1.0) * j["rounds"] + END_COST.get(j["method"], 0.0)
+
+    return sorted(jobs, key=lambda j: (SPLITS.index(j["split"]), -cost(j)))
 
 
 def run_jobs(jobs: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
@@ -272,28 +312,37 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
         data = json.loads(out.read_text())
     else:
         t0 = time.perf_counter()
-        results = []
         jobs = jobs_for(args)
+        data = {
+            "mode": args.mode,
+            "rounds": args.rounds,
+            "ditto_lam": args.ditto_lam,
+            "workers": args.workers,
+            "jobs": len(jobs),
+            "results": [],
+            "complete": False,
+            "command": current_command(),
+            "machine_start": machine_line(),
+            "load": [],  # 1-minute load average at the start and as each run finishes
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
         say(f"{len(jobs)} runs, {args.rounds} rounds each, {args.workers} workers ({args.mode})")
+        data["load"].append(os.getloadavg()[0])
         for res in run_jobs(jobs, args.workers):
-            results.append(res)
+            data["results"].append(res)
+            data["load"].append(os.getloadavg()[0])
+            data["wall"] = time.perf_counter() - t0
+            data["machine"] = machine_line()
+            out.write_text(json.dumps(data, indent=1))  # a cut run keeps what finished
             per = np.mean(res["round_s"])
             say(
                 f"{res['split']}/{res['method']}: best {100 * res['best']:.2f} (round "
                 f"{res['best_round']}), final {100 * res['final']:.2f}, {per:.1f} s/round, "
                 f"{res['wall'] / 60:.1f} min"
             )
-        data = {
-            "mode": args.mode,
-            "rounds": args.rounds,
-            "ditto_lam": args.ditto_lam,
-            "workers": args.workers,
-            "results": results,
-            "wall": time.perf_counter() - t0,
-            "command": current_command(),
-            "machine": machine_line(),
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
+        data["complete"] = True
+        data["wall"] = time.perf_counter() - t0
+        data["machine"] = machine_line()
         out.write_text(json.dumps(data, indent=1))
     pfllib_report.write(data)
     return data

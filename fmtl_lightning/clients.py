@@ -165,7 +165,7 @@ class ClientPool:
 
     def fit_plan(self) -> FitPlan:
         f = self.cfg.federation
-        return FitPlan(f.batch_size, f.local_epochs, f.local_steps)
+        return FitPlan(f.batch_size, f.local_epochs, f.local_steps, f.drop_last)
 
     def fit_context(self, idx: int, width: float, round_idx: int) -> FitContext:
         """What the algorithm's fits need for client ``idx`` at ``width`` in ``round_idx``."""

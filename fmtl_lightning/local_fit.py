@@ -31,20 +31,38 @@ from mobile_client.batching import batch_order, num_batches
 
 @dataclass(frozen=True)
 class FitPlan:
-    """How much local work one fit does: whole epochs, or exactly ``steps`` SGD steps."""
+    """How much local work one fit does: whole epochs, or exactly ``steps`` SGD steps.
+    ``drop_last`` (epochs only): each pass skips its last batch when it is short, as
+    PyTorch's ``DataLoader(drop_last=True)`` does."""
 
     batch_size: int
     epochs: int = 1
     steps: int | None = None
+    drop_last: bool = False
+
+    def batches_per_epoch(self, n: int) -> int:
+        """Batches one pass over ``n`` examples yields."""
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def num_batches(self, n: int) -> int:
+        """Batches of the whole fit over ``n`` examples."""
+        if self.drop_last and self.steps is None:
+            return self.epochs * self.batches_per_epoch(n)
+        return num_batches(n, self.batch_size, self.epochs, self.steps)
 
 
 def batch_indices(n: int, plan: FitPlan, seed: int) -> Iterator[torch.Tensor]:
     """Shuffled mini-batch index tensors, in exactly the order an edge client uses.
 
     Delegates to :func:`mobile_client.batching.batch_order` (numpy), so a Lightning
-    client and an ONNX Runtime client with the same seed see the same batches.
+    client and an ONNX Runtime client with the same seed see the same batches;
+    ``plan.drop_last`` leaves out each pass's short last batch (same permutations).
     """
+    if plan.drop_last and plan.steps is not None:
+        raise ValueError("FitPlan: drop_last counts whole epochs; it cannot take steps")
     for idx in batch_order(n, plan.batch_size, plan.epochs, plan.steps, seed):
+        if plan.drop_last and idx.size < plan.batch_size:
+            continue
         yield torch.from_numpy(idx)
 
 
@@ -105,8 +123,8 @@ def fit(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             n = x.shape[0]
-            per_epoch = -(-n // plan.batch_size)
-            count = num_batches(n, plan.batch_size, plan.epochs, plan.steps)
+            per_epoch = max(plan.batches_per_epoch(n), 1)  # 0: drop_last, n < batch_size
+            count = plan.num_batches(n)
             state = LocalFit(fabric, count, per_epoch, -(-count // per_epoch), dict(info or {}))
 
             def hook(name: str, *args: Any) -> None:

@@ -148,6 +148,10 @@ def validate_config(cfg: RunConfig) -> None:
         if not alg.edge_clients:
             runs = " or ".join(x.title for x in ALGORITHMS.values() if x.edge_clients)
             raise ConfigError(f"{where}: edge clients run {runs} (algorithm.name is {a.name!r})")
+        if f.drop_last:
+            raise ConfigError(
+                f"{where}: the edge runtime visits every batch; set federation.drop_last to false"
+            )
         if a.masked_ce or cfg.model.scaler:
             raise ConfigError(
                 f"{where}: masked_ce and the scaler are not exported for edge clients"
@@ -222,6 +226,11 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("federation.local_epochs: must be >= 1 (or set local_steps)")
     if f.local_steps is not None and f.local_steps < 1:
         raise ConfigError(f"federation.local_steps: must be >= 1, got {f.local_steps}")
+    if f.drop_last and f.local_steps is not None:
+        raise ConfigError(
+            "federation.drop_last: counts batches of whole epochs; it cannot be combined "
+            "with federation.local_steps"
+        )
     if f.eval_every < 1:
         raise ConfigError(f"federation.eval_every: must be >= 1, got {f.eval_every}")
     if f.batch_size < 1:

@@ -83,6 +83,7 @@ class FederationConfig:
     local_epochs: int = 1
     local_steps: int | None = None  # if set, exactly this many SGD steps per fit
     batch_size: int = 32
+    drop_last: bool = False  # skip each epoch's last, short batch (DataLoader(drop_last=True))
     eval_every: int = 1  # evaluate every client every N rounds (and always after the last)
 
 

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch")
 
 from benchmarks import pfllib  # noqa: E402
-from benchmarks.pfllib_report import table  # noqa: E402
+from benchmarks.pfllib_report import goal, last_gain, table  # noqa: E402
 from fmtl_lightning.config import parse_config  # noqa: E402
 from fmtl_lightning.simulation import Simulation  # noqa: E402
 
@@ -94,8 +94,32 @@ def test_report_table_puts_theirs_next_to_ours():
     }
     text = table([res, {**res, "method": "local", "split": "pat"}])
     assert "| Dir(0.1) (practical) | FedPer | 97.44 ± 0.06 | 97.50 (r4) | 97.01 | +0.06 |" in text
-    assert "| 5 (PFLlib: 2000) | 5.5 | 61 |" in text
-    assert "| pathological (2 classes) | Local | n/a | 97.50 (r4) | 97.01 |  |" in text
+    assert "| met | +5.00 | 5 (PFLlib: 2000) | 5.5 | 61 |" in text  # curve 0.90 -> 0.95
+    assert "| pathological (2 classes) | Local | n/a | 97.50 (r4) | 97.01 |  |  |" in text
+
+
+def test_goal_and_last_gain():
+    assert goal("dir", "fedper", 0.9695, 5) == "met"  # 97.44 - 0.5 = 96.94
+    assert goal("dir", "fedper", 0.9690, 5) == "short by 0.04"
+    assert goal("dir", "fedper", 0.99, 2000) == "rounds > 200"
+    assert goal("dir", "fedavg", 0.8580, 5) == "short by 0.05"  # FedAvg: >= theirs, no slack
+    assert goal("dir", "fedavg", 0.8590, 5) == "met"
+    assert goal("dir", "local", 0.99, 5) == goal("dir", "fedavg_ft", 0.99, 5) == ""
+    assert last_gain([[1, 0.5], [2, 0.625]]) == "+12.50" and last_gain([[3, 0.5]]) == ""
+
+
+def test_headline_takes_pfllibs_best_over_its_list_and_our_kept_model_as_final():
+    ditto = [
+        {"label": "personal models", "curve": [[1, 0.7], [2, 0.8]], "in_best": True, "final": True},
+        {"label": "global model", "curve": [[1, 0.9], [2, 0.6]], "in_best": True, "final": False},
+    ]
+    assert pfllib.headline("ditto", ditto) == {"best": 0.9, "best_round": 1, "final": 0.8}
+    babu = [
+        {"label": "init heads", "curve": [[1, 0.3], [2, 0.5]], "in_best": True, "final": False},
+        {"label": "whole FT", "curve": [[2, 0.85]], "in_best": True, "final": True},
+        {"label": "head FT", "curve": [[2, 0.95]], "in_best": False, "final": False},
+    ]
+    assert pfllib.headline("fedbabu", babu) == {"best": 0.85, "best_round": 2, "final": 0.85}
 
 
 def test_cli_modes_and_refusals():
@@ -107,6 +131,49 @@ def test_cli_modes_and_refusals():
     with pytest.raises(SystemExit, match="--methods"):
         pfllib.parse_args(["--methods", "fedavg,fedprox"])
     cfg = parse_config(pfllib.run_config("fedbabu", 7, 20))
-    assert cfg.federation.eval_every == 7 and cfg.algorithm.finetune_epochs == 10
-    assert (cfg.federation.batch_size, cfg.optimizer.lr, cfg.optimizer.momentum) == (10, 0.005, 0)
+    # scored every round with the init heads; the end fine-tunes run in the benchmark
+    assert cfg.federation.eval_every == 1 and cfg.algorithm.finetune_epochs == 0
+    f = cfg.federation
+    assert (f.batch_size, f.drop_last, cfg.optimizer.lr, cfg.optimizer.momentum) == (
+        10,
+        True,
+        0.005,
+        0,
+    )
     assert cfg.model.family == "fedavgcnn" and cfg.model.norm == "none"
+
+
+def _narrow_sim(fed, method: str, tmp_path, rounds: int = 1):
+    import torch
+
+    torch.set_num_threads(1)
+    raw = pfllib.run_config(method, rounds, 4)
+    raw["model"]["hidden"] = [8, 16, 32]
+    raw["optimizer"]["lr"] = 0.05
+    return Simulation(parse_config(raw), tmp_path / method, progress=False, federation=fed)
+
+
+def test_extra_evaluations_score_the_global_copies_and_leave_the_run_alone(tmp_path):
+    from benchmarks import pfllib_evals
+
+    fed = pfllib.build_federation("dir", num_clients=4, max_samples=600)  # 450 train images
+
+    n_test = {c.cid: int(c.x_test.shape[0]) for c in fed.clients}
+    ditto, glob = _narrow_sim(fed, "ditto", tmp_path), []
+    ditto.run(pfllib_evals.global_model_curve(ditto, glob))
+    fedper = _narrow_sim(fed, "fedper", tmp_path)
+    fedper.run()
+    # Ditto's global copy trains exactly as FedPer (same phase seeds, local heads)
+    assert glob == pfllib.pooled_curve(fedper.history, n_test)
+    assert glob != pfllib.pooled_curve(ditto.history, n_test)  # the personal models
+    # a 0-epoch fine-tune scores the model as held; the fine-tunes change no stored state
+    babu = _narrow_sim(fed, "fedbabu", tmp_path)
+    babu.run()
+    held = pfllib.pooled_curve(babu.history, n_test)[-1][1]
+    before = {k: v.copy() for k, v in babu.global_state.items()}
+    assert pfllib_evals.finetuned_accuracy(babu, 0, whole_model=True) == held
+    whole = pfllib_evals.finetuned_accuracy(babu, 1, whole_model=True)
+    head = pfllib_evals.finetuned_accuracy(babu, 1, whole_model=False)
+    assert whole != held and head != held and whole != head
+    assert all(np.array_equal(before[k], v) for k, v in babu.global_state.items())
+    assert pfllib_evals.finetuned_accuracy(babu, 0, whole_model=False) == held
