@@ -254,7 +254,7 @@ class ClientPool:
             seed=self.cfg.seed,
             plan=self.fit_plan(),
             lr=self.cfg.optimizer.lr,
-            optimizer=self.trained_optimizer(c),
+            optimizer=lambda: self.trained_optimizer(c),
         )
 
     def trained_optimizer(self, c: ClientData) -> torch.optim.Optimizer:

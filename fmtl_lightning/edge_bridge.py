@@ -52,7 +52,9 @@ class EdgeJob:
     seed: int
     plan: FitPlan
     lr: float
-    optimizer: Any = None  # the torch optimiser its Lightning peers fit with (momentum, decay)
+    # the torch optimiser its Lightning peers fit with (momentum, decay); built only when
+    # the bundle is first exported, not every round
+    optimizer: Callable[[], Any] | None = None
 
 
 class EdgeBridge:
@@ -92,7 +94,7 @@ class EdgeBridge:
                 client=c.cid,
                 policy=job.spec.policy,  # the manifest's shared_keys are the spec's
                 overwrite=True,
-                optimizer=job.optimizer,  # the step graphs take its momentum and decay
+                optimizer=None if job.optimizer is None else job.optimizer(),  # its momentum
             )
             self._bundles[key] = out
         return self._bundles[key]
