@@ -1,7 +1,10 @@
 """A Lightning node: one client of the run config, trained by the simulator's own code.
 
-Flower starts a fresh ClientApp process per message, so nothing lives in memory
-between rounds. Per train message the node
+:class:`LightningNode` runs in the node-resident worker
+(:mod:`fmtl_lightning.deploy.worker`, kept between rounds: the default) or, for a node
+config without ``worker``, inside the ClientApp (:func:`lightning_train`,
+:func:`lightning_evaluate`), which Flower starts afresh for every message, so there
+nothing lives in memory between rounds. Per train message the node
 
 1. rebuilds its client from the YAML the server sent (a
    :class:`~fmtl_lightning.clients.ClientPool`, the in-process simulation's clients:
@@ -22,7 +25,6 @@ client and scores the aggregated model exactly as ``fmtl simulate`` scores a cli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -213,45 +215,23 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     return Federation(clients, size, f"{len(clients)} clients (node {client_id}: own data)", {})
 
 
-def _node(msg: Any, context: Any, phase: str) -> tuple[LightningNode, Any, Any, Any]:
-    """The node's client for a train/evaluate message (status written first, then the
-    node config's ``delay-s`` slept, for fault-injection tests)."""
-    import time
-
-    from mobile_client.flower_app import read_train_message, write_status
-
-    s = NodeSettings.from_context(context)
-    received, ins = read_train_message(msg)
-    if ins.client_id != s.client_id:
-        raise NodeConfigError(f"{phase} message for {ins.client_id!r} reached node "
-                              f"{s.client_id!r}")  # fmt: skip
-    if not ins.run_config:
-        raise NodeConfigError(f"{phase} message carries no run config for a Lightning node")
-    write_status(s.state_dir, round=ins.round, phase=phase, client=s.client_id)
-    if s.delay_s > 0 and phase == "training":
-        time.sleep(s.delay_s)
-    return LightningNode(s, ins.run_config), s, received, ins
-
-
 def lightning_train(msg: Any, context: Any) -> Any:
-    """Train handler of a Lightning node (see the module docstring)."""
+    """Train handler of a Lightning node inside the ClientApp (see the module docstring)."""
+    from fmtl_lightning.deploy.worker_forward import prepare
     from mobile_client.flower_app import reply_message, write_status
 
-    node, s, received, ins = _node(msg, context, "training")
-    shared, n = node.train(received, ins)
+    s, received, ins = prepare(msg, context, "training")
+    shared, n = LightningNode(s, ins.run_config).train(received, ins)
     write_status(s.state_dir, round=ins.round, phase="done", client=s.client_id)
     return reply_message(msg, shared, n, {}, ins)
 
 
 def lightning_evaluate(msg: Any, context: Any) -> Any:
-    """Evaluate handler of a Lightning node: its score of the aggregated model."""
-    from fmtl_lightning.deploy.evaluation import eval_reply
-    from mobile_client.flower_app import write_status
+    """Evaluate handler of a Lightning node inside the ClientApp: its score of the
+    aggregated model."""
+    from fmtl_lightning.deploy.worker_forward import finish_evaluate, prepare
 
-    node, s, received, ins = _node(msg, context, "evaluating")
+    s, received, ins = prepare(msg, context, "evaluating")
+    node = LightningNode(s, ins.run_config)
     metrics = node.evaluate(received, ins)
-    write_status(s.state_dir, round=ins.round, phase="evaluated", client=s.client_id)
-    assert s.state_dir is not None
-    (s.state_dir / "last_metrics.json").write_text(json.dumps({"round": ins.round, **metrics}))
-    n = int(node.client.x_test.shape[0])
-    return eval_reply(msg, ins, metrics, n, "" if n else "the node's data has no test split")
+    return finish_evaluate(msg, s, ins, metrics, int(node.client.x_test.shape[0]))

@@ -3,7 +3,11 @@
 Used by the loopback test, the deploy benchmark and ``fmtl deploy local``. Every
 process is real (``flower-superlink``, ``flower-supernode``, ``flwr``), talks HTTPS on
 127.0.0.1 with certificates from :mod:`fmtl_lightning.deploy.tls`, and is started in
-its own session. With TLS, SuperNode authentication is on: each client's node has its
+its own session. Each Lightning node gets a node-resident worker
+(``python -m fmtl_lightning.deploy.worker``, :meth:`LocalDeployment.start_worker`) that
+keeps torch, Lightning and its client loaded between rounds; the ClientApp forwards to
+it (``NodeSpec(worker=False)``: the ClientApp trains itself, re-importing torch for every
+message). With TLS, SuperNode authentication is on: each client's node has its
 own registered key and the ServerApp binds the client id to it
 (:mod:`fmtl_lightning.deploy.auth`). :meth:`LocalDeployment.stop` kills each process tree (Flower's
 SuperExec runs in a session of its own, so trees are walked through ``/proc``, not just
@@ -61,6 +65,16 @@ class NodeSpec:
     data: Path | None = None
     delay_s: float = 0.0
     key: Path | None = None  # private key (SuperNode authentication); None: LocalDeployment's
+    worker: bool = True  # Lightning: train in a node-resident worker (False: in each ClientApp)
+
+    @property
+    def worker_socket(self) -> Path | None:
+        """The socket of the node's worker (:mod:`fmtl_lightning.deploy.worker`), or None."""
+        if not self.worker or self.runtime != "lightning":
+            return None
+        from fmtl_lightning.deploy.worker import socket_path
+
+        return socket_path(self.state_dir)
 
     def node_config(self) -> str:
         return kv_string(
@@ -73,6 +87,7 @@ class NodeSpec:
                 "bundle": str(self.bundle) if self.bundle else None,
                 "data": str(self.data) if self.data else None,
                 "delay-s": float(self.delay_s) if self.delay_s else None,
+                "worker": str(self.worker_socket) if self.worker_socket else None,
             }
         )
 
@@ -212,6 +227,7 @@ class LocalDeployment:
             conn.append("insecure = true")
         (self.flwr_home / "config.toml").write_text("\n".join(conn) + "\n")
         self.procs: dict[str, Proc] = {}
+        self.workers: dict[str, str] = {}  # SuperNode's process name -> its worker's
 
     # ------------------------------------------------------------------ start
     def _spawn(self, name: str, argv: list[str]) -> Proc:
@@ -288,15 +304,32 @@ class LocalDeployment:
                 keys = list(pool.map(lambda n: self.register(n.client_id)[0], todo))
             for node, key in zip(todo, keys, strict=True):
                 node.key = key
-        procs = []
+        procs, workers = [], []
         for node in nodes:
             node.state_dir.mkdir(parents=True, exist_ok=True)
             name = f"node-{node.client_id}"
             name += f"-{len(self.procs)}" if name in self.procs else ""
+            if node.worker_socket is not None:  # started first: it imports torch meanwhile
+                workers.append(self.start_worker(node, name))
             procs.append(self._spawn(name, self.node_argv(node, free_port())))
         for p in procs if wait else []:
             self._wait_for_log(p, "SuperNode ID", timeout)
+        for p in workers:  # a node without its worker would fail its first message
+            self._wait_for_log(p, "fmtl worker ready", timeout)
         return procs
+
+    def start_worker(self, node: NodeSpec, node_name: str) -> Proc:
+        """The node-resident worker of ``node`` (:mod:`fmtl_lightning.deploy.worker`),
+        paired with the SuperNode ``node_name``: :meth:`kill` of the node kills it too."""
+        old = self.workers.pop(node_name, None)
+        if old is not None and old in self.procs:
+            self.kill(old)
+        name = f"worker-{node_name.removeprefix('node-')}"
+        p = self._spawn(name, [sys.executable, "-m", "fmtl_lightning.deploy.worker",
+                               "--state-dir", str(node.state_dir),
+                               "--socket", str(node.worker_socket)])  # fmt: skip
+        self.workers[node_name] = name
+        return p
 
     def _wait_for_log(self, p: Proc, text: str, timeout: float) -> None:
         t0 = time.monotonic()
@@ -341,9 +374,13 @@ class LocalDeployment:
 
     # ------------------------------------------------------------------ stop
     def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
+        """Kill process ``name``'s tree (a SuperNode: with its worker, as a machine
+        failure would); returns pids still alive (should be none)."""
+        worker = self.workers.pop(name, None)
+        left = self.kill(worker, sig) if worker in self.procs else []
         p = self.procs.pop(name)
         p.refresh()
-        left = kill_tree(p.popen.pid, sig)
+        left += kill_tree(p.popen.pid, sig)
         try:
             p.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -354,7 +391,8 @@ class LocalDeployment:
         """Stop every process (nodes first); returns pids still alive (should be none)."""
         left: list[int] = []
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
-            left += self.kill(name, signal.SIGTERM)
+            if name in self.procs:  # a worker goes with its node
+                left += self.kill(name, signal.SIGTERM)
         return left
 
     def __enter__(self) -> LocalDeployment:
