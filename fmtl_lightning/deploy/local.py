@@ -227,10 +227,10 @@ class LocalDeployment:
             conn.append("insecure = true")
         (self.flwr_home / "config.toml").write_text("\n".join(conn) + "\n")
         self.procs: dict[str, Proc] = {}
-        self.workers: dict[str, str] = {}  # SuperNode's process name -> its worker's
+        self.workers: dict[str, Proc] = {}  # SuperNode's process name -> its worker
 
     # ------------------------------------------------------------------ start
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], *, register: bool = True) -> Proc:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
         fh = log.open("ab")
@@ -240,7 +240,8 @@ class LocalDeployment:
                              cwd=self.root, start_new_session=True)  # fmt: skip
         fh.close()
         proc = Proc(name, p, log)
-        self.procs[name] = proc
+        if register:
+            self.procs[name] = proc
         return proc
 
     def superlink_argv(self) -> list[str]:
@@ -314,21 +315,22 @@ class LocalDeployment:
             procs.append(self._spawn(name, self.node_argv(node, free_port())))
         for p in procs if wait else []:
             self._wait_for_log(p, "SuperNode ID", timeout)
-        for p in workers:  # a node without its worker would fail its first message
+        for p in workers if wait else []:  # a node without its worker fails its messages
             self._wait_for_log(p, "fmtl worker ready", timeout)
         return procs
 
     def start_worker(self, node: NodeSpec, node_name: str) -> Proc:
         """The node-resident worker of ``node`` (:mod:`fmtl_lightning.deploy.worker`),
-        paired with the SuperNode ``node_name``: :meth:`kill` of the node kills it too."""
+        paired with the SuperNode ``node_name``: :meth:`kill` of the node kills it too.
+        Kept in :attr:`workers`, not :attr:`procs` (which holds Flower's processes)."""
         old = self.workers.pop(node_name, None)
-        if old is not None and old in self.procs:
-            self.kill(old)
+        if old is not None:
+            self._kill_proc(old, signal.SIGTERM)
         name = f"worker-{node_name.removeprefix('node-')}"
         p = self._spawn(name, [sys.executable, "-m", "fmtl_lightning.deploy.worker",
                                "--state-dir", str(node.state_dir),
-                               "--socket", str(node.worker_socket)])  # fmt: skip
-        self.workers[node_name] = name
+                               "--socket", str(node.worker_socket)], register=False)  # fmt: skip
+        self.workers[node_name] = p
         return p
 
     def _wait_for_log(self, p: Proc, text: str, timeout: float) -> None:
@@ -377,10 +379,12 @@ class LocalDeployment:
         """Kill process ``name``'s tree (a SuperNode: with its worker, as a machine
         failure would); returns pids still alive (should be none)."""
         worker = self.workers.pop(name, None)
-        left = self.kill(worker, sig) if worker in self.procs else []
-        p = self.procs.pop(name)
+        left = self._kill_proc(worker, sig) if worker is not None else []
+        return left + self._kill_proc(self.procs.pop(name), sig)
+
+    def _kill_proc(self, p: Proc, sig: int) -> list[int]:
         p.refresh()
-        left += kill_tree(p.popen.pid, sig)
+        left = kill_tree(p.popen.pid, sig)
         try:
             p.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -391,8 +395,9 @@ class LocalDeployment:
         """Stop every process (nodes first); returns pids still alive (should be none)."""
         left: list[int] = []
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
-            if name in self.procs:  # a worker goes with its node
-                left += self.kill(name, signal.SIGTERM)
+            left += self.kill(name, signal.SIGTERM)
+        for name in list(self.workers):  # workers whose node was never started
+            left += self._kill_proc(self.workers.pop(name), signal.SIGTERM)
         return left
 
     def __enter__(self) -> LocalDeployment:
