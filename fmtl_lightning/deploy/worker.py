@@ -103,6 +103,7 @@ class Worker:
         self.node: Any = None
         self.key: str | None = None
         self.builds = 0  # how many times the node was (re)built
+        self.log: list[dict[str, Any]] = []  # one entry per request served (also printed)
 
     def preload(self) -> None:
         """Import what a Lightning node needs (torch, Lightning, the simulator's client)."""
@@ -146,17 +147,31 @@ class Worker:
         ins = instructions_from(header.get("instructions"))
         if not ins.run_config:
             raise WorkerProtocolError("request: the instructions carry no run config")
+        t0 = time.perf_counter()
         try:
+            builds = self.builds
             node = self._node_for(header.get("node_config"), ins.run_config)
+            t1 = time.perf_counter()
             if op == "train":
                 shared, n = node.train(arrays, ins)
-                return {"ok": True, "num_examples": int(n), "builds": self.builds}, shared
-            metrics = node.evaluate(arrays, ins)
-            n_test = int(node.client.x_test.shape[0])
-            return {"ok": True, "metrics": metrics, "num_test": n_test}, {}
+                reply: dict[str, Any] = {"ok": True, "num_examples": int(n)}
+            else:
+                metrics = node.evaluate(arrays, ins)
+                shared = {}
+                reply = {
+                    "ok": True,
+                    "metrics": metrics,
+                    "num_test": int(node.client.x_test.shape[0]),
+                }
         except BaseException:
             self.node, self.key = None, None  # rebuilt from disk next time
             raise
+        age = header.get("clientapp_age_s")
+        self.log.append({"op": op, "round": ins.round, "built": self.builds > builds,
+                         "build_s": t1 - t0, "work_s": time.perf_counter() - t1,
+                         "clientapp_age_s": age if isinstance(age, float) else None})  # fmt: skip
+        print("worker: " + json.dumps(self.log[-1]), flush=True)
+        return reply, shared
 
     def serve_one(self, conn: socket.socket) -> None:
         """Read one request from ``conn``, answer it (an error reply for a bad one)."""

@@ -12,8 +12,10 @@ the time Python and flwr take (no torch, no Lightning).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,8 +57,20 @@ def worker_socket(context: Any) -> str | None:
     return str(v) if v not in (None, "", False) else None
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): in a
+    ClientApp, what Flower's process start, Python and the imports took."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _request(op: str, context: Any, ins: TrainInstructions) -> dict[str, Any]:
-    return {"op": op, "node_config": dict(context.node_config), "instructions": asdict(ins)}
+    return {"op": op, "node_config": dict(context.node_config), "instructions": asdict(ins),
+            "clientapp_age_s": process_age()}  # fmt: skip
 
 
 def forward_train(msg: Any, context: Any, sock: str) -> Any:
