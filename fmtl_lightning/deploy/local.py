@@ -3,11 +3,9 @@
 Used by the loopback test, the deploy benchmark and ``fmtl deploy local``. Every
 process is real (``flower-superlink``, ``flower-supernode``, ``flwr``), talks HTTPS on
 127.0.0.1 with certificates from :mod:`fmtl_lightning.deploy.tls`, and is started in
-its own session. Each Lightning node gets a node-resident worker
-(``python -m fmtl_lightning.deploy.worker``, :meth:`LocalDeployment.start_worker`) that
-keeps torch, Lightning and its client loaded between rounds; the ClientApp forwards to
-it (``NodeSpec(worker=False)``: the ClientApp trains itself, re-importing torch for every
-message). With TLS, SuperNode authentication is on: each client's node has its
+its own session. Each Lightning node gets a worker that keeps its client warm
+(:mod:`fmtl_lightning.deploy.worker`; ``NodeSpec(worker=False)``: the ClientApp trains,
+importing torch for every message). With TLS, SuperNode authentication is on: each client's node has its
 own registered key and the ServerApp binds the client id to it
 (:mod:`fmtl_lightning.deploy.auth`). :meth:`LocalDeployment.stop` kills each process tree (Flower's
 SuperExec runs in a session of its own, so trees are walked through ``/proc``, not just
@@ -315,21 +313,20 @@ class LocalDeployment:
             procs.append(self._spawn(name, self.node_argv(node, free_port())))
         for p in procs if wait else []:
             self._wait_for_log(p, "SuperNode ID", timeout)
-        for p in workers if wait else []:  # a node without its worker fails its messages
-            self._wait_for_log(p, "fmtl worker ready", timeout)
+        for p in workers if wait else []:  # importing torch on a busy machine: minutes
+            self._wait_for_log(p, "fmtl worker ready", max(timeout, 300.0))
         return procs
 
     def start_worker(self, node: NodeSpec, node_name: str) -> Proc:
-        """The node-resident worker of ``node`` (:mod:`fmtl_lightning.deploy.worker`),
-        paired with the SuperNode ``node_name``: :meth:`kill` of the node kills it too.
-        Kept in :attr:`workers`, not :attr:`procs` (which holds Flower's processes)."""
+        """``node``'s worker, in :attr:`workers` (:attr:`procs` holds Flower's processes),
+        paired with the SuperNode ``node_name``: :meth:`kill` of the node kills it too."""
         old = self.workers.pop(node_name, None)
         if old is not None:
             self._kill_proc(old, signal.SIGTERM)
         name = f"worker-{node_name.removeprefix('node-')}"
-        p = self._spawn(name, [sys.executable, "-m", "fmtl_lightning.deploy.worker",
-                               "--state-dir", str(node.state_dir),
-                               "--socket", str(node.worker_socket)], register=False)  # fmt: skip
+        argv = [sys.executable, "-m", "fmtl_lightning.deploy.worker", "--state-dir",
+                str(node.state_dir), "--socket", str(node.worker_socket)]  # fmt: skip
+        p = self._spawn(name, argv, register=False)
         self.workers[node_name] = p
         return p
 
