@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 
 from fmtl_lightning.deploy.worker_protocol import (
-    WorkerAuthError,
     WorkerError,
     WorkerProtocolError,
     encode,
@@ -178,10 +177,10 @@ class Worker:
         try:
             header, arrays = read_frame(conn, self.secret)
             reply, out = self.handle(header, arrays)
-        except WorkerAuthError as exc:  # no details to whoever lacks the secret
+        except FMTLError as exc:  # bad secret, malformed request, bad input: typed
             reply, out = {"ok": False, "type": type(exc).__name__, "error": str(exc)}, {}
-        except FMTLError as exc:
-            reply, out = {"ok": False, "type": type(exc).__name__, "error": str(exc)}, {}
+        except OSError as exc:  # the connection failed or timed out mid-frame
+            reply, out = {"ok": False, "type": "WorkerProtocolError", "error": str(exc)}, {}
         except Exception as exc:  # a bug: reported to the ClientApp, the worker lives on
             reply = {"ok": False, "type": type(exc).__name__, "error": repr(exc)}
             out = {}
