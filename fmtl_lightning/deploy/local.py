@@ -386,6 +386,7 @@ class LocalDeployment:
             p.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        left = [q for q in left if alive(q)]  # a big process may take a moment to exit
         return left + [q for q in p.pids_seen if alive(q) and q not in left]
 
     def stop(self) -> list[int]:
