@@ -4,9 +4,9 @@
 (:mod:`fmtl_lightning.deploy.worker`, kept between rounds: the default) or, for a node
 config without ``worker``, inside the ClientApp (:func:`lightning_train`,
 :func:`lightning_evaluate`), which Flower starts afresh for every message, so there
-nothing lives in memory between rounds. Per train message the node
+nothing lives in memory between rounds. The node
 
-1. rebuilds its client from the YAML the server sent (a
+1. builds its client from the YAML the server sent (a
    :class:`~fmtl_lightning.clients.ClientPool`, the in-process simulation's clients:
    same modules, same Fabric loop, same seeds) with the node's data: its shard of the YAML's dataset
    for its ``client-id`` (as ``fmtl simulate`` partitions it), or, when the node config
@@ -18,8 +18,8 @@ nothing lives in memory between rounds. Per train message the node
    loop does (the same algorithm object, :mod:`fmtl_lightning.algorithms`),
 4. writes its local state back atomically and returns the trained shared arrays.
 
-Per evaluate message (after aggregation, when evaluation is due) it rebuilds the same
-client and scores the aggregated model exactly as ``fmtl simulate`` scores a client
+Steps 1-2 happen once per message inside a ClientApp, once per run in a worker. Per
+evaluate message (after aggregation, when evaluation is due) the same client scores the aggregated model exactly as ``fmtl simulate`` scores a client
 (:meth:`LightningNode.evaluate`, :mod:`fmtl_lightning.deploy.evaluation`).
 """
 
