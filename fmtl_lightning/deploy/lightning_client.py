@@ -19,7 +19,8 @@ nothing lives in memory between rounds. The node
 4. writes its local state back atomically and returns the trained shared arrays.
 
 Steps 1-2 happen once per message inside a ClientApp, once per run in a worker. Per
-evaluate message (after aggregation, when evaluation is due) the same client scores the aggregated model exactly as ``fmtl simulate`` scores a client
+evaluate message (after aggregation, when evaluation is due) the same client scores
+the aggregated model exactly as ``fmtl simulate`` scores a client
 (:meth:`LightningNode.evaluate`, :mod:`fmtl_lightning.deploy.evaluation`).
 """
 
