@@ -267,10 +267,17 @@ def pick_faults(clients: list[str], rng: random.Random, kill: int = 2, slow: int
 
 # ----------------------------------------------------------------------------- reading a run
 def round_records(run_dir: Path, rounds: int) -> list[dict[str, Any]]:
-    """The journal record of rounds 1..``rounds`` (report + metric rows)."""
-    from fmtl_lightning.checkpoint import read_history
+    """Rounds 1..``rounds``: the journal record (report + metric rows), its report's
+    ``times`` replaced by the final ones of the round's ``meta.json`` (with ``total``:
+    the journal is written before the round's checkpoint, so it lacks them)."""
+    from fmtl_lightning.checkpoint import read_history, round_dir
 
-    return read_history(run_dir, rounds)
+    out = []
+    for rec in read_history(run_dir, rounds):
+        meta = json.loads((round_dir(run_dir, rec["round"]) / "meta.json").read_text())
+        rec["report"]["times"] = meta["report"]["times"]
+        out.append(rec)
+    return out
 
 
 def mean_accuracy(rec: dict[str, Any]) -> float | None:
@@ -280,11 +287,12 @@ def mean_accuracy(rec: dict[str, Any]) -> float | None:
 
 
 def time_to_target(records: list[dict[str, Any]], target: float) -> tuple[float | None, int | None]:
-    """(seconds, round): the server's wall time of rounds 1..r for the first round r
-    whose mean accuracy reaches ``target``; (None, None) if none does."""
+    """(seconds, round): the server's wall time of rounds 1..r (each round's ``total``:
+    train, wait, aggregate, evaluate, checkpoint) for the first round r whose mean
+    accuracy reaches ``target``; (None, None) if none does."""
     total = 0.0
     for rec in records:
-        total += float(rec["report"]["times"].get("total", 0.0))
+        total += float(rec["report"]["times"]["total"])
         acc = mean_accuracy(rec)
         if acc is not None and acc >= target:
             return total, int(rec["round"])
@@ -365,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in runs.items():
         recs = r["records"]
         t, rnd = time_to_target(recs, a.target)
-        per = [float(rec["report"]["times"].get("total", 0.0)) for rec in recs]
+        per = [float(rec["report"]["times"]["total"]) for rec in recs]
         lines.append(f"| {name} | {_fmt(t)} s | {rnd or 'not reached'} | "
                      f"{_fmt(mean_accuracy(recs[-1]), '.3f')} | {_fmt(sum(per) / len(per))} | "
                      f"{r['wall']:.1f} |")  # fmt: skip
