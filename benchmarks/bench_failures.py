@@ -364,7 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         f"moments of rounds 1-2 (seed {a.seed}), 2 others slowed 5x (SIGSTOP/SIGCONT duty cycle, 1/5 of "
         "the wall time). Time to target = the server's round wall times summed up to the "
         "first round whose mean test accuracy over the scored clients reaches the target; "
-        "one run each, same machine, one after the other.",
+        "one run each, same machine, one after the other. The mean is over the clients "
+        "scored in the round: a dead node's client has no score, so after the kills the "
+        "failures run's mean is over the survivors (not the same population).",
         "",
         f"| run | time to mean acc >= {a.target:g} | reached in round | final mean acc | "
         "mean s / round | whole run (s) |",
