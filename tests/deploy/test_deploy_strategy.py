@@ -763,12 +763,13 @@ def test_a_non_finite_aggregate_is_never_adopted_or_written(tmp_path, monkeypatc
 
 
 def test_a_node_without_a_score_is_named_with_its_reason_never_averaged(plan, tmp_path):
-    """c02's evaluate reply comes from the edge handler (no score, its reason), c01 scores
-    other weights than those sent: neither enters the rows; the report names both."""
+    """c02's evaluate reply comes from the edge handler (no score: its data file has no
+    test split), c01 scores other weights than those sent: neither enters the rows; the
+    report names both."""
     from flwr.app import ConfigRecord as CR
 
     from fmtl_lightning.deploy.cli import deploy_report
-    from fmtl_lightning.deploy.edge_eval import WHY, edge_evaluate
+    from fmtl_lightning.deploy.edge_eval import edge_evaluate
     from fmtl_lightning.deploy.evaluation import eval_reply
 
     def scoring(n: int, acc: float, tamper: bool = False) -> Handler:
@@ -786,10 +787,15 @@ def test_a_node_without_a_score_is_named_with_its_reason_never_averaged(plan, tm
 
         return handle
 
+    train_only = tmp_path / "train_only.npz"
+    np.savez(train_only, x=np.zeros((2, 1, 8, 8), np.float32))
+    why = f"edge node: its data file {train_only} has no test split (x_test, y_test__digits__parity)"
+
     def edge(msg: Message) -> Message:
         if msg.metadata.message_type == "evaluate":
-            return edge_evaluate(msg, _ctx(103, {**NODE_CONFIG[103], "runtime": "edge",
-                                                 "bundle": "b", "data": "d", "state-dir": "s"}))  # fmt: skip
+            return edge_evaluate(msg, _ctx(103, {**NODE_CONFIG[103], "runtime": "edge", "bundle": "b",
+                                                 "data": str(train_only),
+                                                 "state-dir": str(tmp_path / "s")}))  # fmt: skip
         return good_node(103)(msg)
 
     grid = FakeGrid({101: scoring(101, 0.75), 102: scoring(102, 0.5, tamper=True), 103: edge})
@@ -797,10 +803,10 @@ def test_a_node_without_a_score_is_named_with_its_reason_never_averaged(plan, tm
     summary = run.run(grid, 1, 0, 1.0)
     assert [(r["client"], r["acc"]) for r in run.engine.history] == [("c00", 0.75)]
     assert summary["mean_acc"] == 0.75 and list(summary["clients"]) == ["c00"]
-    assert summary["not_evaluated"]["c02"] == WHY
+    assert summary["not_evaluated"]["c02"] == why
     assert "evaluated other weights" in summary["not_evaluated"]["c01"]
     text = deploy_report(summary)
-    assert f"c02: no test accuracy: {WHY}" in text
+    assert f"c02: no test accuracy: {why}" in text
     assert "mean and worst are over the clients with a score: c00" in text
 
 

@@ -88,7 +88,8 @@ def test_loopback_tls_rounds_resume_and_a_node_killed_mid_round(tmp_path):
             assert [rep["sent"][c]["width"] for c in ("c00", "c01", "c02")] == [1.0, 0.5, 0.25]
             for cid in ("c00", "c01"):  # Lightning nodes score the aggregated model
                 assert 0.0 <= rep["evaluated"][cid]["acc/digits/digit"] <= 1.0
-            assert "baked in" in rep["not_evaluated"]["c02"]  # edge: says why not
+            assert rep["not_evaluated"] == {}  # the edge node scores it too (ONNX Runtime)
+            assert 0.0 <= rep["evaluated"]["c02"]["acc/digits/parity"] <= 1.0
             assert rep["accepted"]["c02"]["steps"] == 10.0  # edge: 150 examples / 16
             assert np.isfinite(rep["accepted"]["c02"]["loss"])
             down = {c: rep["sent"][c]["bytes_down"] for c in rep["sent"]}
