@@ -789,7 +789,9 @@ def test_a_node_without_a_score_is_named_with_its_reason_never_averaged(plan, tm
 
     train_only = tmp_path / "train_only.npz"
     np.savez(train_only, x=np.zeros((2, 1, 8, 8), np.float32))
-    why = f"edge node: its data file {train_only} has no test split (x_test, y_test__digits__parity)"
+    why = (
+        f"edge node: its data file {train_only} has no test split (x_test, y_test__digits__parity)"
+    )
 
     def edge(msg: Message) -> Message:
         if msg.metadata.message_type == "evaluate":
