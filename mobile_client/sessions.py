@@ -136,9 +136,9 @@ class BoundStep:
         def value(slot: tuple[str, str]) -> np.ndarray:
             kind, key = slot
             if kind == "w":
-                return np.ascontiguousarray(src[slot])
-            return np.ascontiguousarray(momenta[key] if key in momenta else
-                                        np.zeros_like(state[key]))  # fmt: skip
+                return np.asarray(src[slot], order="C")  # (0-d stays 0-d)
+            m = momenta[key] if key in momenta else np.zeros_like(state[key])
+            return np.asarray(m, order="C")
 
         def owned(a: np.ndarray, fill: bool = True) -> Any:  # an ORT-allocated copy of a
             v = OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, "cpu", 0)
@@ -154,7 +154,7 @@ class BoundStep:
         self._ins = {n: s for n, s in ins.items() if s in stepped}
         self._outs = {n: s for n, s in outs.items() if s in stepped}
         self._others = [o.name for o in sess.get_outputs() if o.name not in self._outs]
-        self._lr = np.ascontiguousarray(lr, dtype=np.float32)
+        self._lr = np.asarray(lr, dtype=np.float32, order="C")
         self._loss = f.loss_output or "loss"
 
     def step(self, batch: Mapping[str, np.ndarray]) -> float:
@@ -166,7 +166,7 @@ class BoundStep:
             io.bind_ortvalue_input(n, cur[s])
         for n, v in self._fixed.items():
             io.bind_ortvalue_input(n, v)
-        held = [np.ascontiguousarray(a) for a in batch.values()]  # alive through the run
+        held = [np.asarray(a, order="C") for a in batch.values()]  # alive through the run
         for n, a in zip(batch, held, strict=True):
             io.bind_cpu_input(n, a)
         io.bind_cpu_input(self.f.lr_input or "lr", self._lr)
