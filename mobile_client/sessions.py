@@ -126,7 +126,6 @@ class BoundStep:
         from onnxruntime import OrtValue
 
         self.sess, self.f = sess, f
-        self._io = sess.io_binding()
         ins = {**{n: ("w", k) for n, k in f.weights.items()},
                **{n: ("m", k) for n, k in f.momentum_inputs.items()}}  # fmt: skip
         outs = {**{n: ("w", k) for n, k in f.weight_outputs.items()},
@@ -147,45 +146,48 @@ class BoundStep:
             return v
 
         stepped = set(ins.values()) & set(outs.values())
-        # sets[0] is read by the next step, sets[1] written; inputs with no output are fixed
+        # the two sets a step reads from / writes to in turn; inputs with no output are fixed
         self._sets = [{s: owned(value(s)) for s in stepped},
                       {s: owned(value(s), fill=False) for s in stepped}]  # fmt: skip
         self._fixed = {n: owned(value(s)) for n, s in ins.items() if s not in stepped}
-        self._ins = {n: s for n, s in ins.items() if s in stepped}
-        self._outs = {n: s for n, s in outs.items() if s in stepped}
-        self._others = [o.name for o in sess.get_outputs() if o.name not in self._outs]
-        self._lr = np.asarray(lr, dtype=np.float32, order="C")
-        self._loss = f.loss_output or "loss"
+        others = [o.name for o in sess.get_outputs() if o.name not in outs]
+        lr_arr = np.asarray(lr, dtype=np.float32, order="C")
+        # one binding per direction (0: set 0 -> set 1, 1: set 1 -> set 0), bound once;
+        # a step rebinds only its batch
+        self._io = []
+        for d in (0, 1):
+            io = sess.io_binding()
+            for n, slot in ins.items():
+                io.bind_ortvalue_input(
+                    n, self._sets[d][slot] if slot in stepped else self._fixed[n]
+                )
+            io.bind_cpu_input(f.lr_input or "lr", lr_arr)
+            for n in others:  # first: get_outputs() lists outputs in binding order
+                io.bind_output(n)
+            for n, slot in outs.items():
+                if slot in stepped:
+                    io.bind_ortvalue_output(n, self._sets[1 - d][slot])
+            self._io.append(io)
+        self._lr, self._cur = lr_arr, 0  # lr_arr: alive as long as the bindings
+        self._loss = others.index(f.loss_output or "loss")
 
     def step(self, batch: Mapping[str, np.ndarray]) -> float:
         """One step on ``batch`` (graph input name -> array: x and targets); the loss."""
-        io, (cur, nxt) = self._io, self._sets
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        for n, s in self._ins.items():
-            io.bind_ortvalue_input(n, cur[s])
-        for n, v in self._fixed.items():
-            io.bind_ortvalue_input(n, v)
+        io = self._io[self._cur]
         held = [np.asarray(a, order="C") for a in batch.values()]  # alive through the run
         for n, a in zip(batch, held, strict=True):
             io.bind_cpu_input(n, a)
-        io.bind_cpu_input(self.f.lr_input or "lr", self._lr)
-        for n in self._others:  # first: get_outputs() lists outputs in binding order
-            io.bind_output(n)
-        for n, s in self._outs.items():
-            io.bind_ortvalue_output(n, nxt[s])
         try:
             self.sess.run_with_iobinding(io)
         except ort_errors() as exc:
             raise ManifestError(f"file {self.f.path!r}: the graph does not run: {exc}") from exc
-        self._sets.reverse()
-        out = dict(zip(self._others, io.get_outputs()[: len(self._others)], strict=True))
-        return float(out[self._loss].numpy())
+        self._cur = 1 - self._cur
+        return float(io.get_outputs()[self._loss].numpy())
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(weights, momenta)`` by key: the stepped arrays as they are now (copies)."""
         w: dict[str, np.ndarray] = {}
         m: dict[str, np.ndarray] = {}
-        for (kind, key), v in self._sets[0].items():
+        for (kind, key), v in self._sets[self._cur].items():
             (w if kind == "w" else m)[key] = np.array(v.numpy(), copy=True)
         return w, m
