@@ -36,7 +36,7 @@ from mobile_client.errors import InputError, ManifestError
 from mobile_client.manifest import Manifest, load_manifest, verify_files
 from mobile_client.manifest_entries import ClientEntry, FileEntry, HeadEntry, TrainStepEntry
 from mobile_client.safetensors_np import load_file, save_file
-from mobile_client.sessions import GraphSessions
+from mobile_client.sessions import BoundStep, GraphSessions
 from mobile_client.update import state_hash
 
 WIDTH_TOL = 1e-9
@@ -60,7 +60,10 @@ class EdgeClient:
     """One client of an exported bundle (see the module docstring).
 
     ``client_id`` defaults to the bundle's only client; ``verify`` checks every file's
-    sha256 against the manifest before anything is loaded.
+    sha256 against the manifest before anything is loaded. ``io_binding`` (default):
+    training keeps the state in onnxruntime's buffers between steps
+    (:class:`~mobile_client.sessions.BoundStep`); False feeds and fetches numpy arrays
+    every step (the same numbers).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class EdgeClient:
         *,
         verify: bool = True,
         threads: int | None = None,
+        io_binding: bool = True,
     ) -> None:
         self.dir = Path(bundle_dir)
         self.manifest: Manifest = load_manifest(self.dir)
@@ -88,6 +92,7 @@ class EdgeClient:
         self.entry: ClientEntry = self.manifest.client(client_id)
         self.client_id = client_id
         self._graphs = GraphSessions(self.dir, self.manifest, threads)
+        self.io_binding = io_binding
         self._weights: dict[str, np.ndarray] | None = None
         self._local: dict[str, np.ndarray] = {}  # heads loaded from a local file
         self.last: TrainResult | None = None
@@ -286,13 +291,30 @@ class EdgeClient:
         # first step, as torch's optimiser starts each local fit, then carried step to step
         moms: dict[str, np.ndarray] = {}
 
-        def run_step(f: FileEntry, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bound: dict[str, BoundStep] = {}  # graph path -> its bound step (io_binding)
+
+        def run_step(f: FileEntry, feed: dict[str, np.ndarray]) -> float:
+            """One step of graph ``f`` on ``feed`` (the batch: x or features, targets)."""
+            if self.io_binding:
+                if f.path not in bound:
+                    bound[f.path] = self._graphs.bound(f, state, moms, lr_arr)
+                return bound[f.path].step(feed)
+            feed.update({name: state[key] for name, key in f.weights.items()})
             for name, key in f.momentum_inputs.items():
                 feed[name] = moms[key] if key in moms else np.zeros_like(state[key])
+            feed[f.lr_input or "lr"] = lr_arr
             res = self._graphs.run(f, feed)
             store_outputs(state, f, res)
             moms.update({key: res[name] for name, key in f.momentum_outputs.items()})
-            return res
+            return float(res[f.loss_output or "loss"])
+
+        def collect() -> None:
+            """Copy the bound steps' state out into ``state`` / ``moms`` (onnxruntime
+            refused any output whose shape or dtype differs from the state's)."""
+            for b in bound.values():
+                ws, ms = b.state()
+                state.update(ws)
+                moms.update(ms)
 
         def report(i: int) -> None:
             if progress and (i % per_epoch == 0):
@@ -322,26 +344,21 @@ class EdgeClient:
                     s = h.head_step
                     if s is None:
                         raise ManifestError(f"head {h.client}/{t} has no head_step graph")
-                    feed = {name: state[key] for name, key in s.weights.items()}
-                    feed[s.features_input or "features"] = feats[idx]
-                    feed[s.target_inputs["task"]] = ys[t][idx]
-                    feed[s.lr_input or "lr"] = lr_arr
-                    res = run_step(s, feed)
-                    total += float(res[s.loss_output or "loss"])
+                    feed = {s.features_input or "features": feats[idx],
+                            s.target_inputs["task"]: ys[t][idx]}  # fmt: skip
+                    total += run_step(s, feed)
                 losses.append(total)
                 report(i)
         else:
             step = self.train_step(w).file
             ys = self.prepare_targets(targets, tuple(step.task_kinds), n)
             for i, idx in enumerate(batch_order(n, batch_size, epochs, steps, seed), 1):
-                feed = {name: state[key] for name, key in step.weights.items()}
-                feed[step.x_input or "x"] = xs[idx]
+                feed = {step.x_input or "x": xs[idx]}
                 for t, y in ys.items():
                     feed[step.target_inputs[t]] = y[idx]
-                feed[step.lr_input or "lr"] = lr_arr
-                res = run_step(step, feed)
-                losses.append(float(res[step.loss_output or "loss"]))
+                losses.append(run_step(step, feed))
                 report(i)
+        collect()
         for k, v in state.items():
             if v.dtype.kind == "f" and not np.isfinite(v).all():
                 raise InputError(f"training diverged: key {k!r} has NaN/Inf (lower lr={lr})")
