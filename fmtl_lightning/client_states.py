@@ -32,7 +32,7 @@ from fmtl_lightning.run_artifacts import ClientStore
 State = dict[str, np.ndarray]
 
 
-class ClientStateError(FMTLError):
+class ClientStateError(FMTLError, ValueError):
     """A client's state file is unreadable (the message names the file), or the client
     is not in the pool."""
 
@@ -54,7 +54,7 @@ class ClientStates(Mapping[str, ClientStore]):
         resident: int = 16,
     ) -> None:
         if resident < 1:
-            raise ValueError(f"resident: at least 1 store in RAM, got {resident}")
+            raise ClientStateError(f"resident: at least 1 store in RAM, got {resident}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         for p in self.root.glob("*.safetensors"):
