@@ -3,10 +3,11 @@
 A SuperLink started with ``--simulation`` (Ray, ``flwr[simulation]``) runs N virtual
 SuperNodes, each client ``c{partition-id}`` of the YAML, through our ServerApp and
 ClientApp (:mod:`fmtl_lightning.deploy`), on ``cpus`` Ray CPUs with one CPU per virtual
-node (so ``cpus`` Ray workers train side by side). The YAML is :func:`bench_scale.config`
-with ``rounds`` training rounds and no evaluation (a Lightning node is rebuilt per
-message, so scoring 1,000 virtual nodes would dominate the run; the in-process table
-times its evaluation apart). Measured from outside: the peak of the summed RSS of every
+node (so ``cpus`` Ray workers train side by side). The YAML is :func:`bench_scale.config`;
+the run is stopped once ``rounds`` training rounds are checkpointed, before the evaluation
+the ServerApp runs after its last round (``rounds + 1``): a Lightning node is rebuilt per
+message, so scoring 1,000 virtual nodes would take as long as 100 training rounds; the
+in-process table times its evaluation apart. Measured from outside: the peak of the summed RSS of every
 process under the SuperLink (itself, the simulation process that runs the ServerApp, Ray's
 GCS/raylet/agents, and the Ray workers that run the ClientApps), with the Ray workers'
 share, sampled every 0.2 s; seconds per round from when each round's checkpoint appears.
@@ -82,7 +83,7 @@ class TreeSampler(threading.Thread):
         self.join(timeout=5)
 
 
-def measure_flower(n: int, rounds: int, cpus: int = 2) -> dict[str, Any]:
+def measure_flower(n: int, rounds: int, cpus: int = 2, timeout: float = 1800.0) -> dict[str, Any]:
     """One size on Flower's simulation engine (see the module doc)."""
     from benchmarks.bench_scale import config
     from fmtl_lightning.deploy.local import BIN, LocalDeployment, kv_string
@@ -95,30 +96,38 @@ def measure_flower(n: int, rounds: int, cpus: int = 2) -> dict[str, Any]:
     run_dir = root / "run"
     app = Path(__file__).resolve().parents[1] / "examples" / "flower"
     dep = LocalDeployment(root / "dep", tls=False, simulation=True)
-    rc = {"config": str(yml), "run-dir": str(run_dir), "num-rounds": rounds,
+    rc = {"config": str(yml), "run-dir": str(run_dir), "num-rounds": rounds + 1,
           "reply-timeout": 600.0, "node-auth": False}  # fmt: skip
     fed = (f"num-supernodes={n} client-resources-num-cpus=1 init-args-num-cpus={cpus} "
            "init-args-logging-level='ERROR'")  # fmt: skip
     argv = [str(BIN / "flwr"), "run", str(app), "local", "--stream", "--run-config",
             kv_string(rc), "--federation-config", fed]  # fmt: skip
-    sampler = None
+    sampler = flwr = None
+    log = root / "flwr-run.log"
     try:
         link = dep.start_superlink()
         sampler = TreeSampler(link.popen.pid, run_dir)
         sampler.start()
         t0 = time.perf_counter()
-        res = subprocess.run(argv, env=dep.env, cwd=dep.root, capture_output=True, text=True,
-                             timeout=3600, start_new_session=True)  # fmt: skip
+        with log.open("wb") as fh:
+            flwr = subprocess.Popen(argv, env=dep.env, cwd=dep.root, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        while rounds not in sampler.round_done and flwr.poll() is None:
+            if time.perf_counter() - t0 > timeout:
+                break
+            time.sleep(0.2)
         wall = time.perf_counter() - t0
-        time.sleep(0.5)
     finally:
         if sampler is not None:
             sampler.stop()
         left = dep.stop()
+        if flwr is not None and flwr.poll() is None:
+            flwr.terminate()
+            flwr.wait(timeout=30)
     done = completed_rounds(run_dir)
-    if done[-1:] != [rounds]:
-        raise RuntimeError(f"flower simulation of {n} clients ended after rounds {done}:\n"
-                           + (res.stdout + res.stderr)[-3000:])  # fmt: skip
+    if rounds not in done:
+        raise RuntimeError(f"flower simulation of {n} clients stopped after rounds {done}:\n"
+                           + log.read_text(errors="replace")[-3000:])  # fmt: skip
     at = sampler.round_done
     gaps = [at[r] - at[r - 1] for r in range(3, rounds + 1) if r in at and r - 1 in at]
     return {
