@@ -58,14 +58,16 @@ def config(n: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def _written(run_dir: Path, before: dict[str, int]) -> int:
-    """Bytes of files new in the run's checkpoints (a hard link to an old file is free)."""
+def _written(run_dir: Path, before: dict[tuple[int, int], int]) -> int:
+    """Bytes of files new in the run's checkpoints (a hard link to an old file is free).
+    A file is its (inode, mtime): an inode freed by pruning and reused by a new file counts."""
     new = 0
     for p in (run_dir / "checkpoints").rglob("*.safetensors"):
         st = p.stat()
-        if st.st_ino not in before:
+        key = (st.st_ino, st.st_mtime_ns)
+        if key not in before:
             new += st.st_size
-            before[st.st_ino] = st.st_size
+            before[key] = st.st_size
     return new
 
 
@@ -78,7 +80,7 @@ def measure(n: int, rounds: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     sim = Simulation(parse_config(config(n, rounds)), run_dir, progress=False)
     setup = time.perf_counter() - t0
-    seen: dict[int, int] = {}
+    seen: dict[tuple[int, int], int] = {}
     per_round, written = [], []
     for _ in range(rounds - 1):  # the last round also evaluates everyone: timed apart
         t = time.perf_counter()
