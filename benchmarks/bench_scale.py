@@ -162,10 +162,11 @@ def render_flower(rows: list[dict[str, Any]], rounds: int, cpus: int) -> str:
         f"s / round: rounds 3..{rounds}, from checkpoint to checkpoint. Peak RSS: the peak of "
         "the RSS summed over every process under the SuperLink (SuperLink, the simulation "
         "process running the ServerApp, Ray's GCS, raylet and agents, the Ray workers), "
-        "sampled every 0.2 s; the Ray workers' share on its own.",
+        "sampled every 0.2 s; the share of Ray's `ray::` processes on its own (the ClientApp "
+        "actors, idle workers, and Ray's dashboard and runtime-env agents).",
         "",
-        "| clients | first round s | s / round | peak RSS MB, all processes | Ray workers' "
-        "peak RSS MB | Ray worker processes | RSS ratio | s / round ratio |",
+        "| clients | first round s | s / round | peak RSS MB, all processes | `ray::` "
+        "processes' peak RSS MB | `ray::` processes | RSS ratio | s / round ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -9,8 +9,8 @@ the ServerApp runs after its last round (``rounds + 1``): a Lightning node is re
 message, so scoring 1,000 virtual nodes would take as long as 100 training rounds; the
 in-process table times its evaluation apart. Measured from outside: the peak of the summed RSS of every
 process under the SuperLink (itself, the simulation process that runs the ServerApp, Ray's
-GCS/raylet/agents, and the Ray workers that run the ClientApps), with the Ray workers'
-share, sampled every 0.2 s; seconds per round from when each round's checkpoint appears.
+GCS/raylet/agents, and the Ray workers that run the ClientApps), with the share of the
+``ray::`` processes (ClientApp actors, idle workers, Ray's agents), sampled every 0.2 s; seconds per round from when each round's checkpoint appears.
 """
 
 from __future__ import annotations
