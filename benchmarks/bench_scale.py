@@ -12,7 +12,8 @@ final evaluation of every client, the peak RSS, and the bytes a round's checkpoi
 writes. ``--before DIR``: also run the in-process sizes with the code checked out in DIR
 (e.g. the commit before a change), same machine, same run.
 
-Flower's simulation engine (``--engines flower``; Ray, the ``[flower-sim]`` extra):
+Flower's simulation engine (``--engines flower``; Ray, the ``[flower-sim]`` extra, ``make
+setup-flower-sim``; without it the section says it was not measured):
 :mod:`benchmarks.scale_flower`: peak RSS summed over every process of the run (Ray
 workers included) and seconds per round.
 
@@ -23,6 +24,7 @@ workers included) and seconds per round.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -201,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         before = run(sizes, args.rounds, args.before.resolve()) if args.before else None
         label = f"before (`{args.before.name}`)" if args.before else ""
         parts.append(render(rows, args.rounds, before, label))
-    if "flower" in engines:
+    if "flower" in engines and importlib.util.find_spec("ray") is None:
+        parts.append("### Flower's simulation engine (Ray): not measured\n\nRay is not "
+                     "installed: `make setup-flower-sim` (the `[flower-sim]` extra).")  # fmt: skip
+    elif "flower" in engines:
         from benchmarks.scale_flower import measure_flower
 
         frows = []
