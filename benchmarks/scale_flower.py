@@ -3,7 +3,8 @@
 A SuperLink started with ``--simulation`` (Ray, ``flwr[simulation]``) runs N virtual
 SuperNodes, each client ``c{partition-id}`` of the YAML, through our ServerApp and
 ClientApp (:mod:`fmtl_lightning.deploy`), on ``cpus`` Ray CPUs with one CPU per virtual
-node (so ``cpus`` Ray workers train side by side). The YAML is :func:`bench_scale.config`;
+node (so ``cpus`` Ray workers train side by side). The YAML is the caller's
+(``benchmarks.bench_scale``'s);
 the run is stopped once ``rounds`` training rounds are checkpointed, before the evaluation
 the ServerApp runs after its last round (``rounds + 1``): a Lightning node is rebuilt per
 message, so scoring 1,000 virtual nodes would take as long as 100 training rounds; the
@@ -83,14 +84,16 @@ class TreeSampler(threading.Thread):
         self.join(timeout=5)
 
 
-def measure_flower(n: int, rounds: int, cpus: int = 2, timeout: float = 1800.0) -> dict[str, Any]:
-    """One size on Flower's simulation engine (see the module doc)."""
-    from benchmarks.bench_scale import config
+def measure_flower(
+    cfg: dict[str, Any], rounds: int, cpus: int = 2, timeout: float = 1800.0
+) -> dict[str, Any]:
+    """The run config ``cfg`` (a YAML dict of one client group; more rounds than
+    ``rounds`` and no evaluation due before them) on Flower's simulation engine (see the
+    module doc)."""
     from fmtl_lightning.deploy.local import BIN, LocalDeployment, kv_string
 
+    n = sum(int(g["count"]) for g in cfg["clients"])
     root = Path(tempfile.mkdtemp(prefix=f"scale-flwr{n}-"))
-    cfg = config(n, 1000)  # never reaches its last round: no evaluation is due
-    cfg["federation"]["eval_every"] = 1000
     yml = root / "scale.yaml"
     yml.write_text(yaml.safe_dump(cfg))
     run_dir = root / "run"
