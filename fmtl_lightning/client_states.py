@@ -67,6 +67,8 @@ class ClientStates(Mapping[str, ClientStore]):
 
     # ------------------------------------------------------------------ Mapping
     def __getitem__(self, cid: str) -> ClientStore:
+        if cid not in self._known:
+            raise KeyError(cid)
         if cid in self._open:
             self._open.move_to_end(cid)
             return self._open[cid]

@@ -102,7 +102,7 @@ class ClientPool:
         self._client_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._by_id = {c.cid: c for c in fed.clients}
         self.stores = ClientStates(_state_dir(Path(edge_dir).parent),
-                                   [c.cid for c in fed.clients], self._initial_store,
+                                   [c.cid for c in fed.clients], self.initial_store,
                                    resident=resident)  # fmt: skip
         self._remove_states = weakref.finalize(self, shutil.rmtree, self.stores.root, True)
         # clients whose store changed since the last checkpoint (None: all of them)
@@ -120,7 +120,7 @@ class ClientPool:
         self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
         self.edge = EdgeBridge(Path(edge_dir))
 
-    def _initial_store(self, cid: str) -> ClientStore:
+    def initial_store(self, cid: str) -> ClientStore:
         """Client ``cid``'s state before its first fit: the initial model's entries of its
         local keys (and of all its keys as its personal model, if it keeps one)."""
         init = self.plan.initial_model

@@ -65,7 +65,7 @@ def test_only_the_sampled_clients_states_are_in_ram_and_the_rest_on_disk(small_c
 def test_a_round_with_evaluation_keeps_at_most_resident_states(small_cfg, tmp_path):
     sim = Simulation(parse_config(_cfg(small_cfg)), tmp_path / "r", progress=False)
     sim.pool.stores = ClientStates(sim.pool.stores.root, [c.cid for c in sim.fed.clients],
-                                   sim.pool._initial_store, resident=2)  # fmt: skip
+                                   sim.pool.initial_store, resident=2)  # fmt: skip
     seen = []
     evaluate = sim.pool.evaluate
 
@@ -130,6 +130,7 @@ def test_state_files_and_their_errors(small_cfg, tmp_path):
         stores[cid]
     with pytest.raises(ClientStateError, match="'nobody'"):
         stores.arrays("nobody")
+    assert "nobody" not in stores and stores.get("nobody") is None
     with pytest.raises(ClientStateError, match="resident"):
         ClientStates(tmp_path / "x", ["a"], lambda _: ClientStore(), resident=0)
     root = stores.root
