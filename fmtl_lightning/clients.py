@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
@@ -56,7 +57,8 @@ from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
 
 State = dict[str, np.ndarray]
-_STATE_DIR_RE = re.compile(r"^\.client_state\.(\d+)\.")  # .client_state.<pid>.<random>
+# .client_state.<host>.<pid>.<random>: a pool's own state dir (see _state_dir)
+_STATE_DIR_RE = re.compile(r"^\.client_state\.([A-Za-z0-9-]+)\.(\d+)\.")
 
 
 def federation_plan(
@@ -354,14 +356,21 @@ class ClientPool:
 
 def _state_dir(parent: Path) -> Path:
     """A new directory for one pool's client states under ``parent``
-    (``.client_state.<pid>.<random>``); those of processes no longer alive (a killed
-    run) are removed first."""
+    (``.client_state.<host>.<pid>.<random>``); those of this host's processes no longer
+    alive (a killed run) are removed first."""
     parent.mkdir(parents=True, exist_ok=True)
     for p in parent.iterdir():
         m = _STATE_DIR_RE.match(p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
+        if m and m.group(1) == host_tag() and p.is_dir() and not _alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".client_state.{os.getpid()}.", dir=parent))
+    prefix = f".client_state.{host_tag()}.{os.getpid()}."
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def host_tag() -> str:
+    """This machine's name as it appears in a state dir's name (a run dir on a shared
+    file system may hold pools of other machines: never removed from here)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 def _alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from fmtl_lightning.checkpoint import read_round
 from fmtl_lightning.client_states import ClientStateError, ClientStates
+from fmtl_lightning.clients import host_tag
 from fmtl_lightning.config import parse_config
 from fmtl_lightning.data import load_dataset
 from fmtl_lightning.fed_data import ImageRows, images_to_tensor
@@ -140,14 +141,17 @@ def test_state_files_and_their_errors(small_cfg, tmp_path):
 
 def test_a_killed_runs_state_dir_is_removed_by_the_next_pool(small_cfg, tmp_path):
     run = tmp_path / "r"
-    stale = run / ".client_state.999999999.abc"  # no such process
+    host = host_tag()
+    stale = run / f".client_state.{host}.999999999.abc"  # no such process on this host
+    other = run / ".client_state.elsewhere.999999999.abc"  # another machine's: kept
     stale.mkdir(parents=True)
     (stale / "c00.safetensors").write_bytes(b"x")
-    live = run / f".client_state.{os.getpid()}.keep"  # a pool of a live process
+    live = run / f".client_state.{host}.{os.getpid()}.keep"  # a pool of a live process
     live.mkdir()
+    other.mkdir()
     sim = Simulation(parse_config(_cfg(small_cfg, "fedper")), run, progress=False)
-    assert not stale.exists() and live.is_dir()
-    assert sim.pool.stores.root.name.startswith(f".client_state.{os.getpid()}.")
+    assert not stale.exists() and live.is_dir() and other.is_dir()
+    assert sim.pool.stores.root.name.startswith(f".client_state.{host}.{os.getpid()}.")
 
 
 def test_resume_restores_every_clients_state_file(small_cfg, tmp_path):
