@@ -7,15 +7,24 @@ Lightning Fabric, or an edge client's exported step graphs in ONNX Runtime
 (:class:`~fmtl_lightning.edge_bridge.EdgeBridge`), and keeps what the client keeps
 between rounds (heads, FedBN norms, Ditto's personal model) in full-width global
 coordinates, so a client whose width changes between rounds (dynamic assignment,
-FedRolex windows) writes back exactly the entries it trained. It also evaluates a
-client, and runs static batch norm's statistics pass. It holds no global state: the
-server's (:class:`~fmtl_lightning.engine.ServerEngine`) is passed in.
+FedRolex windows) writes back exactly the entries it trained. That state lives on disk,
+one file per client (:class:`~fmtl_lightning.client_states.ClientStates`), read when a
+client is used and written back after its fit; only a few clients' states are in RAM at
+a time. It also evaluates a client, and runs static batch norm's statistics pass. It
+holds no global state: the server's (:class:`~fmtl_lightning.engine.ServerEngine`) is
+passed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import shutil
+import socket
+import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,7 @@ from fmtl_lightning.algorithms import (
     get_algorithm,
     load_for_eval,
 )
+from fmtl_lightning.client_states import CheckpointFiles, ClientStates
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.edge_bridge import EdgeBridge, EdgeJob
 from fmtl_lightning.engine.plan import PlannedClient, ServerPlan, server_plan
@@ -47,6 +57,8 @@ from fmtl_lightning.slicing import embed_array, slice_state
 from fmtl_lightning.tasks import get_task
 
 State = dict[str, np.ndarray]
+# .client_state.<host>.<pid>.<random>: a pool's own state dir (see _state_dir)
+_STATE_DIR_RE = re.compile(r"^\.client_state\.([A-Za-z0-9-]+)\.(\d+)\.")
 
 
 def federation_plan(
@@ -66,7 +78,9 @@ class ClientPool:
 
     ``loggers`` go to the one Fabric every fit runs through, ``callbacks`` (after the
     model source's own) get every local fit's training hooks; edge clients' bundles and
-    update files live under ``edge_dir``.
+    update files live under ``edge_dir``. The clients' states (``stores``) live in a
+    directory of this pool's own next to ``edge_dir`` (removed with the pool), at most
+    ``resident`` of them in RAM.
     """
 
     def __init__(
@@ -78,6 +92,7 @@ class ClientPool:
         *,
         loggers: Sequence[Any] = (),
         callbacks: Sequence[Any] = (),
+        resident: int = 16,
     ) -> None:
         self.cfg = cfg
         self.fed = fed
@@ -87,14 +102,11 @@ class ClientPool:
         self.layout = plan.layout
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self._client_keys: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self.stores: dict[str, ClientStore] = {}
-        init = plan.initial_model
-        for c in fed.clients:
-            keys = self.client_keys(c)
-            st = ClientStore(local={k: init[k].copy() for k in keys if k not in self.shared_keys})
-            if self.algorithm.evaluates_personal:
-                st.personal = {k: init[k].copy() for k in keys}
-            self.stores[c.cid] = st
+        self._by_id = {c.cid: c for c in fed.clients}
+        self.stores = ClientStates(_state_dir(Path(edge_dir).parent),
+                                   [c.cid for c in fed.clients], self.initial_store,
+                                   resident=resident)  # fmt: skip
+        self._remove_states = weakref.finalize(self, shutil.rmtree, self.stores.root, True)
         # clients whose store changed since the last checkpoint (None: all of them)
         self.changed: set[str] | None = None
         self._modules: dict[tuple, MultiTaskModule] = {}
@@ -109,6 +121,16 @@ class ClientPool:
         self.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=list(loggers))
         self.phase_log: dict[str, list[str]] | None = None  # tests: phases per client
         self.edge = EdgeBridge(Path(edge_dir))
+
+    def initial_store(self, cid: str) -> ClientStore:
+        """Client ``cid``'s state before its first fit: the initial model's entries of its
+        local keys (and of all its keys as its personal model, if it keeps one)."""
+        init = self.plan.initial_model
+        keys = self.client_keys(self._by_id[cid])
+        st = ClientStore(local={k: init[k].copy() for k in keys if k not in self.shared_keys})
+        if self.algorithm.evaluates_personal:
+            st.personal = {k: init[k].copy() for k in keys}
+        return st
 
     # ------------------------------------------------------------------ models
     def client_tasks(self, c: ClientData) -> dict[str, int]:
@@ -223,6 +245,7 @@ class ClientPool:
         self.embed(st.local, res.local, ws)
         if res.personal is not None:
             self.embed(st.personal, res.personal, ws)
+        self.stores.save(c.cid, st)
         self._mark(c.cid)
         return res
 
@@ -288,6 +311,7 @@ class ClientPool:
             stats = compute_static_stats(m.model, c.x_train)
             st = self.stores[c.cid]
             self.embed(st.personal if self.algorithm.evaluates_personal else st.local, stats, ws)
+            self.stores.save(c.cid, st)
             self._mark(c.cid)
 
     def evaluate(
@@ -307,18 +331,53 @@ class ClientPool:
             compute_static_stats(ctx.module.model, c.x_train)
         return ctx.module.evaluate(c.x_test, c.y_test, ctx.label_masks)
 
-    def client_files(self) -> tuple[dict[str, State], list[str]]:
+    def client_files(self) -> tuple[Mapping[str, State], list[str]]:
         """The checkpoint form of every client's local state that changed since the last
-        checkpoint, and the ids of the clients whose state did not (their files carry
-        over from it); then starts tracking changes anew."""
+        checkpoint (read from disk one client at a time, as the checkpoint is written),
+        and the ids of the clients whose state did not (their files carry over from it);
+        then starts tracking changes anew, and drops the resident states from RAM."""
         changed = set(self.stores) if self.changed is None else self.changed
-        files = {cid: st.to_arrays() for cid, st in self.stores.items() if cid in changed}
+        files = CheckpointFiles(self.stores, [cid for cid in self.stores if cid in changed])
         self.changed = set()
+        self.stores.release()
         return files, [cid for cid in self.stores if cid not in changed]
+
+    def close(self) -> None:
+        """Remove the clients' state directory (the states are gone; checkpoints keep them)."""
+        self._remove_states()
 
     def restore(self, clients: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Local states from a checkpoint's per-client arrays (a client without: empty)."""
-        for cid, st in self.stores.items():
-            saved = ClientStore.from_arrays(clients.get(cid, {}))
-            st.local, st.personal = saved.local, saved.personal
+        for cid in self.stores:
+            self.stores.save(cid, ClientStore.from_arrays(clients.get(cid, {})))
+        self.stores.release()
         self.changed = None  # the next checkpoint writes every client
+
+
+def _state_dir(parent: Path) -> Path:
+    """A new directory for one pool's client states under ``parent``
+    (``.client_state.<host>.<pid>.<random>``); those of this host's processes no longer
+    alive (a killed run) are removed first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for p in parent.iterdir():
+        m = _STATE_DIR_RE.match(p.name)
+        if m and m.group(1) == host_tag() and p.is_dir() and not _alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+    prefix = f".client_state.{host_tag()}.{os.getpid()}."
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def host_tag() -> str:
+    """This machine's name as it appears in a state dir's name (a run dir on a shared
+    file system may hold pools of other machines: never removed from here)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,13 +1,17 @@
 """Turn a RunConfig into clients with real data: tasks, widths, own train/test tensors.
 
 Deterministic for the config's seed: the same config always yields the same
-clients, samples and splits (resume relies on this).
+clients, samples and splits (resume relies on this). A client of a loaded dataset holds
+its images as an index into the one shared image array of its dataset
+(:class:`ImageRows`), normalised when read, so a federation's memory grows with its
+clients by their indices and labels only, never by copies of their images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,15 +30,52 @@ from fmtl_lightning.partition import (
 from fmtl_lightning.tasks import get_task
 
 
+@dataclass(frozen=True, eq=False)
+class ImageRows:
+    """Rows ``idx`` of one shared uint8 image array ``images`` ``(M, H, W)`` (a dataset
+    split, shared by every client), turned into the model's input only when read
+    (:func:`images_to_tensor` with ``mean``/``std``): a client holds an index, not images."""
+
+    images: np.ndarray  # (M, H, W) uint8, shared
+    idx: np.ndarray  # (N,) int64
+    mean: float
+    std: float
+
+    def __len__(self) -> int:
+        return int(self.idx.shape[0])
+
+    def tensor(self) -> torch.Tensor:
+        """float32 ``(N, 1, H, W)``, normalised: a fresh tensor on every call."""
+        return images_to_tensor(self.images[self.idx], self.mean, self.std)
+
+
+class _Inputs:
+    """A client's ``x_train``/``x_test``: set to a tensor or to :class:`ImageRows`, read
+    as a tensor (rows are normalised on each read; nothing is cached per client)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, cls: type | None = None) -> torch.Tensor:
+        if obj is None:  # a dataclass field without a default
+            raise AttributeError(self.name)
+        v = obj.__dict__[self.name]
+        return v.tensor() if isinstance(v, ImageRows) else v
+
+    def __set__(self, obj: Any, value: torch.Tensor | ImageRows) -> None:
+        obj.__dict__[self.name] = value
+
+
 @dataclass
 class ClientData:
-    """One client: identity, tasks, its max width, and its own train/test tensors."""
+    """One client: identity, tasks, its max width, and its own train/test inputs
+    (tensors, or :class:`ImageRows` of a shared image array: read as tensors)."""
 
     spec: ClientSpec
     lam: float | None
-    x_train: torch.Tensor  # (N, 1, H, W) float32, normalised
+    x_train: torch.Tensor = _Inputs()  # type: ignore[assignment]  # (N, 1, H, W) float32, normalised
     y_train: dict[str, torch.Tensor]  # task -> (N,) int64 or (N, n) float32
-    x_test: torch.Tensor
+    x_test: torch.Tensor = _Inputs()  # type: ignore[assignment]
     y_test: dict[str, torch.Tensor]
     label_masks: dict[str, torch.Tensor]  # multiclass task -> (n,) bool: classes seen
     edge: bool = False  # trains through the edge runtime
@@ -53,7 +94,22 @@ class ClientData:
 
     @property
     def num_train(self) -> int:
-        return int(self.x_train.shape[0])
+        return len(self.__dict__["x_train"])
+
+    @property
+    def num_test(self) -> int:
+        return len(self.__dict__["x_test"])
+
+    def inputs(self, split: str) -> torch.Tensor | ImageRows:
+        """The stored form of ``x_train``/``x_test`` (``split``: "train"/"test"): a
+        tensor, or the :class:`ImageRows` it is read from."""
+        return self.__dict__[f"x_{split}"]
+
+    def replace(self, **changes: Any) -> ClientData:
+        """A copy with ``changes`` (:func:`dataclasses.replace`) that keeps inputs stored
+        as :class:`ImageRows` as such (``dataclasses.replace`` would read them as tensors)."""
+        keep = {f"x_{s}": self.inputs(s) for s in ("train", "test") if f"x_{s}" not in changes}
+        return replace(self, **keep, **changes)
 
 
 @dataclass
@@ -121,9 +177,9 @@ def _client(
     return ClientData(
         spec,
         lam,
-        images_to_tensor(train.images[train_idx], train.mean, train.std),
+        ImageRows(train.images, np.asarray(train_idx), train.mean, train.std),
         y_tr,
-        images_to_tensor(test.images[test_idx], train.mean, train.std),
+        ImageRows(test.images, np.asarray(test_idx), train.mean, train.std),
         _targets(spec.tasks, test.labels[test_idx]),
         masks,
         edge,
@@ -227,7 +283,7 @@ def federation_from_parts(
         clients.append(_client(spec, None, train, test, spec.train_idx, te.astype(np.int64)))
     specs = [c.spec for c in clients]
     summary = federation_summary(specs, {domain: train.labels}) + (
-        f"\ntested on {sum(len(c.x_test) for c in clients)} images of the "
+        f"\ntested on {sum(c.num_test for c in clients)} images of the "
         f"{len(test)}-image {test.name} test split, shared out among the clients"
     )
     return Federation(
@@ -306,5 +362,5 @@ def federation_from_factory(path: str, cfg: RunConfig) -> Federation:
         raise ConfigError(f"data.factory: {path!r} gave clients (tasks, width) {got[:4]}..., "
                           f"the config's clients are {want[:4]}...")  # fmt: skip
     # the config says which clients run on the edge runtime and their Ditto lambdas
-    clients = [replace(c, edge=g.edge, lam=g.lam) for c, g in zip(fed.clients, groups, strict=True)]
+    clients = [c.replace(edge=g.edge, lam=g.lam) for c, g in zip(fed.clients, groups, strict=True)]
     return replace(fed, clients=clients)

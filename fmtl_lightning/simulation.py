@@ -275,6 +275,11 @@ class Simulation:
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
+    def close(self) -> None:
+        """Remove the clients' state files kept while the run is live (the checkpoints
+        hold them); the object must not train or read client states after."""
+        self.pool.close()
+
     @classmethod
     def resume(cls, run_dir: str | Path, **kw: Any) -> Simulation:
         """Continue a run from its last complete checkpoint (the config is read from the run)."""
@@ -300,7 +305,7 @@ def local_baseline(cfg: RunConfig, fed: Federation) -> tuple[RunConfig, Federati
         compare_local=False,
     )
     validate_config(local_cfg)
-    clients = [dataclasses.replace(c, edge=False) for c in fed.clients]
+    clients = [c.replace(edge=False) for c in fed.clients]
     return local_cfg, dataclasses.replace(fed, clients=clients)
 
 
@@ -326,11 +331,13 @@ def run_config(
     kw: dict[str, Any] = {"progress": progress, "model": model, "callbacks": callbacks}
     sim = Simulation(cfg, run_dir, federation=federation, **kw)
     summary = sim.run()
+    sim.close()
     baseline = None
     if cfg.compare_local and cfg.algorithm.name != "local":
         local_cfg, local_fed = local_baseline(cfg, sim.fed)
         bsim = Simulation(local_cfg, run_dir / "local_baseline", federation=local_fed, **kw)
         baseline = bsim.run()
+        bsim.close()
     return write_report(run_dir, summary, baseline)
 
 
@@ -351,6 +358,7 @@ def resume_run(
     kw: dict[str, Any] = {"progress": progress, "model": model, "callbacks": callbacks}
     sim = Simulation.resume(run_dir, federation=federation, **kw)
     summary = sim.run()
+    sim.close()
     baseline = None
     bdir = run_dir / "local_baseline"
     if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
@@ -360,4 +368,5 @@ def resume_run(
         else:
             bsim = Simulation(local_cfg, bdir, federation=local_fed, **kw)
         baseline = bsim.run()
+        bsim.close()
     return write_report(run_dir, summary, baseline)

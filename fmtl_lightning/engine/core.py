@@ -226,7 +226,7 @@ class ServerEngine:
         # history first: a record of a round that never completed is ignored on resume
         append_history(self.run_dir, rec, fresh=round_no == 1)
         full = {"round": round_no, "algorithm": self.cfg.algorithm.name, **meta}
-        write_round(self.run_dir, round_no, self.global_state, dict(clients or {}), full,
+        write_round(self.run_dir, round_no, self.global_state, clients or {}, full,
                     rows_csv(rows), carried=carried, previous=self.round_idx)  # fmt: skip
         self.round_idx = round_no
         self.records.append(rec)
