@@ -40,8 +40,11 @@ $(WEB_STAMP): $(WEB)/package.json $(WEB)/package-lock.json
 data: $(STAMP)
 	$(PY) -m fmtl_lightning.data.fetch --all
 
+# 3 workers on 2 cores, one torch thread each: the deployment and browser tests spend much
+# of their time waiting on other processes, so a third worker keeps both cores busy
+# (worksteal: an idle worker takes queued tests from a busy one, so no long tail)
 test: setup
-	$(PY) -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist worksteal
 
 demo: setup
 	$(PY) -m fmtl_lightning.cli demo
