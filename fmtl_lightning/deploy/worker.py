@@ -77,8 +77,8 @@ def instructions_from(fields: Any) -> Any:
 
     if not isinstance(fields, dict):
         raise WorkerProtocolError("request: 'instructions' must be a JSON object")
-    kw = {}
-    types = {"int": int, "float": (int, float), "str": str}
+    kw: dict[str, Any] = {}
+    types: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
     for name, f in TrainInstructions.__dataclass_fields__.items():
         if name not in fields:
             if name == "run_config":
@@ -89,7 +89,7 @@ def instructions_from(fields: Any) -> Any:
         if isinstance(v, bool) or not isinstance(v, want):
             raise WorkerProtocolError(f"request: instructions field {name!r} is "
                                       f"{type(v).__name__}, expected {f.type}")  # fmt: skip
-        kw[name] = float(v) if f.type == "float" else v
+        kw[name] = float(fields[name]) if f.type == "float" else v
     return TrainInstructions(**kw)
 
 
