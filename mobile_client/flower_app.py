@@ -271,16 +271,28 @@ def _edge_data(path: Path, tasks: tuple[str, ...]) -> tuple[np.ndarray, dict[str
     return read_client_data(path, tasks)
 
 
+def edge_message(
+    msg: Message, context: Context, phase: str
+) -> tuple[NodeSettings, dict[str, np.ndarray], TrainInstructions]:
+    """An edge node's settings and a train/evaluate message's arrays and instructions,
+    once the message is checked to be for this node's client; the node's status file
+    then says it is in ``phase`` of the message's round."""
+    s = NodeSettings.from_context(context)
+    received, ins = read_train_message(msg)
+    if ins.client_id != s.client_id:
+        raise ProtocolError(f"{msg.metadata.message_type} message for {ins.client_id!r} "
+                            f"reached node {s.client_id!r}")  # fmt: skip
+    assert s.state_dir is not None and s.bundle is not None and s.data is not None
+    write_status(s.state_dir, round=ins.round, phase=phase, client=s.client_id)
+    return s, received, ins
+
+
 def edge_train(msg: Message, context: Context) -> Message:
     """One round on an edge node: the exported SGD step graphs on ONNX Runtime."""
     from mobile_client.runtime import EdgeClient
 
-    s = NodeSettings.from_context(context)
-    received, ins = read_train_message(msg)
-    if ins.client_id != s.client_id:
-        raise ProtocolError(f"train message for {ins.client_id!r} reached node {s.client_id!r}")
+    s, received, ins = edge_message(msg, context, "training")
     assert s.state_dir is not None and s.bundle is not None and s.data is not None
-    write_status(s.state_dir, round=ins.round, phase="training", client=s.client_id)
     if s.delay_s > 0:
         time.sleep(s.delay_s)
     client = EdgeClient(s.bundle, s.client_id)

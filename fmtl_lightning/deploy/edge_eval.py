@@ -17,7 +17,7 @@ from flwr.app import Context, Message
 from fmtl_lightning.deploy.evaluation import eval_reply
 from mobile_client.batching import label_key
 from mobile_client.errors import FMTLError
-from mobile_client.flower_app import NodeSettings, ProtocolError, read_train_message, write_status
+from mobile_client.flower_app import edge_message, write_status
 from mobile_client.inputs import npz_keys, read_npz
 
 
@@ -27,12 +27,8 @@ def edge_evaluate(msg: Message, context: Context) -> Message:
     from mobile_client.edge_scoring import EdgeScorer
     from mobile_client.runtime import EdgeClient
 
-    s = NodeSettings.from_context(context)
-    received, ins = read_train_message(msg)
-    if ins.client_id != s.client_id:
-        raise ProtocolError(f"evaluate message for {ins.client_id!r} reached node {s.client_id!r}")
+    s, received, ins = edge_message(msg, context, "evaluating")
     assert s.state_dir is not None and s.bundle is not None and s.data is not None
-    write_status(s.state_dir, round=ins.round, phase="evaluating", client=s.client_id)
     tasks = s.tasks  # the node's tasks (the server checked them against the run config)
     keys = ["x_test", *(label_key(t, test=True) for t in tasks)]
     if not set(keys) <= set(npz_keys(s.data)):
