@@ -124,7 +124,7 @@ def _prepare_data(a: argparse.Namespace) -> int:
         raise FMTLError(f"client {a.client!r} is not in {a.config} (clients: {', '.join(by_id)})")
     c = by_id[a.client]
     path = write_client_data(c, a.out)
-    print(f"{path}: {c.num_train} train / {c.x_test.shape[0]} test examples, tasks {list(c.tasks)}")
+    print(f"{path}: {c.num_train} train / {c.num_test} test examples, tasks {list(c.tasks)}")
     return 0
 
 

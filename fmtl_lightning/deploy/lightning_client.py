@@ -142,7 +142,7 @@ class LightningNode:
             st = pool.stores[cid]
             pool.embed(st.personal if pool.algorithm.evaluates_personal else st.local, stats, ws)
             self._save(ins.round)
-        if c.x_test.shape[0] == 0:
+        if c.num_test == 0:
             return {}
         per = pool.evaluate(self.idx, pool.client_state(c, ws, full), ws.width, ins.round_idx)
         out = flat_metrics(per)
@@ -235,4 +235,4 @@ def lightning_evaluate(msg: Any, context: Any) -> Any:
     s, received, ins = prepare(msg, context, "evaluating")
     node = LightningNode(s, ins.run_config)
     metrics = node.evaluate(received, ins)
-    return finish_evaluate(msg, s, ins, metrics, int(node.client.x_test.shape[0]))
+    return finish_evaluate(msg, s, ins, metrics, node.client.num_test)

@@ -160,7 +160,7 @@ class Worker:
                 reply = {
                     "ok": True,
                     "metrics": metrics,
-                    "num_test": int(node.client.x_test.shape[0]),
+                    "num_test": node.client.num_test,
                 }
         except BaseException:
             self.node, self.key = None, None  # rebuilt from disk next time
