@@ -221,8 +221,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for m in METHODS
         ]
         t0, results = time.perf_counter(), []
+        partial = out.with_suffix(".partial.json")  # survives an interrupted run
+        partial.parent.mkdir(parents=True, exist_ok=True)
         for r in run_jobs(jobs, a.workers):
             results.append(r)
+            partial.write_text(json.dumps({"mode": mode, "results": results}, indent=1))
             print(
                 f"{time.strftime('%H:%M:%S')} {r['model']} s{r['seed']} {r['method']}: mean "
                 f"{100 * r['mean']:.1f} worst {100 * r['worst']:.1f} ({r['wall']:.0f}s)",
@@ -238,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "command": current_command(),
             "machine": machine_line(),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1))
+        partial.unlink()
     md = report(data["results"], data)
     if mode != "quick":  # a smoke run is printed, never written into BENCHMARKS.md
         write_section("accuracy-gain", md, command=data["command"], machine=data["machine"])

@@ -1,6 +1,6 @@
 """PFLlib's Fashion-MNIST leaderboard, reproduced: their federation, model, training, metric.
 
-    python -m benchmarks.pfllib [--full] [--rounds N] [--splits dir,pat]
+    python -m benchmarks.pfllib [--full] [--rounds N] [--minutes M] [--splits dir,pat]
                                 [--methods fedavg,fedper,...] [--workers 2]
                                 [--clients N --max-samples N]   # smoke settings only
                                 [--render]                      # re-write from the JSON
@@ -30,11 +30,18 @@ to fit about 60 minutes on 2 cores, and its table says so. Each (split, method) 
 :class:`~fmtl_lightning.simulation.Simulation` in a process pool (one torch thread per
 worker). Raw results: ``runs/pfllib/<mode>.json``; BENCHMARKS.md section ``pfllib`` and
 ``docs/benchmarks/pfllib_curves.png`` (:mod:`benchmarks.pfllib_report`).
+
+Any other ``--rounds`` is a *long* run, to test the goal where 5 rounds cannot: its results
+go to ``runs/pfllib/long.json``, section ``pfllib-long`` and ``pfllib_long_curves.png``, and
+each invocation adds its (split, method) runs to the ones already there, so methods can run
+as separate invocations. ``--minutes M`` stops each run after the first round that ends past
+M minutes of its wall time (a run cut to a budget; the table shows the rounds it ran).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -169,6 +176,27 @@ def headline(method: str, variants: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"best": best[1], "best_round": int(best[0]), "final": final}
 
 
+class _Budget(Exception):
+    """Raised after the round that passed a run's ``--minutes`` budget."""
+
+
+def budget_guard(
+    t0: float, minutes: float | None, then: Callable[[int], None] | None
+) -> Callable[[int], None] | None:
+    """An ``on_round`` callback that calls ``then`` and, once ``minutes`` have passed since
+    ``t0``, ends the run by raising :class:`_Budget` (``None``: no budget, ``then`` as is)."""
+    if minutes is None:
+        return then
+
+    def on_round(round_no: int) -> None:
+        if then is not None:
+            then(round_no)
+        if time.perf_counter() - t0 >= 60 * minutes:
+            raise _Budget
+
+    return on_round
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """One (split, method) simulation; returns its pooled-accuracy curves and timings."""
     from benchmarks import pfllib_evals
@@ -189,7 +217,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         t_build = time.perf_counter() - t0
         method, glob = job["method"], []
         on_round = pfllib_evals.global_model_curve(sim, glob) if method == "ditto" else None
-        sim.run(on_round)
+        try:
+            sim.run(budget_guard(t0, job.get("minutes"), on_round))
+        except _Budget:
+            pass  # the rounds run so far are in sim.history
         times = [t.as_dict() for t in sim.times]
         round_s = [sum(t.values()) for t in times]
         curve = pooled_curve(sim.history, n_test)
@@ -217,7 +248,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "split": job["split"],
         "method": method,
-        "rounds": job["rounds"],
+        "rounds": len(round_s),
+        "rounds_planned": job["rounds"],
+        "minutes": job.get("minutes"),
         "clients": job["clients"],
         "curve": curve,
         "variants": variants,
@@ -241,6 +274,7 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
             "clients": args.clients,
             "max_samples": args.max_samples,
             "ditto_lam": args.ditto_lam,
+            "minutes": args.minutes,
         }
         for s in args.splits
         for m in args.methods
@@ -283,6 +317,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--full", action="store_true", help=f"PFLlib's {FULL_ROUNDS} rounds")
     p.add_argument("--rounds", type=int, default=None, help=f"default {DEFAULT_ROUNDS}")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="stop each run after the round past this"
+    )
     p.add_argument("--splits", default=",".join(SPLITS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--workers", type=int, default=2)
@@ -297,9 +334,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.rounds = FULL_ROUNDS if args.full else DEFAULT_ROUNDS
     if args.rounds < 1 or args.clients < 1 or args.workers < 1:
         raise SystemExit("--rounds, --clients and --workers must be >= 1")
+    if args.minutes is not None and args.minutes <= 0:
+        raise SystemExit("--minutes must be > 0")
     protocol = args.clients == 20 and args.max_samples is None
-    args.mode = ("full" if args.rounds == FULL_ROUNDS else "default") if protocol else "smoke"
+    by_rounds = {FULL_ROUNDS: "full", DEFAULT_ROUNDS: "default"}
+    args.mode = by_rounds.get(args.rounds, "long") if protocol else "smoke"
     return args
+
+
+def save(out: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Write ``data`` to ``out``; a long run first merges the runs already there (other
+    (split, method) pairs kept, the same pair replaced), under a lock, as invocations may
+    overlap. Returns what was written."""
+    if data["mode"] != "long":
+        out.write_text(json.dumps(data, indent=1))
+        return data
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(out.read_text()) if out.exists() else {"results": [], "commands": []}
+        mine = {(r["split"], r["method"]) for r in data["results"]}
+        kept = [r for r in old["results"] if (r["split"], r["method"]) not in mine]
+        commands = [c for c in old.get("commands", []) if c != data["command"]]
+        merged = {
+            **data,
+            "results": kept + data["results"],
+            "commands": [*commands, data["command"]],
+        }
+        out.write_text(json.dumps(merged, indent=1))
+    return merged
 
 
 def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> dict:
@@ -333,7 +395,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
             data["load"].append(os.getloadavg()[0])
             data["wall"] = time.perf_counter() - t0
             data["machine"] = machine_line()
-            out.write_text(json.dumps(data, indent=1))  # a cut run keeps what finished
+            save(out, data)  # a cut run keeps what finished
             per = np.mean(res["round_s"])
             say(
                 f"{res['split']}/{res['method']}: best {100 * res['best']:.2f} (round "
@@ -343,7 +405,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
         data["complete"] = True
         data["wall"] = time.perf_counter() - t0
         data["machine"] = machine_line()
-        out.write_text(json.dumps(data, indent=1))
+        data = save(out, data)
     pfllib_report.write(data)
     return data
 

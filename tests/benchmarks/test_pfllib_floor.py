@@ -11,7 +11,9 @@ p = 0.001). With n = 502 that is 9.8 points.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ import pytest
 pytest.importorskip("torch")
 
 from benchmarks import pfllib  # noqa: E402
-from benchmarks.pfllib_report import goal, last_gain, table  # noqa: E402
+from benchmarks.pfllib_report import first_met, goal, last_gain, report, table  # noqa: E402
 from fmtl_lightning.config import parse_config  # noqa: E402
 from fmtl_lightning.simulation import Simulation  # noqa: E402
 
@@ -128,6 +130,9 @@ def test_cli_modes_and_refusals():
     full = pfllib.parse_args(["--full"])
     assert (full.mode, full.rounds) == ("full", 2000)
     assert pfllib.parse_args(["--clients", "4", "--rounds", "2"]).mode == "smoke"
+    assert pfllib.parse_args(["--rounds", "50", "--minutes", "90"]).mode == "long"
+    with pytest.raises(SystemExit, match="--minutes"):
+        pfllib.parse_args(["--rounds", "50", "--minutes", "0"])
     with pytest.raises(SystemExit, match="--methods"):
         pfllib.parse_args(["--methods", "fedavg,fedprox"])
     cfg = parse_config(pfllib.run_config("fedbabu", 7, 20))
@@ -177,3 +182,56 @@ def test_extra_evaluations_score_the_global_copies_and_leave_the_run_alone(tmp_p
     assert whole != held and head != held and whole != head
     assert all(np.array_equal(before[k], v) for k, v in babu.global_state.items())
     assert pfllib_evals.finetuned_accuracy(babu, 0, whole_model=False) == held
+
+
+def test_budget_guard_ends_the_run_after_the_round_past_its_minutes():
+    seen: list[int] = []
+    log = seen.append
+    assert pfllib.budget_guard(0.0, None, log) is log  # no budget: the callback as is
+    fresh = pfllib.budget_guard(time.perf_counter(), 10.0, log)
+    fresh(1)  # well inside 10 minutes: goes on
+    spent = pfllib.budget_guard(time.perf_counter() - 61.0, 1.0, log)
+    with pytest.raises(pfllib._Budget):
+        spent(2)
+    assert seen == [1, 2]  # the inner callback still ran for the last round
+
+
+def _long_result(split: str, method: str, curve: list, **kw) -> dict:
+    best = max(curve, key=lambda p: p[1])
+    return {
+        "split": split,
+        "method": method,
+        "rounds": len(curve),
+        "curve": curve,
+        "best": best[1],
+        "best_round": best[0],
+        "final": curve[-1][1],
+        "round_s": [60.0] * len(curve),
+        "wall": 60.0 * len(curve),
+        **kw,
+    }
+
+
+def test_long_runs_merge_by_split_and_method_and_report_the_round_the_goal_was_met(tmp_path):
+    out = tmp_path / "long.json"
+    base = {"mode": "long", "rounds": 50, "ditto_lam": 0.1, "workers": 1, "load": [1.0]}
+    fedrep = _long_result("pat", "fedrep", [[1, 0.98], [2, 0.9905], [3, 0.9910]])
+    pfllib.save(out, {**base, "results": [fedrep], "command": "A"})
+    fedper = _long_result("dir", "fedper", [[1, 0.95], [2, 0.96]], rounds_planned=50, minutes=9)
+    merged = pfllib.save(out, {**base, "results": [fedper], "command": "B"})
+    assert [(r["split"], r["method"]) for r in merged["results"]] == [
+        ("pat", "fedrep"),
+        ("dir", "fedper"),
+    ]
+    again = _long_result("pat", "fedrep", [[1, 0.97]])  # the same pair again replaces it
+    merged = pfllib.save(out, {**base, "results": [again], "command": "A"})
+    assert json.loads(out.read_text()) == merged
+    assert [r["curve"] for r in merged["results"]] == [fedper["curve"], [[1, 0.97]]]
+    assert merged["commands"] == ["B", "A"]
+    # PFLlib's FedRep 99.56 - 0.5 = 99.06: not at round 2 (99.05), met at round 3 (99.10)
+    assert first_met("pat", "fedrep", [{"curve": fedrep["curve"], "in_best": True}]) == 3
+    assert first_met("dir", "fedper", [{"curve": fedper["curve"], "in_best": True}]) is None
+    assert first_met("pat", "local", [{"curve": [[1, 1.0]], "in_best": True}]) is None
+    text = report(merged)
+    assert "| 2 of 50, cut at 9 min (PFLlib: 2000) |" in text
+    assert "`B`; `A`" in text and "goal not met in these rounds" in text
