@@ -1,7 +1,8 @@
 """Is the multi-task gain measurable? Large per-client test sets, 5 seeds, paired 95% CIs.
 
     python -m benchmarks.acc_gain [--quick] [--seeds 0,1,2,3,4] [--models mlp,fedavgcnn]
-                                  [--test-size 500] [--workers 2] [--render]
+                                  [--methods local,fedavg,...] [--test-size 500]
+                                  [--workers 2] [--render]
 
 Accuracy part 1's multi-task federation (:mod:`benchmarks.acc_part1`: 20 MNIST + Fashion-MNIST
 clients holding digit / parity / ge5 / attrs / item / group, 100 samples each, half of them
@@ -13,14 +14,16 @@ images per client one seed's client population moves the mean by about 2 points;
 that noise is about sqrt(10) times smaller, so the paired comparison can see a real gain.
 
 For each model (McMahan et al.'s 2NN MLP, and PFLlib's FedAvgCNN) and seed, every method
-runs on the same clients and data; the best personalised method (highest mean over seeds)
-is compared with local-only and with FedAvg seed by seed: the mean paired difference and
-its 95% confidence interval (Student t over seeds), on the mean and on the worst client.
-"Beyond the CI" means the interval's lower end is above zero. The best method is picked on
-the same runs, which favours it slightly; the report says which it is.
+runs on the same clients and data; every personalised method is compared with local-only
+and with FedAvg seed by seed: the mean paired difference and its 95% confidence interval
+(Student t over seeds), on the mean and on the worst client. "Beyond the CI" means the
+interval's lower end is above zero. The best method (highest mean over seeds) is picked on
+the same runs, which favours it slightly; the report names it and shows every method's row.
 
-Raw results: ``runs/accuracy/gain-<mode>.json``; BENCHMARKS.md section ``accuracy-gain``
-(``--quick``: printed only).
+Raw results: ``runs/accuracy/gain-<mode>.json``; an invocation with ``--methods``/``--seeds``/
+``--models`` replaces its own (model, seed, method) runs there and keeps the others, so
+methods can be added later. BENCHMARKS.md section ``accuracy-gain`` (``--quick``: printed
+only).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from benchmarks import acc_part1
 from benchmarks.acc_common import md_table, round_curve, set_threads
 from benchmarks.common import REPO_ROOT, current_command, machine_line, write_section
 
-METHODS = ("local", "fedavg", "fedper", "fedrep", "ditto-1")
-PERSONALISED = ("fedper", "fedrep", "ditto-1")
+METHODS = ("local", "fedavg", "fedper", "fedrep", "ditto-1", "fedbabu", "fedavg_ft")
+PERSONALISED = ("fedper", "fedrep", "ditto-1", "fedbabu", "fedavg_ft")
 MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"family": "mlp", "hidden": (200, 200), "norm": "none"},
     "fedavgcnn": {"family": "fedavgcnn", "hidden": (32, 64, 512), "norm": "none"},
@@ -170,19 +173,47 @@ def report(results: Sequence[dict], data: dict[str, Any]) -> str:
             continue
         best = max(have, key=lambda m: np.mean(_by(results, model, m, "mean")))
         verdict_rows = []
-        for base in ("local", "fedavg"):
-            cells = [f"{best} − {base}"]
-            for key in ("mean", "worst"):
-                d, lo, hi = paired(_by(results, model, best, key), _by(results, model, base, key))
-                beyond = "yes" if lo > 0 else "no"
-                cells.append(f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({beyond})")
-            verdict_rows.append(cells)
+        for m in [best, *(h for h in have if h != best)]:
+            for base in ("local", "fedavg"):
+                if _by(results, model, m, "seed") != _by(results, model, base, "seed"):
+                    continue  # not run on the same seeds: no pairing
+                cells = [f"{m} − {base}"]
+                for key in ("mean", "worst"):
+                    a, b = _by(results, model, m, key), _by(results, model, base, key)
+                    d, lo, hi = paired(a, b)
+                    beyond = "yes" if lo > 0 else "no"
+                    cells.append(f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({beyond})")
+                verdict_rows.append(cells)
+        if not verdict_rows:  # no local/FedAvg runs on the same seeds
+            continue
         out += [
-            f"Paired by seed, best personalised method = **{best}** (highest mean): "
-            "difference and 95% CI, in points (beyond the CI: lower end > 0).",
+            f"Paired by seed, best personalised method = **{best}** (highest mean), then the "
+            "others: difference and 95% CI, in points (beyond the CI: lower end > 0).",
             md_table(["comparison", "mean", "worst client"], verdict_rows),
         ]
     return "\n\n".join(out)
+
+
+def merged(out: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` plus the runs of an earlier invocation in ``out`` with the same settings
+    (mode, test size, rounds) that this one did not redo; commands and wall times add up."""
+    if not out.exists():
+        return data
+    old = json.loads(out.read_text())
+    if any(old.get(k) != data[k] for k in ("mode", "test_size", "rounds")):
+        return data  # other settings: this run replaces the file
+    key = lambda r: (r["model"], r["seed"], r["method"])  # noqa: E731
+    mine = {key(r) for r in data["results"]}
+    kept = [r for r in old["results"] if key(r) not in mine]
+    commands = old.get("commands") or [old["command"]]
+    return {
+        **data,
+        "seeds": sorted({*old["seeds"], *data["seeds"]}),
+        "results": kept + data["results"],
+        "wall": old["wall"] + data["wall"],
+        "commands": [*commands, data["command"]],
+        "command": " ; ".join([*commands, data["command"]]),
+    }
 
 
 def run_jobs(jobs: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
@@ -200,14 +231,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--render", action="store_true")
     a = p.parse_args(argv)
     mode = "quick" if a.quick else "default"
     models = [m for m in a.models.split(",") if m]
-    if any(m not in MODELS for m in models) or a.test_size < 1 or a.workers < 1:
-        raise SystemExit(f"--models from {list(MODELS)}; --test-size, --workers >= 1")
+    methods = [m for m in a.methods.split(",") if m]
+    if any(m not in MODELS for m in models) or any(m not in METHODS for m in methods):
+        raise SystemExit(f"--models from {list(MODELS)}, --methods from {list(METHODS)}")
+    if a.test_size < 1 or a.workers < 1:
+        raise SystemExit("--test-size and --workers must be >= 1")
     out = REPO_ROOT / "runs" / "accuracy" / f"gain-{mode}.json"
     if a.render:
         data = json.loads(out.read_text())
@@ -218,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             {"params": P, "model": mo, "seed": s, "method": m, "test_size": a.test_size}
             for mo in reversed(models)  # the CNN runs first: the longest
             for s in seeds
-            for m in METHODS
+            for m in methods
         ]
         t0, results = time.perf_counter(), []
         partial = out.with_suffix(".partial.json")  # survives an interrupted run
@@ -231,16 +266,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{100 * r['mean']:.1f} worst {100 * r['worst']:.1f} ({r['wall']:.0f}s)",
                 flush=True,
             )
-        data = {
-            "mode": mode,
-            "seeds": seeds,
-            "test_size": a.test_size,
-            "rounds": P["rounds"],
-            "results": results,
-            "wall": time.perf_counter() - t0,
-            "command": current_command(),
-            "machine": machine_line(),
-        }
+        data = merged(
+            out,
+            {
+                "mode": mode,
+                "seeds": seeds,
+                "test_size": a.test_size,
+                "rounds": P["rounds"],
+                "results": results,
+                "wall": time.perf_counter() - t0,
+                "command": current_command(),
+                "machine": machine_line(),
+            },
+        )
         out.write_text(json.dumps(data, indent=1))
         partial.unlink()
     md = report(data["results"], data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -68,3 +69,38 @@ def test_report_picks_the_best_personalised_method_and_says_if_it_clears_the_ci(
     assert "best personalised method = **fedper**" in text
     assert "| fedper − local | +3.0 [+3.0, +3.0] (yes) | +3.0 [+3.0, +3.0] (yes) |" in text
     assert "| fedavg | 70.0 ± 2.0 | 41.0 ± 1.0 |" in text
+
+
+def test_report_shows_every_personalised_method_and_pairs_only_shared_seeds():
+    res = [
+        {"model": "mlp", "seed": s, "method": m, "mean": v + 0.01 * s, "worst": v - 0.2}
+        for s in (0, 1, 2)
+        for m, v in (("local", 0.80), ("fedavg", 0.78), ("fedper", 0.82), ("fedavg_ft", 0.84))
+    ]
+    res.append({"model": "mlp", "seed": 0, "method": "fedrep", "mean": 0.99, "worst": 0.9})
+    data = {"mode": "default", "seeds": [0, 1, 2], "test_size": 500, "rounds": 80, "wall": 60.0}
+    text = acc_gain.report(res, data)
+    assert "best personalised method = **fedrep**" in text  # one seed at 0.99: highest mean
+    assert "fedrep − local" not in text  # its one seed cannot pair with three
+    assert "| fedavg_ft − local | +4.0 [+4.0, +4.0] (yes) | +4.0 [+4.0, +4.0] (yes) |" in text
+    assert "| fedper − fedavg | +4.0 [+4.0, +4.0] (yes) | +4.0 [+4.0, +4.0] (yes) |" in text
+
+
+def test_a_later_invocation_adds_its_runs_and_replaces_only_its_own(tmp_path):
+    out = tmp_path / "gain.json"
+    row = lambda m, s, v: {"model": "mlp", "seed": s, "method": m, "mean": v}  # noqa: E731
+    first = {"mode": "default", "test_size": 500, "rounds": 80, "seeds": [0, 1], "wall": 10.0,
+             "command": "A", "results": [row("local", 0, 0.1), row("fedper", 0, 0.2)]}  # fmt: skip
+    assert acc_gain.merged(out, first) is first  # nothing there yet
+    out.write_text(json.dumps(first))
+    second = {**first, "seeds": [0, 2], "wall": 5.0, "command": "B",
+              "results": [row("fedper", 0, 0.3), row("fedper", 2, 0.4)]}  # fmt: skip
+    got = acc_gain.merged(out, second)
+    assert [(r["method"], r["seed"], r["mean"]) for r in got["results"]] == [
+        ("local", 0, 0.1),
+        ("fedper", 0, 0.3),
+        ("fedper", 2, 0.4),
+    ]
+    assert (got["seeds"], got["wall"], got["commands"]) == ([0, 1, 2], 15.0, ["A", "B"])
+    other = {**second, "test_size": 100}  # other settings: replaces the file's runs
+    assert acc_gain.merged(out, other) is other
