@@ -44,7 +44,7 @@ data: $(STAMP)
 # of their time waiting on other processes, so a third worker keeps both cores busy
 # (worksteal: an idle worker takes queued tests from a busy one, so no long tail)
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist worksteal
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 3 --dist worksteal --durations=15
 
 demo: setup
 	$(PY) -m fmtl_lightning.cli demo
