@@ -345,7 +345,8 @@ def task_kinds_of(
     """task -> kind, and the output names of the values that are Tasks."""
     from export.bundle import RunExportError
 
-    kinds, names = {}, {}
+    kinds: dict[str, str] = {}
+    names: dict[str, tuple[str, ...]] = {}
     for t, v in tasks.items():
         if isinstance(v, Task):
             if v.name != t:
