@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,8 +41,11 @@ from export.graphs import (
     unique_names,
 )
 from export.step_optimizer import PLAIN_SGD, StepOptimizer, momentum_io, momentum_keys
-from fmtl_lightning.models import MultiTaskModel, head_name
+from fmtl_lightning.models import head_name
 from fmtl_lightning.tasks import DEFAULT_LOSSES, Task
+
+if TYPE_CHECKING:
+    from fmtl_lightning.model_source import ClientModel
 
 TASK_KINDS = ("multiclass", "multilabel", "regression")  # the kinds a step graph trains
 LossOf = Callable[[nn.Module, dict, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
@@ -136,7 +140,7 @@ def _check_kinds(task_kinds: Mapping[str, str], task_outputs: Mapping[str, int])
 
 
 def export_train_step(
-    model: MultiTaskModel,
+    model: ClientModel,
     task_kinds: Mapping[str, str],
     path: Path | str,
     example_x: torch.Tensor,
@@ -284,7 +288,7 @@ def dropout_off(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def export_model_step(
-    model: nn.Module,
+    model: ClientModel,
     task_kinds: Mapping[str, str],
     path: Path,
     example_x: torch.Tensor,
@@ -345,7 +349,8 @@ def task_kinds_of(
     """task -> kind, and the output names of the values that are Tasks."""
     from export.bundle import RunExportError
 
-    kinds, names = {}, {}
+    kinds: dict[str, str] = {}
+    names: dict[str, tuple[str, ...]] = {}
     for t, v in tasks.items():
         if isinstance(v, Task):
             if v.name != t:

@@ -27,7 +27,7 @@ import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -285,7 +285,8 @@ class ClientPool:
         module = self.module_for(c, c.width)
         own = self.plan.model.own_steps
         if own is not None:
-            return own.optimizers(module.model.backbone)[0]
+            # own steps: the backbone is the user's LightningModule (from_model checks it)
+            return own.optimizers(cast(L.LightningModule, module.model.backbone))[0]
         return module.configure_optimizers(None)
 
     # ------------------------------------------------------------------ evaluation

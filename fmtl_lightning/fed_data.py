@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from fmtl_lightning.partition import (
     split_train_test,
     subsample,
 )
-from fmtl_lightning.tasks import get_task
+from fmtl_lightning.tasks import get_task, task_domain
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +51,14 @@ class ImageRows:
 
 class _Inputs:
     """A client's ``x_train``/``x_test``: set to a tensor or to :class:`ImageRows`, read
-    as a tensor (rows are normalised on each read; nothing is cached per client)."""
+    as a tensor (rows are normalised on each read; nothing is cached per client).
+
+    Installed by :class:`_HeldInputs`, a base class of :class:`ClientData`: ``dataclasses``
+    reads a field's default with ``getattr(cls, name)``, which :meth:`__get__` refuses, so
+    the fields have none, but a type checker would count a descriptor assigned in the
+    dataclass body as a default. ClientData annotates them with what they read as
+    (``Tensor``); mypy types a no-default field's ``__init__`` parameter by that annotation,
+    not by :meth:`__set__` (python/mypy#14868), so storing :class:`ImageRows` takes a cast."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -66,16 +73,23 @@ class _Inputs:
         obj.__dict__[self.name] = value
 
 
+class _HeldInputs:
+    """The :class:`_Inputs` descriptors of :class:`ClientData`'s ``x_train``/``x_test``."""
+
+    x_train = _Inputs()
+    x_test = _Inputs()
+
+
 @dataclass
-class ClientData:
+class ClientData(_HeldInputs):
     """One client: identity, tasks, its max width, and its own train/test inputs
     (tensors, or :class:`ImageRows` of a shared image array: read as tensors)."""
 
     spec: ClientSpec
     lam: float | None
-    x_train: torch.Tensor = _Inputs()  # type: ignore[assignment]  # (N, 1, H, W) float32, normalised
+    x_train: torch.Tensor  # (N, 1, H, W) float32, normalised; stored: see _Inputs
     y_train: dict[str, torch.Tensor]  # task -> (N,) int64 or (N, n) float32
-    x_test: torch.Tensor = _Inputs()  # type: ignore[assignment]
+    x_test: torch.Tensor
     y_test: dict[str, torch.Tensor]
     label_masks: dict[str, torch.Tensor]  # multiclass task -> (n,) bool: classes seen
     edge: bool = False  # trains through the edge runtime
@@ -108,7 +122,9 @@ class ClientData:
     def replace(self, **changes: Any) -> ClientData:
         """A copy with ``changes`` (:func:`dataclasses.replace`) that keeps inputs stored
         as :class:`ImageRows` as such (``dataclasses.replace`` would read them as tensors)."""
-        keep = {f"x_{s}": self.inputs(s) for s in ("train", "test") if f"x_{s}" not in changes}
+        keep: dict[str, Any] = {
+            f"x_{s}": self.inputs(s) for s in ("train", "test") if f"x_{s}" not in changes
+        }
         return replace(self, **keep, **changes)
 
 
@@ -133,7 +149,7 @@ def _expand(
 ) -> Iterator[tuple[str, tuple[str, ...], float, float | None, str, bool]]:
     i = 0
     for g in cfg.clients:
-        domain = get_task(g.tasks[0]).domain
+        domain = task_domain(g.tasks[0])
         for _ in range(g.count):
             yield f"c{i:02d}", tuple(g.tasks), g.width, g.lam, domain, g.edge
             i += 1
@@ -174,12 +190,15 @@ def _client(
     y_tr = _targets(spec.tasks, train.labels[train_idx])
     held = {t: get_task(t).label_mask(y_tr[t].numpy()) for t in spec.tasks}
     masks = {t: torch.from_numpy(m) for t, m in held.items() if m is not None}
+    # stored as ImageRows, read as tensors (_Inputs: mypy types the parameters as Tensor)
+    x_tr = cast(torch.Tensor, ImageRows(train.images, np.asarray(train_idx), train.mean, train.std))
+    x_te = cast(torch.Tensor, ImageRows(test.images, np.asarray(test_idx), train.mean, train.std))
     return ClientData(
         spec,
         lam,
-        ImageRows(train.images, np.asarray(train_idx), train.mean, train.std),
+        x_tr,
         y_tr,
-        ImageRows(test.images, np.asarray(test_idx), train.mean, train.std),
+        x_te,
         _targets(spec.tasks, test.labels[test_idx]),
         masks,
         edge,
@@ -264,7 +283,7 @@ def federation_from_parts(
             f"{test.images.shape[1:]} differ in size"
         )
     tasks = tuple(tasks)
-    domain = get_task(tasks[0]).domain if tasks else train.name
+    domain = task_domain(tasks[0]) if tasks else train.name
     clients = []
     for i, (w, tr, te) in enumerate(zip(widths, train_parts, test_parts, strict=True)):
         spec = ClientSpec(f"c{i:02d}", tasks, float(w), tr, np.array([], dtype=np.int64), domain)
@@ -342,7 +361,10 @@ def federation_from_tensors(
         clients.append(ClientData(spec, None, x, dict(ys), xt, dict(yts), masks))
     summary = f"{n} clients of own data ({domain})"
     return Federation(
-        clients, int(x.shape[-1]), summary, {domain: tuple(map(float, normalisation))}
+        clients,
+        int(x.shape[-1]),
+        summary,
+        {domain: cast(tuple[float, float], tuple(map(float, normalisation)))},
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -107,7 +107,8 @@ def fit(
                 "algorithm.masked_ce: label masks cannot reach a user's own training_step; "
                 "turn masked_ce off or mask inside the step"
             )
-        target = module.model.backbone
+        # own steps: the backbone is the user's LightningModule (from_model checks it)
+        target = cast(L.LightningModule, module.model.backbone)
         heads = own.task_heads(module.model, list(module.tasks), module.union_slices)
         own.attach(target, next(iter(heads.values())))
     for p in frozen:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class ModelSource(Protocol):
     own_steps: OwnSteps | None
     callbacks: list[Any]
 
-    def build(self, task_outputs: Mapping[str, int], width: float) -> nn.Module:
+    def build(self, task_outputs: Mapping[str, int], width: float) -> ClientModel:
         """The model with one head per task of ``task_outputs`` at ``width``; its forward
         maps an input batch to ``{task: output}``; it has ``backbone``, ``heads``,
         ``task_outputs``, ``width`` and ``declarations`` (key -> (kind, axes, ...))."""
@@ -66,7 +66,7 @@ class BuiltinModel:
         self.own_steps: OwnSteps | None = None
         self.callbacks: list[Any] = []
 
-    def build(self, task_outputs: Mapping[str, int], width: float) -> nn.Module:
+    def build(self, task_outputs: Mapping[str, int], width: float) -> MultiTaskModel:
         return MultiTaskModel(self.cfg, task_outputs, width)
 
     def spec(
@@ -105,6 +105,10 @@ class TaskModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
         return {t: self.heads[head_name(t)](feats) for t in self.task_outputs}
+
+
+#: What a :class:`ModelSource` builds: a built-in family's model or a user's.
+ClientModel: TypeAlias = MultiTaskModel | TaskModel
 
 
 class FederatedModel:
@@ -216,7 +220,7 @@ class FederatedModel:
             self._plans[key] = infer_plan(model, self.example_input, heads=heads, not_scaled=opaque)
         return self._plans[key]
 
-    def build(self, task_outputs: Mapping[str, int], width: float) -> nn.Module:
+    def build(self, task_outputs: Mapping[str, int], width: float) -> TaskModel:
         from fmtl_lightning.width_build import build_at_width
 
         full = self._full(task_outputs)

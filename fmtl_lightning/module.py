@@ -1,6 +1,7 @@
 """The LightningModule of one client's multi-task model. It knows nothing about rounds.
 
-It holds a :class:`MultiTaskModel` (backbone at the client's width + task heads),
+It holds a :class:`~fmtl_lightning.models.MultiTaskModel` or a user's
+:class:`~fmtl_lightning.model_source.TaskModel` (backbone at the client's width + task heads),
 sums per-task losses, and measures per-task metrics, both from each task's
 :class:`~fmtl_lightning.tasks.Task` (its loss and metrics, defaults by kind). How one fit
 trains is an explicit argument, a :class:`TrainSpec` (never an attribute set from
@@ -19,15 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import nn
 
 from fmtl_lightning.errors import BatchFormatError, TaskDefinitionError
-from fmtl_lightning.models import MultiTaskModel
 from fmtl_lightning.tasks import Task
+
+if TYPE_CHECKING:
+    from fmtl_lightning.model_source import ClientModel
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -79,7 +82,7 @@ class MultiTaskModule(L.LightningModule):
 
     def __init__(
         self,
-        model: MultiTaskModel,
+        model: ClientModel,
         tasks: Mapping[str, Task] | Iterable[Task],
         *,
         lr: float = 0.05,

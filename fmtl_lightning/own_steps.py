@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import lightning as L
 import torch
@@ -43,6 +43,9 @@ from torch import nn
 
 from fmtl_lightning.errors import OwnStepsError
 from fmtl_lightning.models import head_name
+
+if TYPE_CHECKING:
+    from fmtl_lightning.model_source import ClientModel
 
 
 @dataclass
@@ -81,7 +84,7 @@ class _Columns(nn.Module):
         return self.head(feats)[:, self.a : self.b]
 
 
-def overrides(model: nn.Module, name: str) -> bool:
+def overrides(model: nn.Module, name: str) -> TypeGuard[L.LightningModule]:
     """Whether ``model``'s class defines ``name`` itself (not LightningModule's default)."""
     return isinstance(model, L.LightningModule) and (
         getattr(type(model), name, None) is not getattr(L.LightningModule, name)
@@ -120,7 +123,7 @@ class OwnSteps:
 
     def task_heads(
         self,
-        model: nn.Module,
+        model: ClientModel,
         tasks: Sequence[str],
         union_slices: Mapping[str, tuple[int, int]] | None,
     ) -> dict[str, nn.Module]:
@@ -133,7 +136,8 @@ class OwnSteps:
     def optimizers(self, module: L.LightningModule) -> tuple[torch.optim.Optimizer, Any, str]:
         """(optimiser, scheduler or None, its interval) from ``configure_optimizers()``."""
         name = f"{type(module).__name__}.configure_optimizers()"
-        out = module.configure_optimizers()
+        out: Any = module.configure_optimizers()  # the user's return, checked below
+        opt: Any
         sched: Any = None
         if isinstance(out, Mapping):
             opt, sched = out.get("optimizer"), out.get("lr_scheduler")

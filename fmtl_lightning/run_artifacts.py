@@ -171,9 +171,9 @@ class RunArtifacts:
         raise RunArtifactsError(f"client {cid!r} is not in the run {self.run_dir}")
 
     def domain(self, cid: str) -> str:
-        from fmtl_lightning.tasks import get_task
+        from fmtl_lightning.tasks import task_domain
 
-        return get_task(self.client(cid).tasks[0]).domain
+        return task_domain(self.client(cid).tasks[0])
 
     def shared_state(self, ws: WidthSpec) -> dict[str, np.ndarray]:
         """The global shared arrays at ``ws``."""

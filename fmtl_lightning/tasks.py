@@ -367,6 +367,16 @@ def get_task(name: str) -> Task:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}") from None
 
 
+def task_domain(name: str) -> str:
+    """The dataset (``domain``) registered task ``name`` trains on, or
+    :class:`TaskDefinitionError` (field ``domain``) if it has none. A config's client
+    tasks always have one (:func:`~fmtl_lightning.config.validate_config` checks)."""
+    domain = get_task(name).domain
+    if domain is None:
+        raise _bad(name, "domain", "is None: a federation over a built-in dataset needs it")
+    return domain
+
+
 for _t in _digit_tasks("mnist", "mnist") + _fashion_tasks() + _digit_tasks("digits", "digits"):
     register_task(_t, origin=_BUILTIN)
 del _t

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -129,12 +129,15 @@ def _resize(name: str, mod: Any, full: Any, ws: WidthSpec) -> None:
         mod.normalized_shape = tuple(mod.weight.shape)
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
 def build_at_width(
-    model: nn.Module,
+    model: _M,
     groups: Mapping[str, int | tuple[Segment, ...]],
     declarations: Mapping[str, Sequence],
     ws: WidthSpec | float,
-) -> nn.Module:
+) -> _M:
     """A copy of the full-width ``model`` at ``ws``, holding the slice of its weights."""
     ws = ws if isinstance(ws, WidthSpec) else WidthSpec(float(ws))
     spec = plan_spec(model, groups, declarations)

@@ -82,7 +82,7 @@ def _approx_params(hidden: tuple[int, ...], family: str) -> int:
 def validate_config(cfg: RunConfig) -> None:
     """Every semantic check that can fail before training starts."""
     from fmtl_lightning.errors import FMTLError as _Base
-    from fmtl_lightning.tasks import get_task, load_task_factory
+    from fmtl_lightning.tasks import get_task, load_task_factory, task_domain
 
     if not isinstance(cfg.name, str) or not NAME_RE.fullmatch(cfg.name):
         raise ConfigError(
@@ -117,13 +117,13 @@ def validate_config(cfg: RunConfig) -> None:
         where = f"clients[{i}]"
         if not g.tasks:
             raise ConfigError(f"{where}.tasks: a client needs at least one task")
-        domains = set()
+        domains: set[str] = set()
         for t in g.tasks:
             try:
                 task = get_task(t)
             except _Base as exc:
                 raise ConfigError(f"{where}.tasks: {exc}") from exc
-            if task.domain not in IMAGE_SIZES or task.target is None:
+            if task.domain is None or task.domain not in IMAGE_SIZES or task.target is None:
                 raise ConfigError(
                     f"{where}.tasks: task {t!r} needs a domain (one of {sorted(IMAGE_SIZES)}, "
                     f"got {task.domain!r}) and a target function (got {task.target!r}) to "
@@ -194,7 +194,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check_choice(d.partition.kind, ("iid", "dirichlet", "shards"), "data.partition.kind")
     _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn", "fedavgcnn"), "model.family")
     if cfg.model.family == "fedavgcnn":  # models.py: (conv1, conv2, fc), images >= 16 px
-        px = min(IMAGE_SIZES[get_task(t).domain] for g in cfg.clients for t in g.tasks)
+        px = min(IMAGE_SIZES[task_domain(t)] for g in cfg.clients for t in g.tasks)
         if len(hidden) not in (0, 3) or px < 16:
             raise ConfigError(f"model.family: fedavgcnn needs hidden [conv1, conv2, fc] "
                               f"(got {list(hidden)}) and images of >= 16 px (got {px})")  # fmt: skip

@@ -159,7 +159,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     from fmtl_lightning.engine.plan import client_by_id, planned_clients
     from fmtl_lightning.fed_data import ClientData, Federation
     from fmtl_lightning.federation import ClientSpec
-    from fmtl_lightning.tasks import get_task
+    from fmtl_lightning.tasks import get_task, task_domain
     from mobile_client.batching import label_key
     from mobile_client.inputs import client_labels, read_npz
 
@@ -169,7 +169,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
         ids = ", ".join(c.client_id for c in planned)
         raise NodeConfigError(f"node config: client-id {client_id!r} is not in the run config "
                               f"(clients: {ids})")  # fmt: skip
-    domain = get_task(me.tasks[0]).domain
+    domain = task_domain(me.tasks[0])
     size = IMAGE_SIZES[domain]
     if not data.is_file():
         raise NodeConfigError(f"node config 'data': {data} is not a file")
@@ -211,7 +211,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
         masks = {t: torch.from_numpy(m) for t, m in held.items() if m is not None}
         spec = ClientSpec(c.client_id, c.tasks, c.width, np.arange(x_tr.shape[0]),
                           np.arange(x_tr.shape[0], x_tr.shape[0] + x_te.shape[0]),
-                          get_task(c.tasks[0]).domain)  # fmt: skip
+                          task_domain(c.tasks[0]))  # fmt: skip
         clients.append(ClientData(spec, c.lam, x_tr, y_tr, x_te, y_te, masks, c.edge))
     return Federation(clients, size, f"{len(clients)} clients (node {client_id}: own data)", {})
 

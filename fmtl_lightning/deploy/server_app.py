@@ -196,7 +196,7 @@ class DeployedRun:
             rep.times["evaluate"] = time.perf_counter() - t3
         rep.late.update(self.late.pull(grid))  # including this round's, since its deadline
         t3 = time.perf_counter()
-        meta = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}
+        meta: dict[str, Any] = {"clients_trained": sorted(rep.accepted), "report": rep.as_dict()}
         self.engine.commit_round(server_round, _rows(rep), meta, record={"report": rep.as_dict()})
         rep.times["checkpoint"] = time.perf_counter() - t3
         rep.times["total"] = time.perf_counter() - t0

@@ -20,7 +20,7 @@ from fmtl_lightning.algorithms import get_algorithm
 from fmtl_lightning.config import ConfigError, RunConfig
 from fmtl_lightning.data.datasets import IMAGE_SIZES
 from fmtl_lightning.roles import ModelSpec
-from fmtl_lightning.tasks import get_task
+from fmtl_lightning.tasks import get_task, task_domain
 
 if TYPE_CHECKING:
     from fmtl_lightning.model_source import ModelSource
@@ -151,7 +151,7 @@ def server_plan(
         model = model_from_factory(cfg.model.factory)
     if model is None:
         if image_size is None:
-            image_size = IMAGE_SIZES[get_task(clients[0].tasks[0]).domain]
+            image_size = IMAGE_SIZES[task_domain(clients[0].tasks[0])]
         model = BuiltinModel(backbone_config(cfg, image_size))
     layout = model_layout(cfg, task_outputs)
     spec = model.spec(layout.model_tasks, layout.policy)
