@@ -354,7 +354,8 @@ def federation_from_tensors(
             m = get_task(t).label_mask(ys[t].numpy())
             if m is not None:
                 masks[t] = torch.from_numpy(m)
-        domain = get_task(tasks[0]).domain or "own"  # the tasks' input domain
+        # the tasks' input domain: the one a built-in task names, else "own"
+        domain = next((d for t in tasks if (d := get_task(t).domain) is not None), "own")
         domains.add(domain)
         spec = ClientSpec(cid, tasks, float(w), np.arange(len(x)),
                           np.arange(len(x), len(x) + len(xt)), domain)  # fmt: skip

@@ -29,7 +29,8 @@ def _as_index_array(client_id: str, field: str, value: np.ndarray) -> np.ndarray
 
 @dataclass(frozen=True, eq=False)
 class ClientSpec:
-    """One client: its tasks (all on ``domain``), backbone width in (0, 1], sample indices.
+    """One client: its tasks (all on ``domain``; a task without one, on the user's own
+    data, fits any), backbone width in (0, 1], sample indices.
 
     ``train_idx``/``test_idx`` index the labels of ``domain``'s dataset and must not overlap.
     """
@@ -49,8 +50,9 @@ class ClientSpec:
         if not self.tasks:
             raise FederationError(f"client {self.client_id!r}: needs at least one task")
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        # a task without a domain (a user's own data) fits any; the others must all match
         domains = {name: get_task(name).domain for name in self.tasks}
-        if set(domains.values()) != {self.domain}:
+        if set(domains.values()) - {None} - {self.domain}:
             raise FederationError(
                 f"client {self.client_id!r}: all tasks must be on domain {self.domain!r}, "
                 f"got tasks {domains}"

@@ -146,3 +146,37 @@ def test_a_task_without_a_domain_cannot_name_a_built_in_dataset(small_cfg, user_
     small_cfg["clients"] = [{"count": 1, "tasks": ["user/free"]}]
     with pytest.raises(ConfigError, match=r"clients\[0\]\.tasks: task 'user/free' needs a domain"):
         parse_config(small_cfg)
+
+
+def test_a_task_without_a_domain_federates_the_users_own_tensors(user_tasks):
+    """The Task docstring's promise: own data needs no domain (this was refused with
+    "all tasks must be on domain 'own'"); a built-in task on the same client still sets
+    the domain, and two built-in domains on one client are still refused."""
+    import torch
+
+    from fmtl_lightning.errors import FederationError
+    from fmtl_lightning.fed_data import federation_from_tensors
+    from fmtl_lightning.federation import ClientSpec
+    from fmtl_lightning.tasks import Task, register_task
+
+    register_task(Task("user/free3", 3, "multiclass"))
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(12, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    y, yt = torch.tensor([0, 1, 1] * 4), torch.tensor([2, 0, 1, 1])
+    fed = federation_from_tensors([(x, {"user/free3": y})], [(xt, {"user/free3": yt})], [0.5])
+    (c,) = fed.clients
+    assert (c.spec.domain, c.tasks, c.width, c.num_train, c.num_test) == (
+        "own",
+        ("user/free3",),
+        0.5,
+        12,
+        4,
+    )
+    assert torch.equal(c.x_train, x) and torch.equal(c.y_test["user/free3"], yt)
+    assert c.label_masks["user/free3"].tolist() == [True, True, False]  # class 2 unseen
+    both = {"user/free3": y, "mnist/parity": y % 2}
+    fed = federation_from_tensors([(x, both)], [(xt, {"user/free3": yt, "mnist/parity": yt % 2})],
+                                  [1.0])  # fmt: skip
+    assert fed.clients[0].spec.domain == "mnist"  # the built-in task's, whatever the order
+    with pytest.raises(FederationError, match="all tasks must be on domain 'mnist'"):
+        ClientSpec("c00", ("mnist/parity", "fashion/item"), 1.0, [0], [1], "mnist")
