@@ -104,3 +104,29 @@ def test_a_later_invocation_adds_its_runs_and_replaces_only_its_own(tmp_path):
     assert (got["seeds"], got["wall"], got["commands"]) == ([0, 1, 2], 15.0, ["A", "B"])
     other = {**second, "test_size": 100}  # other settings: replaces the file's runs
     assert acc_gain.merged(out, other) is other
+
+
+def test_the_baselines_worst_client_is_compared_on_the_same_client():
+    # seed 0: local serves c1 worst (0.5); fedper's own worst is c0 (0.6), its c1 is 0.9
+    clients = {
+        (0, "local"): {"c0": 0.7, "c1": 0.5},
+        (0, "fedavg"): {"c0": 0.6, "c1": 0.8},
+        (0, "fedper"): {"c0": 0.6, "c1": 0.9},
+        (1, "local"): {"c0": 0.4, "c1": 0.8},
+        (1, "fedavg"): {"c0": 0.7, "c1": 0.7},
+        (1, "fedper"): {"c0": 0.6, "c1": 0.7},
+    }
+    res = [
+        {"model": "mlp", "seed": s, "method": m, "clients": c,
+         "mean": sum(c.values()) / 2, "worst": min(c.values())}
+        for (s, m), c in clients.items()
+    ]  # fmt: skip
+    assert np.allclose(acc_gain._on_bases_worst(res, "mlp", "fedper", "local"), [0.4, 0.2])
+    # fedavg's worst: c0 at seed 0 (0.6 vs fedper 0.6), a tie at seed 1 -> the first, c0
+    assert np.allclose(acc_gain._on_bases_worst(res, "mlp", "fedper", "fedavg"), [0.0, -0.1])
+    data = {"mode": "default", "seeds": [0, 1], "test_size": 500, "rounds": 80, "wall": 60.0}
+    text = acc_gain.report(res, data)
+    # means +15, +5 -> +10; own worsts 0.6, 0.6 vs 0.5, 0.4 -> +15; same client +40, +20 -> +30
+    row = next(line for line in text.splitlines() if line.startswith("| fedper − local |"))
+    assert [c.split(" [")[0] for c in row.split(" | ")[1:]] == ["+10.0", "+15.0", "+30.0"]
+    assert "baseline's worst client |" in text
