@@ -34,8 +34,9 @@ worker). Raw results: ``runs/pfllib/<mode>.json``; BENCHMARKS.md section ``pflli
 Any other ``--rounds`` is a *long* run, to test the goal where 5 rounds cannot: its results
 go to ``runs/pfllib/long.json``, section ``pfllib-long`` and ``pfllib_long_curves.png``, and
 each invocation adds its (split, method) runs to the ones already there, so methods can run
-as separate invocations. ``--minutes M`` stops each run after the first round that ends past
-M minutes of its wall time (a run cut to a budget; the table shows the rounds it ran).
+as separate invocations (``--render`` with any such ``--rounds`` re-writes that section).
+``--minutes M`` stops each run after the first round that ends past M minutes of its wall
+time (a run cut to a budget; the table shows the rounds it ran).
 """
 
 from __future__ import annotations
