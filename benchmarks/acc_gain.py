@@ -44,7 +44,13 @@ import numpy as np
 
 from benchmarks import acc_part1
 from benchmarks.acc_common import md_table, round_curve, set_threads
-from benchmarks.common import REPO_ROOT, current_command, machine_line, write_section
+from benchmarks.common import (
+    REPO_ROOT,
+    current_command,
+    machine_line,
+    merge_runs,
+    write_section,
+)
 
 METHODS = ("local", "fedavg", "fedper", "fedrep", "ditto-1", "fedbabu", "fedavg_ft")
 PERSONALISED = ("fedper", "fedrep", "ditto-1", "fedbabu", "fedavg_ft")
@@ -219,26 +225,20 @@ def report(results: Sequence[dict], data: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
-def merged(out: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` plus the runs of an earlier invocation in ``out`` with the same settings
-    (mode, test size, rounds) that this one did not redo; commands and wall times add up."""
-    if not out.exists():
-        return data
-    old = json.loads(out.read_text())
-    if any(old.get(k) != data[k] for k in ("mode", "test_size", "rounds")):
-        return data  # other settings: this run replaces the file
-    key = lambda r: (r["model"], r["seed"], r["method"])  # noqa: E731
-    mine = {key(r) for r in data["results"]}
-    kept = [r for r in old["results"] if key(r) not in mine]
-    commands = old.get("commands") or [old["command"]]
-    return {
-        **data,
-        "seeds": sorted({*old["seeds"], *data["seeds"]}),
-        "results": kept + data["results"],
-        "wall": old["wall"] + data["wall"],
-        "commands": [*commands, data["command"]],
-        "command": " ; ".join([*commands, data["command"]]),
-    }
+def save(out: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Write ``data`` to ``out`` with the runs of an earlier invocation with the same
+    settings (mode, test size, rounds) that this one did not redo (:func:`merge_runs`);
+    seeds and wall times add up. Returns what was written."""
+    return merge_runs(
+        out,
+        data,
+        key=lambda r: (r["model"], r["seed"], r["method"]),
+        same=("mode", "test_size", "rounds"),
+        combine=lambda old, new: {
+            "seeds": sorted({*old["seeds"], *new["seeds"]}),
+            "wall": old["wall"] + new["wall"],
+        },
+    )
 
 
 def run_jobs(jobs: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"{100 * r['mean']:.1f} worst {100 * r['worst']:.1f} ({r['wall']:.0f}s)",
                 flush=True,
             )
-        data = merged(
+        data = save(
             out,
             {
                 "mode": mode,
@@ -304,11 +304,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "machine": machine_line(),
             },
         )
-        out.write_text(json.dumps(data, indent=1))
         partial.unlink()
     md = report(data["results"], data)
     if mode != "quick":  # a smoke run is printed, never written into BENCHMARKS.md
-        write_section("accuracy-gain", md, command=data["command"], machine=data["machine"])
+        command = " ; ".join(data.get("commands") or [data["command"]])
+        write_section("accuracy-gain", md, command=command, machine=data["machine"])
     print(md)
     return data
 

@@ -8,16 +8,19 @@ only that section, so re-running one benchmark leaves the others' numbers alone.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import gc
+import json
 import os
 import platform
 import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
@@ -169,3 +172,37 @@ def write_section(
     tmp.write_text(text)
     os.replace(tmp, target)  # readers never see a half-written file
     return target
+
+
+def merge_runs(
+    out: Path,
+    data: dict[str, Any],
+    key: Callable[[dict[str, Any]], Hashable],
+    *,
+    same: Sequence[str] = (),
+    combine: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Write an invocation's ``data`` to the JSON ``out``, merged with the runs earlier
+    invocations left there: a run ``data`` redoes (the same ``key``) is replaced, the
+    others are kept, and ``commands`` lists every invocation once, in order (a repeated
+    command moves to the end). A file whose settings ``same`` differ from ``data``'s is
+    replaced whole. ``combine(old, data)`` gives the fields that add up across
+    invocations (seeds, wall time). Under a file lock, as invocations may overlap.
+    Returns what was written."""
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(out.read_text()) if out.exists() else None
+        if old is None or any(old.get(k) != data[k] for k in same):
+            merged = {**data, "commands": [data["command"]]}
+        else:
+            mine = {key(r) for r in data["results"]}
+            kept = [r for r in old["results"] if key(r) not in mine]
+            earlier = old.get("commands") or [old["command"]]
+            merged = {
+                **data,
+                **(combine(old, data) if combine else {}),
+                "results": kept + data["results"],
+                "commands": [*(c for c in earlier if c != data["command"]), data["command"]],
+            }
+        out.write_text(json.dumps(merged, indent=1))
+    return merged

@@ -42,7 +42,6 @@ time (a run cut to a budget; the table shows the rounds it ran).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -56,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.acc_common import set_threads
-from benchmarks.common import REPO_ROOT, current_command, machine_line
+from benchmarks.common import REPO_ROOT, current_command, machine_line, merge_runs
 
 TASK = "fashion/item"
 DOMAIN = "fashion_mnist"
@@ -345,24 +344,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def save(out: Any, data: dict[str, Any]) -> dict[str, Any]:
     """Write ``data`` to ``out``; a long run first merges the runs already there (other
-    (split, method) pairs kept, the same pair replaced), under a lock, as invocations may
-    overlap. Returns what was written."""
+    (split, method) pairs kept, the same pair replaced: :func:`merge_runs`). Returns what
+    was written."""
     if data["mode"] != "long":
         out.write_text(json.dumps(data, indent=1))
         return data
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = json.loads(out.read_text()) if out.exists() else {"results": [], "commands": []}
-        mine = {(r["split"], r["method"]) for r in data["results"]}
-        kept = [r for r in old["results"] if (r["split"], r["method"]) not in mine]
-        commands = [c for c in old.get("commands", []) if c != data["command"]]
-        merged = {
-            **data,
-            "results": kept + data["results"],
-            "commands": [*commands, data["command"]],
-        }
-        out.write_text(json.dumps(merged, indent=1))
-    return merged
+    return merge_runs(out, data, key=lambda r: (r["split"], r["method"]))
 
 
 def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> dict:

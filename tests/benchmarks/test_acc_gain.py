@@ -91,11 +91,11 @@ def test_a_later_invocation_adds_its_runs_and_replaces_only_its_own(tmp_path):
     row = lambda m, s, v: {"model": "mlp", "seed": s, "method": m, "mean": v}  # noqa: E731
     first = {"mode": "default", "test_size": 500, "rounds": 80, "seeds": [0, 1], "wall": 10.0,
              "command": "A", "results": [row("local", 0, 0.1), row("fedper", 0, 0.2)]}  # fmt: skip
-    assert acc_gain.merged(out, first) is first  # nothing there yet
-    out.write_text(json.dumps(first))
+    assert acc_gain.save(out, first) == {**first, "commands": ["A"]}  # nothing there yet
     second = {**first, "seeds": [0, 2], "wall": 5.0, "command": "B",
               "results": [row("fedper", 0, 0.3), row("fedper", 2, 0.4)]}  # fmt: skip
-    got = acc_gain.merged(out, second)
+    got = acc_gain.save(out, second)
+    assert json.loads(out.read_text()) == got
     assert [(r["method"], r["seed"], r["mean"]) for r in got["results"]] == [
         ("local", 0, 0.1),
         ("fedper", 0, 0.3),
@@ -103,7 +103,8 @@ def test_a_later_invocation_adds_its_runs_and_replaces_only_its_own(tmp_path):
     ]
     assert (got["seeds"], got["wall"], got["commands"]) == ([0, 1, 2], 15.0, ["A", "B"])
     other = {**second, "test_size": 100}  # other settings: replaces the file's runs
-    assert acc_gain.merged(out, other) is other
+    assert acc_gain.save(out, other) == {**other, "commands": ["B"]}
+    assert json.loads(out.read_text())["results"] == other["results"]
 
 
 def test_the_baselines_worst_client_is_compared_on_the_same_client():
