@@ -11,11 +11,13 @@ Every graph this package writes keeps the batch dimension dynamic, named
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,6 +247,47 @@ def _fake_args(args: Sequence[torch.Tensor], batch_args: set[int]) -> list[torch
     return [fake(i, t) for i, t in enumerate(args)]
 
 
+_REGISTRIES: dict[int, Any] = {}  # opset -> torch.onnx's ATen -> ONNX function registry
+_REGISTRY_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def shared_torchlib_registry() -> Iterator[None]:
+    """Within this block, ``torch.onnx.export`` reuses one registry of ATen -> ONNX
+    functions per opset instead of building it anew for every graph.
+
+    torch 2.13 rebuilds the registry on every call (``ONNXRegistry.from_torchlib``:
+    about 1 s here, most of it re-reading the source of some 500 onnxscript functions),
+    and a bundle exports four graphs or more. Our exports never register custom
+    translations, the only thing that writes to a registry after it is built, so a
+    shared one gives the same graphs (``tests/export/test_export_registry.py``). The
+    patch lives only for the block, under a lock, so a caller's own exports with a
+    ``custom_translation_table`` never see the shared registry. Without the torch
+    internal it patches, the block changes nothing."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # another torch: every export builds its own, as before
+        yield
+        return
+    cls = _registration.ONNXRegistry
+    original = cls.__dict__.get("from_torchlib")
+    if not isinstance(original, classmethod):
+        yield
+        return
+
+    def from_torchlib(klass: type, opset_version: int = MIN_OPSET) -> Any:
+        if opset_version not in _REGISTRIES:
+            _REGISTRIES[opset_version] = original.__func__(klass, opset_version)
+        return _REGISTRIES[opset_version]
+
+    with _REGISTRY_LOCK:
+        cls.from_torchlib = classmethod(from_torchlib)  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            cls.from_torchlib = original  # type: ignore[method-assign]
+
+
 def export_pure_function(
     fn: Callable[..., Any],
     args: Sequence[torch.Tensor],
@@ -279,17 +322,18 @@ def export_pure_function(
     gm.eval()  # the step's own train/eval behaviour is already in the traced ops
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} if i in batch_args else None for i in range(len(args)))
-    program = torch.onnx.export(
-        gm,
-        tuple(args),
-        dynamo=True,
-        opset_version=opset,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=dynamic,
-        optimize=True,
-        verbose=False,
-    )
+    with shared_torchlib_registry():
+        program = torch.onnx.export(
+            gm,
+            tuple(args),
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic,
+            optimize=True,
+            verbose=False,
+        )
     if program is None:
         raise ExportError(f"{path}: torch.onnx.export returned no program")
     model = program.model_proto

@@ -32,6 +32,7 @@ from export.graphs import (
     export_pure_function,
     name_batch_axis,
     save_checked,
+    shared_torchlib_registry,
     trace_batch,
     unique_names,
 )
@@ -55,17 +56,18 @@ def _export_module(
         b = trace_batch(module.state_dict().values(), example.shape[1:])
         x = torch.zeros(b, *example.shape[1:], dtype=example.dtype)
         batch = torch.export.Dim("batch", min=1)
-        program = torch.onnx.export(
-            module,
-            (x,),
-            dynamo=True,
-            opset_version=opset,
-            input_names=[in_name],
-            output_names=[out_name],
-            dynamic_shapes=({0: batch},),
-            optimize=True,
-            verbose=False,
-        )
+        with shared_torchlib_registry():
+            program = torch.onnx.export(
+                module,
+                (x,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[in_name],
+                output_names=[out_name],
+                dynamic_shapes=({0: batch},),
+                optimize=True,
+                verbose=False,
+            )
     if program is None:
         raise ExportError(f"{path}: torch.onnx.export returned no program")
     proto = program.model_proto
