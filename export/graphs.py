@@ -285,7 +285,7 @@ def shared_torchlib_registry() -> Iterator[None]:
         try:
             yield
         finally:
-            cls.from_torchlib = original  # type: ignore[method-assign]
+            cls.from_torchlib = original  # type: ignore[method-assign,assignment]
 
 
 def export_pure_function(
