@@ -4,6 +4,7 @@
                                 [--methods fedavg,fedper,...] [--workers 2]
                                 [--clients N --max-samples N]   # smoke settings only
                                 [--render]                      # re-write from the JSON
+                                [--fresh]                       # long runs start over
 
 The protocol (TsingZ0/PFLlib, see :mod:`fmtl_lightning.data.pfllib` for the data):
 
@@ -36,7 +37,11 @@ go to ``runs/pfllib/long.json``, section ``pfllib-long`` and ``pfllib_long_curve
 each invocation adds its (split, method) runs to the ones already there, so methods can run
 as separate invocations (``--render`` with any such ``--rounds`` re-writes that section).
 ``--minutes M`` stops each run after the first round that ends past M minutes of its wall
-time (a run cut to a budget; the table shows the rounds it ran).
+time (a run cut to a budget; the table shows the rounds it ran). A long run keeps its
+checkpoints in ``runs/pfllib/long/<split>-<method>/``, and the next long invocation of
+that pair goes on from its last round (``Simulation.resume(rounds=...)``: the same numbers
+as one straight run), so PFLlib's hundreds of rounds can add up over several sessions;
+``--fresh`` starts it over. A kept run of another config is refused.
 """
 
 from __future__ import annotations
@@ -49,13 +54,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.acc_common import set_threads
 from benchmarks.common import REPO_ROOT, current_command, machine_line, merge_runs
+from mobile_client.fileio import atomic_write_text
 
 TASK = "fashion/item"
 DOMAIN = "fashion_mnist"
@@ -79,6 +87,7 @@ METHODS: dict[str, dict[str, Any]] = {
 # relative cost of a round (epochs of work per client), to start the longest jobs first
 COST = {"ditto": 2.0, "fedavg_ft": 2.0, "fedrep": 1.4, "fedbabu": 1.3}
 END_COST = {"fedbabu": 13.0}  # its two 10-epoch fine-tunes, in rounds of FedAvg (measured)
+LONG_RUNS = REPO_ROOT / "runs" / "pfllib" / "long"  # a long run's checkpoints, per split-method
 
 
 def build_federation(
@@ -197,11 +206,45 @@ def budget_guard(
     return on_round
 
 
+def _read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _then_write(on_round: Callable[[int], None], path: Path, data: Any) -> Callable[[int], None]:
+    def both(round_no: int) -> None:
+        on_round(round_no)
+        atomic_write_text(path, json.dumps(data))
+
+    return both
+
+
+def open_run(cfg: Any, run_dir: Path, fed: Any) -> Any:
+    """The run's :class:`~fmtl_lightning.simulation.Simulation`: taken further from
+    ``run_dir``'s last checkpoint when it holds rounds of the same config (whatever
+    rounds total it was started for), else fresh. Rounds of another config are refused:
+    ``--fresh`` starts over."""
+    from fmtl_lightning.checkpoint import completed_rounds
+    from fmtl_lightning.config import ConfigError, load_config
+    from fmtl_lightning.simulation import Simulation
+
+    done = completed_rounds(run_dir)
+    if not done:
+        return Simulation(cfg, run_dir, progress=False, federation=fed)
+    saved = load_config(run_dir / "config.yaml")
+    rounds = max(cfg.federation.rounds, done[-1])
+    same = lambda c: c.replace(federation=replace(c.federation, rounds=rounds))  # noqa: E731
+    if same(saved) != same(cfg):
+        raise ConfigError(
+            f"{run_dir} holds {done[-1]} rounds of another config ({run_dir / 'config.yaml'}); "
+            "pass --fresh to start that run over"
+        )
+    return Simulation.resume(run_dir, rounds=rounds, progress=False, federation=fed)
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """One (split, method) simulation; returns its pooled-accuracy curves and timings."""
     from benchmarks import pfllib_evals
     from fmtl_lightning.config import parse_config
-    from fmtl_lightning.simulation import Simulation
 
     t0 = time.perf_counter()
     fed = build_federation(
@@ -211,12 +254,19 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         run_config(job["method"], job["rounds"], job["clients"], ditto_lam=job["ditto_lam"])
     )
     n_test = {c.cid: int(c.x_test.shape[0]) for c in fed.clients}
-    tmp = tempfile.mkdtemp(prefix="fmtl-pfllib-")
+    kept = job.get("run_dir")  # a long run's: kept, so the next invocation goes on from it
+    tmp = kept or tempfile.mkdtemp(prefix="fmtl-pfllib-")
     try:
-        sim = Simulation(cfg, tmp, progress=False, federation=fed)
+        sim = open_run(cfg, Path(tmp), fed)
         t_build = time.perf_counter() - t0
         method, glob = job["method"], []
-        on_round = pfllib_evals.global_model_curve(sim, glob) if method == "ditto" else None
+        on_round = None
+        if method == "ditto":  # the global copies' curve is not in the run's history
+            glob_file = Path(tmp) / "global_model_curve.json"
+            glob = [p for p in _read_json(glob_file, []) if p[0] <= sim.round_idx]
+            on_round = pfllib_evals.global_model_curve(sim, glob)
+            on_round = _then_write(on_round, glob_file, glob)
+        rounds_before = sim.round_idx
         try:
             sim.run(budget_guard(t0, job.get("minutes"), on_round))
         except _Budget:
@@ -244,13 +294,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             ]  # fmt: skip
         end_s = time.perf_counter() - t1
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {
         "split": job["split"],
         "method": method,
         "rounds": len(round_s),
         "rounds_planned": job["rounds"],
         "minutes": job.get("minutes"),
+        "resumed_from": rounds_before,
         "clients": job["clients"],
         "curve": curve,
         "variants": variants,
@@ -275,6 +327,8 @@ def jobs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
             "max_samples": args.max_samples,
             "ditto_lam": args.ditto_lam,
             "minutes": args.minutes,
+            # a long run keeps its run dir: the next long invocation takes it further
+            "run_dir": str(LONG_RUNS / f"{s}-{m}") if args.mode == "long" else None,
         }
         for s in args.splits
         for m in args.methods
@@ -327,6 +381,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=20, help="smoke runs only (PFLlib: 20)")
     p.add_argument("--max-samples", type=int, default=None, help="smoke runs only (PFLlib: all)")
     p.add_argument("--render", action="store_true", help="re-write the report from the JSON")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help=f"a long run starts over instead of going on from its checkpoint in {LONG_RUNS}",
+    )
     args = p.parse_args(argv)
     args.splits = _csv(args.splits, SPLITS, "--splits")
     args.methods = _csv(args.methods, tuple(METHODS), "--methods")
@@ -336,6 +395,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise SystemExit("--rounds, --clients and --workers must be >= 1")
     if args.minutes is not None and args.minutes <= 0:
         raise SystemExit("--minutes must be > 0")
+    if args.fresh and args.render:
+        raise SystemExit("--fresh starts runs over; --render only re-writes the report")
     protocol = args.clients == 20 and args.max_samples is None
     by_rounds = {FULL_ROUNDS: "full", DEFAULT_ROUNDS: "default"}
     args.mode = by_rounds.get(args.rounds, "long") if protocol else "smoke"
@@ -363,6 +424,9 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     else:
         t0 = time.perf_counter()
         jobs = jobs_for(args)
+        for j in jobs:
+            if args.fresh and j["run_dir"]:
+                shutil.rmtree(j["run_dir"], ignore_errors=True)
         data = {
             "mode": args.mode,
             "rounds": args.rounds,

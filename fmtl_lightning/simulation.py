@@ -281,10 +281,28 @@ class Simulation:
         self.pool.close()
 
     @classmethod
-    def resume(cls, run_dir: str | Path, **kw: Any) -> Simulation:
-        """Continue a run from its last complete checkpoint (the config is read from the run)."""
+    def resume(cls, run_dir: str | Path, *, rounds: int | None = None, **kw: Any) -> Simulation:
+        """Continue a run from its last complete checkpoint (the config is read from the run).
+
+        ``rounds``: a new total, to take a run further than it was started for (the
+        deployed server's ``num-rounds`` on a resumed run). No setting depends on the
+        total but the schedule of evaluations (the last round is always evaluated), so
+        a run of N rounds taken to M trains as a run of M would."""
+        from fmtl_lightning.checkpoint import completed_rounds
+        from fmtl_lightning.config import ConfigError
+
         run_dir = Path(run_dir)
-        sim = cls(load_config(run_dir / "config.yaml"), run_dir, **kw)
+        cfg = load_config(run_dir / "config.yaml")
+        if rounds is not None:
+            done = completed_rounds(run_dir)
+            if done and rounds < done[-1]:
+                raise ConfigError(
+                    f"federation.rounds: {rounds} is fewer than the {done[-1]} rounds "
+                    f"{str(run_dir)!r} has completed"
+                )
+            cfg = cfg.replace(federation=dataclasses.replace(cfg.federation, rounds=rounds))
+            validate_config(cfg)
+        sim = cls(cfg, run_dir, **kw)
         sim.pool.restore(sim.engine.restore())
         sim.times = [RoundTimes(**rec["times"]) for rec in sim.engine.records]
         return sim

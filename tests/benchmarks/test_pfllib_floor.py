@@ -235,3 +235,34 @@ def test_long_runs_merge_by_split_and_method_and_report_the_round_the_goal_was_m
     text = report(merged)
     assert "| 2 of 50, cut at 9 min (PFLlib: 2000) |" in text
     assert "goal not met in these rounds" in text
+
+
+def test_a_long_run_goes_on_from_its_kept_run_dir_as_one_straight_run_would(tmp_path):
+    from fmtl_lightning.checkpoint import completed_rounds
+    from fmtl_lightning.config import ConfigError
+
+    kept = tmp_path / "dir-ditto"
+    job = {"split": "dir", "method": "ditto", "rounds": 2, "clients": 4, "max_samples": 400,
+           "ditto_lam": 0.1, "minutes": None, "run_dir": str(kept)}  # fmt: skip
+    first = pfllib.run_job(job)
+    assert (first["resumed_from"], first["rounds"]) == (0, 2)
+    assert completed_rounds(kept) == [2]  # kept after the run
+    again = pfllib.run_job({**job, "rounds": 3})  # a later invocation asks for more
+    assert (again["resumed_from"], again["rounds"]) == (2, 3)
+    straight = pfllib.run_job({**job, "rounds": 3, "run_dir": None})
+    assert straight["resumed_from"] == 0
+    # personal models from the history, global copies from the kept curve file
+    for a, b in zip(again["variants"], straight["variants"], strict=True):
+        assert a["curve"] == b["curve"] and len(a["curve"]) == 3, (a, b)
+    # asking for fewer rounds than it holds reports them, trains nothing
+    assert pfllib.run_job({**job, "rounds": 1})["curve"] == straight["curve"]
+    # rounds of another config are refused, naming --fresh, and left as they were
+    with pytest.raises(ConfigError, match="--fresh"):
+        pfllib.run_job({**job, "ditto_lam": 0.5, "rounds": 4})
+    assert completed_rounds(kept) == [3]
+    fed = pfllib.build_federation("dir", num_clients=4, max_samples=400)
+    with pytest.raises(ConfigError, match=r"federation.rounds: 2 is fewer than the 3"):
+        Simulation.resume(kept, rounds=2, federation=fed, progress=False)
+    args = pfllib.parse_args(["--rounds", "50", "--methods", "fedper", "--splits", "pat"])
+    assert [j["run_dir"] for j in pfllib.jobs_for(args)] == [str(pfllib.LONG_RUNS / "pat-fedper")]
+    assert [j["run_dir"] for j in pfllib.jobs_for(pfllib.parse_args([]))] == [None] * 14
