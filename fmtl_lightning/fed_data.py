@@ -27,7 +27,7 @@ from fmtl_lightning.partition import (
     split_train_test,
     subsample,
 )
-from fmtl_lightning.tasks import get_task, task_domain
+from fmtl_lightning.tasks import get_task, inputs_domain, task_domain
 
 
 @dataclass(frozen=True, eq=False)
@@ -354,8 +354,7 @@ def federation_from_tensors(
             m = get_task(t).label_mask(ys[t].numpy())
             if m is not None:
                 masks[t] = torch.from_numpy(m)
-        # the tasks' input domain: the one a built-in task names, else "own"
-        domain = next((d for t in tasks if (d := get_task(t).domain) is not None), "own")
+        domain = inputs_domain(tasks)
         domains.add(domain)
         spec = ClientSpec(cid, tasks, float(w), np.arange(len(x)),
                           np.arange(len(x), len(x) + len(xt)), domain)  # fmt: skip

@@ -171,9 +171,11 @@ class RunArtifacts:
         raise RunArtifactsError(f"client {cid!r} is not in the run {self.run_dir}")
 
     def domain(self, cid: str) -> str:
-        from fmtl_lightning.tasks import task_domain
+        """Client ``cid``'s input domain (its normalisation's key): the built-in dataset
+        its tasks name, else the user's own data (``data.factory``)."""
+        from fmtl_lightning.tasks import inputs_domain
 
-        return task_domain(self.client(cid).tasks[0])
+        return inputs_domain(self.client(cid).tasks)
 
     def shared_state(self, ws: WidthSpec) -> dict[str, np.ndarray]:
         """The global shared arrays at ``ws``."""

@@ -367,10 +367,20 @@ def get_task(name: str) -> Task:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}") from None
 
 
+OWN_DOMAIN = "own"  # the input domain of a client whose tasks name no built-in dataset
+
+
+def inputs_domain(tasks: Iterable[str]) -> str:
+    """The input domain of a client with ``tasks``: the dataset a built-in task names (a
+    client's tasks share one), else :data:`OWN_DOMAIN`, the user's own data."""
+    return next((d for t in tasks if (d := get_task(t).domain) is not None), OWN_DOMAIN)
+
+
 def task_domain(name: str) -> str:
     """The dataset (``domain``) registered task ``name`` trains on, or
     :class:`TaskDefinitionError` (field ``domain``) if it has none. A config's client
-    tasks always have one (:func:`~fmtl_lightning.config.validate_config` checks)."""
+    tasks have one unless ``data.factory`` brings the data
+    (:func:`~fmtl_lightning.config.validate_config` checks)."""
     domain = get_task(name).domain
     if domain is None:
         raise _bad(name, "domain", "is None: a federation over a built-in dataset needs it")

@@ -123,13 +123,16 @@ def validate_config(cfg: RunConfig) -> None:
                 task = get_task(t)
             except _Base as exc:
                 raise ConfigError(f"{where}.tasks: {exc}") from exc
-            if task.domain is None or task.domain not in IMAGE_SIZES or task.target is None:
+            built_in = task.domain in IMAGE_SIZES and task.target is not None
+            if not built_in and cfg.data.factory is None:
                 raise ConfigError(
                     f"{where}.tasks: task {t!r} needs a domain (one of {sorted(IMAGE_SIZES)}, "
                     f"got {task.domain!r}) and a target function (got {task.target!r}) to "
-                    "train on a built-in dataset"
+                    "train on a built-in dataset; for your own data, name its Federation "
+                    "in data.factory"
                 )
-            domains.add(task.domain)
+            if task.domain is not None:
+                domains.add(task.domain)
         if len(domains) > 1:
             raise ConfigError(f"{where}.tasks: tasks span several datasets {sorted(domains)}")
         if g.count < 1:
@@ -194,7 +197,13 @@ def validate_config(cfg: RunConfig) -> None:
     _check_choice(d.partition.kind, ("iid", "dirichlet", "shards"), "data.partition.kind")
     _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn", "fedavgcnn"), "model.family")
     if cfg.model.family == "fedavgcnn":  # models.py: (conv1, conv2, fc), images >= 16 px
-        px = min(IMAGE_SIZES[task_domain(t)] for g in cfg.clients for t in g.tasks)
+        # the built-in datasets' image size; data.factory's own images are checked when
+        # the model is built for them
+        px = (
+            16
+            if cfg.data.factory
+            else min(IMAGE_SIZES[task_domain(t)] for g in cfg.clients for t in g.tasks)
+        )
         if len(hidden) not in (0, 3) or px < 16:
             raise ConfigError(f"model.family: fedavgcnn needs hidden [conv1, conv2, fc] "
                               f"(got {list(hidden)}) and images of >= 16 px (got {px})")  # fmt: skip

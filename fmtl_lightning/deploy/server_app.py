@@ -67,7 +67,7 @@ from fmtl_lightning.deploy.rounds import LateReplies, RoundReport, check_round_r
 from fmtl_lightning.deploy.strategy import FMTLStrategy
 from fmtl_lightning.engine import ServerEngine, server_plan
 from fmtl_lightning.engine.metrics import metric_rows, per_task, rows_csv, summarize
-from fmtl_lightning.engine.plan import planned_clients, refuse_label_masks
+from fmtl_lightning.engine.plan import planned_clients, refuse_undeployable
 from fmtl_lightning.errors import FMTLError
 from mobile_client.fileio import atomic_write_text
 
@@ -132,7 +132,7 @@ class DeployedRun:
         """``node_ids``: client id -> node id of its registered key (None: unbound);
         ``reply_timeout`` (the round deadline) and ``min_replies``: see
         :mod:`fmtl_lightning.deploy.rounds`."""
-        refuse_label_masks(cfg)
+        refuse_undeployable(cfg)
         n = len(planned_clients(cfg))
         check_round_rules(reply_timeout, min_replies,
                           max(1, math.ceil(cfg.federation.fraction * n - 1e-9)))  # fmt: skip

@@ -161,8 +161,20 @@ def server_plan(
     return ServerPlan(cfg, clients, spec, shared, init, layout, model)
 
 
-def refuse_label_masks(cfg: RunConfig) -> None:
-    """A deployed server never sees a client's labels: refuse an aggregator that needs them."""
+def refuse_undeployable(cfg: RunConfig) -> None:
+    """What only ``fmtl simulate`` can run: an aggregator that needs the clients' labels
+    (a deployed server never sees them), and tasks without a built-in dataset (their data
+    comes from ``data.factory`` in the simulator; a deployed node reads a built-in
+    dataset's images)."""
+    from fmtl_lightning.tasks import get_task
+
+    own = sorted({t for g in cfg.clients for t in g.tasks if get_task(t).domain is None})
+    if own:
+        raise ConfigError(
+            f"clients: tasks {own} have no built-in dataset (data.factory brings their data "
+            "to `fmtl simulate`): not supported by the Flower deployment, whose nodes read a "
+            "built-in dataset's images"
+        )
     agg = cfg.algorithm.aggregator
     if agg.needs_label_masks:
         raise ConfigError(

@@ -180,3 +180,48 @@ def test_a_task_without_a_domain_federates_the_users_own_tensors(user_tasks):
     assert fed.clients[0].spec.domain == "mnist"  # the built-in task's, whatever the order
     with pytest.raises(FederationError, match="all tasks must be on domain 'mnist'"):
         ClientSpec("c00", ("mnist/parity", "fashion/item"), 1.0, [0], [1], "mnist")
+
+
+def _own_data_config() -> dict:
+    """The user's own tasks (no built-in dataset) and data, named in the YAML alone."""
+    return {
+        "name": "clinic",
+        "seed": 0,
+        "tasks": [{"factory": "tests.fmtl_lightning.own_factories:own_tasks"}],
+        "data": {"factory": "tests.fmtl_lightning.own_factories:own_digits"},
+        "model": {"family": "cnn", "norm": "group", "hidden": [8, 16]},
+        "clients": [
+            {"count": 2, "tasks": ["clinic/digit", "clinic/odd"], "width": 1.0},
+            {"count": 1, "tasks": ["clinic/odd"], "width": 0.5, "edge": True},
+        ],
+        "algorithm": {"name": "fedper"},
+        "federation": {"rounds": 2, "batch_size": 16},
+        "compare_local": True,
+    }
+
+
+def test_own_tasks_on_own_data_from_a_config_run_resume_and_export(tmp_path, user_tasks):
+    """Tasks without a built-in dataset, their data from ``data.factory``: the config is
+    accepted, and the matrix's whole check holds (a killed run resumes to the straight
+    one, its local baseline too; the export's ORT predictions and SGD step equal torch's,
+    at the edge client's width). Without ``data.factory`` the same tasks are refused
+    naming it; the Flower deployment refuses them naming the tasks."""
+    from fmtl_lightning.deploy.server_app import DeployedRun
+    from mobile_client.manifest import load_manifest
+    from tests.matrix.runner import run_combination
+
+    cfg = parse_config(_own_data_config())
+    done = run_combination(cfg, tmp_path)
+    assert done == {"baseline": True, "predict": ["clinic/odd"], "step": "parity"}
+    m = load_manifest(tmp_path / "bundle")
+    assert m.normalisation.domain == "own" and m.normalisation.input_shape == (1, 28, 28)
+    assert [(h.client, h.task, h.labels) for h in m.heads] == [
+        ("c02", "clinic/odd", ("even", "odd"))
+    ]
+    no_factory = _own_data_config()
+    del no_factory["data"]
+    with pytest.raises(ConfigError, match=r"clients\[0\]\.tasks: .*'clinic/digit'.*data\.factory"):
+        parse_config(no_factory)
+    with pytest.raises(ConfigError, match=r"clients: tasks \['clinic/digit', 'clinic/odd'\]"):
+        DeployedRun(cfg, tmp_path / "deployed", reply_timeout=5.0)
+    assert not (tmp_path / "deployed").exists()
