@@ -25,10 +25,9 @@ def _simulate(args: argparse.Namespace) -> int:
     from fmtl_lightning.simulation import resume_run, run_config
 
     t0 = time.perf_counter()
-    if args.resume and getattr(args, "rounds", None) is not None:
-        raise FMTLError("--rounds applies to a new run (--config); a resumed run keeps its rounds")
     if args.resume:
-        summary = resume_run(args.resume, progress=not args.no_progress)
+        rounds = getattr(args, "rounds", None)  # None: the rounds the run was started for
+        summary = resume_run(args.resume, rounds=rounds, progress=not args.no_progress)
         run_dir = Path(args.resume)
     else:
         if not args.config:
@@ -87,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="allow a non-empty --run-dir")
     s.add_argument(
-        "--rounds", type=int, help="override federation.rounds of --config (e.g. 2 for a quick try)"
+        "--rounds",
+        type=int,
+        help="override federation.rounds of --config (e.g. 2 for a quick try); with --resume, "
+        "take the run further to this many rounds",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_simulate)

@@ -362,19 +362,21 @@ def run_config(
 def resume_run(
     run_dir: str | Path,
     *,
+    rounds: int | None = None,
     progress: bool = True,
     model: ModelSource | None = None,
     federation: Federation | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> dict:
-    """Python API of ``fmtl simulate --resume RUN_DIR`` (pass the ``model`` and
-    ``federation`` the run was started with, if it was started with its own; ``callbacks``
-    as :func:`run_config`)."""
+    """Python API of ``fmtl simulate --resume RUN_DIR [--rounds N]`` (pass the ``model``
+    and ``federation`` the run was started with, if it was started with its own;
+    ``callbacks`` as :func:`run_config`). ``rounds``: take the run, and its local
+    baseline, further to this many rounds (:meth:`Simulation.resume`)."""
     from fmtl_lightning.report import write_report
 
     run_dir = Path(run_dir)
     kw: dict[str, Any] = {"progress": progress, "model": model, "callbacks": callbacks}
-    sim = Simulation.resume(run_dir, federation=federation, **kw)
+    sim = Simulation.resume(run_dir, rounds=rounds, federation=federation, **kw)
     summary = sim.run()
     sim.close()
     baseline = None
@@ -382,7 +384,7 @@ def resume_run(
     if sim.cfg.compare_local and sim.cfg.algorithm.name != "local":
         local_cfg, local_fed = local_baseline(sim.cfg, sim.fed)
         if bdir.is_dir() and (bdir / "config.yaml").exists():
-            bsim = Simulation.resume(bdir, federation=local_fed, **kw)
+            bsim = Simulation.resume(bdir, rounds=rounds, federation=local_fed, **kw)
         else:
             bsim = Simulation(local_cfg, bdir, federation=local_fed, **kw)
         baseline = bsim.run()

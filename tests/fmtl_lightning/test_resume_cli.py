@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fmtl_lightning.checkpoint import completed_rounds
+from fmtl_lightning.checkpoint import completed_rounds, read_round
 
 ROUNDS = 12
 
@@ -131,6 +131,17 @@ def test_rounds_flag_overrides_the_config_and_is_validated(small_cfg, tmp_path, 
     capsys.readouterr()
     assert main([*argv, "--overwrite", "--rounds", "0"]) == 2
     assert "federation.rounds" in capsys.readouterr().err
-    assert main(["simulate", "--resume", str(run), "--rounds", "5"]) == 2
-    assert "--rounds applies to a new run" in capsys.readouterr().err
-    assert completed_rounds(run) == [3]
+    # --resume --rounds takes the finished run further: as one straight 5-round run
+    assert main(["simulate", "--no-progress", "--resume", str(run), "--rounds", "5"]) == 0
+    assert completed_rounds(run) == [5]
+    assert load_config(run / "config.yaml").federation.rounds == 5
+    straight = tmp_path / "straight"
+    assert main([*argv[:-1], str(straight), "--rounds", "5"]) == 0
+    for got, want in zip(read_round(run, 5)[:2], read_round(straight, 5)[:2], strict=True):
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_equal(got[k], want[k], err_msg=k)
+    capsys.readouterr()
+    assert main(["simulate", "--resume", str(run), "--rounds", "4"]) == 2
+    assert "federation.rounds: 4 is fewer than the 5 rounds" in capsys.readouterr().err
+    assert completed_rounds(run) == [5]
