@@ -153,7 +153,7 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
                 goal(r["split"], r["method"], r["best"], r["rounds"]),
                 last_gain(r["curve"]),
                 _rounds_cell(r),
-                f"{r['wall'] / 60:.1f}",
+                f"{_wall_min(r):.1f}",
                 f"{per_round:.0f}",
             ]
         )
@@ -177,7 +177,17 @@ def table(results: Sequence[Mapping[str, Any]]) -> str:
 def _rounds_cell(r: Mapping[str, Any]) -> str:
     planned = r.get("rounds_planned", r["rounds"])
     cut = f" of {planned}, cut at {r['minutes']:g} min" if r["rounds"] < planned else ""
-    return f"{r['rounds']}{cut} (PFLlib: 2000)"
+    went_on = (
+        f", rounds {r['resumed_from'] + 1}+ by this invocation" if r.get("resumed_from") else ""
+    )
+    return f"{r['rounds']}{cut}{went_on} (PFLlib: 2000)"
+
+
+def _wall_min(r: Mapping[str, Any]) -> float:
+    """The run's wall time in minutes: over every invocation that added rounds to it
+    (the rounds' own times before this invocation's start)."""
+    earlier = sum(r["round_s"][: r.get("resumed_from") or 0])
+    return (r["wall"] + earlier) / 60
 
 
 def _missing(data: Mapping[str, Any]) -> list[str]:

@@ -235,6 +235,13 @@ def test_long_runs_merge_by_split_and_method_and_report_the_round_the_goal_was_m
     text = report(merged)
     assert "| 2 of 50, cut at 9 min (PFLlib: 2000) |" in text
     assert "goal not met in these rounds" in text
+    # a run taken further by a later invocation: its rows count every invocation's time
+    went_on = _long_result("dir", "fedavg", [[1, 0.5], [2, 0.6], [3, 0.7]], resumed_from=2,
+                           rounds_planned=50, minutes=1, round_s=[60.0, 120.0, 30.0],
+                           wall=40.0)  # fmt: skip
+    row = next(line for line in table([went_on]).splitlines() if "FedAvg" in line)
+    assert "| 3 of 50, cut at 1 min, rounds 3+ by this invocation (PFLlib: 2000) |" in row
+    assert "| 3.7 | 70 |" in row  # (60 + 120 + 40) s; 210 s over 3 rounds
 
 
 def test_a_long_run_goes_on_from_its_kept_run_dir_as_one_straight_run_would(tmp_path):
