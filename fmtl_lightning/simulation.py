@@ -294,14 +294,16 @@ class Simulation:
         run_dir = Path(run_dir)
         cfg = load_config(run_dir / "config.yaml")
         if rounds is not None:
+            if isinstance(rounds, bool) or not isinstance(rounds, int):
+                raise ConfigError(f"federation.rounds: expected an integer, got {rounds!r}")
+            cfg = cfg.replace(federation=dataclasses.replace(cfg.federation, rounds=rounds))
+            validate_config(cfg)  # a number in range first
             done = completed_rounds(run_dir)
             if done and rounds < done[-1]:
                 raise ConfigError(
                     f"federation.rounds: {rounds} is fewer than the {done[-1]} rounds "
                     f"{str(run_dir)!r} has completed"
                 )
-            cfg = cfg.replace(federation=dataclasses.replace(cfg.federation, rounds=rounds))
-            validate_config(cfg)
         sim = cls(cfg, run_dir, **kw)
         sim.pool.restore(sim.engine.restore())
         sim.times = [RoundTimes(**rec["times"]) for rec in sim.engine.records]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import yaml
 from safetensors.numpy import load_file
 
 from fmtl_lightning.checkpoint import completed_rounds, read_round
+from fmtl_lightning.config import ConfigError
+from fmtl_lightning.simulation import Simulation
 
 ROUNDS = 12
 
@@ -144,4 +147,7 @@ def test_rounds_flag_overrides_the_config_and_is_validated(small_cfg, tmp_path, 
     capsys.readouterr()
     assert main(["simulate", "--resume", str(run), "--rounds", "4"]) == 2
     assert "federation.rounds: 4 is fewer than the 5 rounds" in capsys.readouterr().err
+    for bad, words in (("5", "expected an integer, got '5'"), (0, "must be in [1, ")):
+        with pytest.raises(ConfigError, match=re.escape(f"federation.rounds: {words}")):
+            Simulation.resume(run, rounds=bad)
     assert completed_rounds(run) == [5]
