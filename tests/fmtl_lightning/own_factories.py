@@ -78,27 +78,3 @@ def digits_tabular(cfg) -> Federation:  # noqa: ANN001 - the RunConfig
     x, y = torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
     return _split(x, y, [(tuple(g.tasks), g.width) for g in cfg.clients for _ in range(g.count)],
                   80, 60)  # fmt: skip
-
-
-def own_tasks() -> list:
-    """Tasks of a user's own data, with no built-in dataset behind them (no domain)."""
-    from fmtl_lightning.tasks import Task
-
-    return [
-        Task("clinic/digit", 10, "multiclass", output_names=tuple(f"d{i}" for i in range(10))),
-        Task("clinic/odd", 2, "multiclass", output_names=("even", "odd")),
-    ]
-
-
-def own_digits(cfg) -> Federation:  # noqa: ANN001 - the RunConfig
-    """sklearn digits at 28x28 for the ``own_tasks``: ``clinic/digit`` the digit,
-    ``clinic/odd`` its parity."""
-    x, y = _digits()
-    members = [(tuple(g.tasks), g.width) for g in cfg.clients for _ in range(g.count)]
-    train, test = [], []
-    for i, (tasks, _) in enumerate(members):
-        part = torch.arange(i * 120, (i + 1) * 120)
-        ys = {t: (y if t == "clinic/digit" else y % 2)[part] for t in tasks}
-        train.append((x[part[:90]], {t: v[:90] for t, v in ys.items()}))
-        test.append((x[part[90:]], {t: v[90:] for t, v in ys.items()}))
-    return federation_from_tensors(train, test, [w for _, w in members])

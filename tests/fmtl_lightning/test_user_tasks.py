@@ -4,6 +4,7 @@ edge clients, and config factory errors naming ``tasks[i].factory``."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from fmtl_lightning.simulation import Simulation
 from fmtl_lightning.tasks import TASKS, get_task, unregister_task
 
 FACTORY = "examples.user_tasks:digit_value_tasks"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -183,21 +185,13 @@ def test_a_task_without_a_domain_federates_the_users_own_tensors(user_tasks):
 
 
 def _own_data_config() -> dict:
-    """The user's own tasks (no built-in dataset) and data, named in the YAML alone."""
-    return {
-        "name": "clinic",
-        "seed": 0,
-        "tasks": [{"factory": "tests.fmtl_lightning.own_factories:own_tasks"}],
-        "data": {"factory": "tests.fmtl_lightning.own_factories:own_digits"},
-        "model": {"family": "cnn", "norm": "group", "hidden": [8, 16]},
-        "clients": [
-            {"count": 2, "tasks": ["clinic/digit", "clinic/odd"], "width": 1.0},
-            {"count": 1, "tasks": ["clinic/odd"], "width": 0.5, "edge": True},
-        ],
-        "algorithm": {"name": "fedper"},
-        "federation": {"rounds": 2, "batch_size": 16},
-        "compare_local": True,
-    }
+    """``examples/own_data.yaml`` (the user's own tasks and data) with an edge client."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "examples" / "own_data.yaml").read_text())
+    raw["clients"][1]["edge"] = True
+    raw["federation"]["rounds"] = 2
+    return raw
 
 
 def test_own_tasks_on_own_data_from_a_config_run_resume_and_export(tmp_path, user_tasks):
@@ -206,22 +200,23 @@ def test_own_tasks_on_own_data_from_a_config_run_resume_and_export(tmp_path, use
     one, its local baseline too; the export's ORT predictions and SGD step equal torch's,
     at the edge client's width). Without ``data.factory`` the same tasks are refused
     naming it; the Flower deployment refuses them naming the tasks."""
+    from fmtl_lightning.config import load_config
     from fmtl_lightning.deploy.server_app import DeployedRun
     from mobile_client.manifest import load_manifest
     from tests.matrix.runner import run_combination
 
+    example = load_config(REPO / "examples" / "own_data.yaml")  # as shipped: accepted
+    assert example.data.factory == "examples.own_data:own_digits"
     cfg = parse_config(_own_data_config())
     done = run_combination(cfg, tmp_path)
-    assert done == {"baseline": True, "predict": ["clinic/odd"], "step": "parity"}
+    assert done == {"baseline": True, "predict": ["mine/odd"], "step": "parity"}
     m = load_manifest(tmp_path / "bundle")
     assert m.normalisation.domain == "own" and m.normalisation.input_shape == (1, 28, 28)
-    assert [(h.client, h.task, h.labels) for h in m.heads] == [
-        ("c02", "clinic/odd", ("even", "odd"))
-    ]
+    assert [(h.client, h.task, h.labels) for h in m.heads] == [("c02", "mine/odd", ("even", "odd"))]
     no_factory = _own_data_config()
     del no_factory["data"]
-    with pytest.raises(ConfigError, match=r"clients\[0\]\.tasks: .*'clinic/digit'.*data\.factory"):
+    with pytest.raises(ConfigError, match=r"clients\[0\]\.tasks: .*'mine/digit'.*data\.factory"):
         parse_config(no_factory)
-    with pytest.raises(ConfigError, match=r"clients: tasks \['clinic/digit', 'clinic/odd'\]"):
+    with pytest.raises(ConfigError, match=r"clients: tasks \['mine/digit', 'mine/odd'\]"):
         DeployedRun(cfg, tmp_path / "deployed", reply_timeout=5.0)
     assert not (tmp_path / "deployed").exists()
