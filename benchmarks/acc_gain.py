@@ -62,19 +62,6 @@ MODES: dict[str, dict[str, Any]] = {
     "default": {**acc_part1.PARAMS["default"], "eval_every": 20},  # part 1's 80 rounds
     "quick": {**acc_part1.PARAMS["quick"], "rounds": 3, "eval_every": 3},
 }
-# two-sided 95% Student t quantiles by degrees of freedom (seeds - 1)
-T975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-}
 
 
 def matched_test_sets(fed: Any, test_size: int, seed: int, data_dir: str | None = None) -> Any:
@@ -143,7 +130,9 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.size < 2:
         return float(d.mean()), math.nan, math.nan
-    half = T975.get(d.size - 1, 1.96) * d.std(ddof=1) / math.sqrt(d.size)
+    from scipy.stats import t  # scikit-learn's dependency, so here with [train]
+
+    half = float(t.ppf(0.975, d.size - 1)) * d.std(ddof=1) / math.sqrt(d.size)
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
@@ -185,7 +174,11 @@ def report(results: Sequence[dict], data: dict[str, Any]) -> str:
             if mean:
                 sd = lambda v: f" ± {100 * np.std(v, ddof=1):.1f}" if len(v) > 1 else ""  # noqa: E731
                 rows.append([m, pct(np.mean(mean)) + sd(mean), pct(np.mean(worst)) + sd(worst)])
-        out += [f"**{model}**", md_table(["method", "mean", "worst client"], rows)]
+        seeds = sorted({r["seed"] for r in results if r["model"] == model})
+        out += [
+            f"**{model}** ({len(seeds)} seeds: {','.join(map(str, seeds))})",
+            md_table(["method", "mean", "worst client"], rows),
+        ]
         have = [m for m in PERSONALISED if _by(results, model, m, "mean")]
         if not have:
             continue

@@ -47,8 +47,21 @@ def test_paired_interval_by_hand():
     # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303 -> 2 ± 4.303 / sqrt(3)
     d, lo, hi = acc_gain.paired([2.0, 3.0, 4.0], [1.0, 1.0, 1.0])
     half = 4.303 / math.sqrt(3)
-    assert (d, round(lo, 6), round(hi, 6)) == (2.0, round(2 - half, 6), round(2 + half, 6))
+    assert d == 2.0 and (lo, hi) == pytest.approx((2 - half, 2 + half), abs=1e-3)
     assert math.isnan(acc_gain.paired([1.0], [0.0])[1])
+
+
+def test_paired_interval_at_15_seeds_is_scipys_one_sample_t_interval():
+    from scipy.stats import ttest_1samp
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.8, 0.05, 15), rng.normal(0.75, 0.05, 15)
+    d, lo, hi = acc_gain.paired(a, b)
+    ci = ttest_1samp(a - b, 0.0).confidence_interval(0.95)
+    assert d == pytest.approx(float(np.mean(a - b)))
+    assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    half = 2.1448 * np.std(a - b, ddof=1) / math.sqrt(15)  # t(0.975, 14), from a table
+    assert (hi - lo) / 2 == pytest.approx(half, rel=1e-4)
 
 
 def test_report_picks_the_best_personalised_method_and_says_if_it_clears_the_ci():
