@@ -173,11 +173,12 @@ def report(results: Sequence[dict], data: dict[str, Any]) -> str:
             mean, worst = _by(results, model, m, "mean"), _by(results, model, m, "worst")
             if mean:
                 sd = lambda v: f" ± {100 * np.std(v, ddof=1):.1f}" if len(v) > 1 else ""  # noqa: E731
-                rows.append([m, pct(np.mean(mean)) + sd(mean), pct(np.mean(worst)) + sd(worst)])
+                rows.append([m, str(len(mean)), pct(np.mean(mean)) + sd(mean),
+                             pct(np.mean(worst)) + sd(worst)])  # fmt: skip
         seeds = sorted({r["seed"] for r in results if r["model"] == model})
         out += [
             f"**{model}** ({len(seeds)} seeds: {','.join(map(str, seeds))})",
-            md_table(["method", "mean", "worst client"], rows),
+            md_table(["method", "seeds", "mean", "worst client"], rows),
         ]
         have = [m for m in PERSONALISED if _by(results, model, m, "mean")]
         if not have:

@@ -81,7 +81,7 @@ def test_report_picks_the_best_personalised_method_and_says_if_it_clears_the_ci(
     text = acc_gain.report(res, data)
     assert "best personalised method = **fedper**" in text
     assert "| fedper − local | +3.0 [+3.0, +3.0] (yes) | +3.0 [+3.0, +3.0] (yes) |" in text
-    assert "| fedavg | 70.0 ± 2.0 | 41.0 ± 1.0 |" in text
+    assert "| fedavg | 3 | 70.0 ± 2.0 | 41.0 ± 1.0 |" in text
 
 
 def test_report_shows_every_personalised_method_and_pairs_only_shared_seeds():
@@ -95,6 +95,7 @@ def test_report_shows_every_personalised_method_and_pairs_only_shared_seeds():
     text = acc_gain.report(res, data)
     assert "best personalised method = **fedrep**" in text  # one seed at 0.99: highest mean
     assert "fedrep − local" not in text  # its one seed cannot pair with three
+    assert "| fedrep | 1 | 99.0 | 90.0 |" in text  # each method's row counts its seeds
     assert "| fedavg_ft − local | +4.0 [+4.0, +4.0] (yes) | +4.0 [+4.0, +4.0] (yes) |" in text
     assert "| fedper − fedavg | +4.0 [+4.0, +4.0] (yes) | +4.0 [+4.0, +4.0] (yes) |" in text
 
