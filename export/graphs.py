@@ -257,7 +257,7 @@ def shared_torchlib_registry() -> Iterator[None]:
     functions per opset instead of building it anew for every graph.
 
     torch 2.13 rebuilds the registry on every call (``ONNXRegistry.from_torchlib``:
-    about 1 s here, most of it re-reading the source of some 500 onnxscript functions),
+    0.4-0.8 s here, most of it re-reading the source of some 500 onnxscript functions),
     and a bundle exports four graphs or more. Our exports never register custom
     translations, the only thing that writes to a registry after it is built, so a
     shared one gives the same graphs (``tests/export/test_export_registry.py``). The

@@ -198,13 +198,11 @@ def validate_config(cfg: RunConfig) -> None:
     _check_choice(cfg.model.family, ("mlp", "cnn", "dwcnn", "fedavgcnn"), "model.family")
     if cfg.model.family == "fedavgcnn":  # models.py: (conv1, conv2, fc), images >= 16 px
         # the built-in datasets' image size; data.factory's own images are checked when
-        # the model is built for them
-        px = (
-            16
-            if cfg.data.factory
-            else min(IMAGE_SIZES[task_domain(t)] for g in cfg.clients for t in g.tasks)
-        )
-        if len(hidden) not in (0, 3) or px < 16:
+        # the model is built for them (None: not known before)
+        px = None
+        if cfg.data.factory is None:
+            px = min(IMAGE_SIZES[task_domain(t)] for g in cfg.clients for t in g.tasks)
+        if len(hidden) not in (0, 3) or (px is not None and px < 16):
             raise ConfigError(f"model.family: fedavgcnn needs hidden [conv1, conv2, fc] "
                               f"(got {list(hidden)}) and images of >= 16 px (got {px})")  # fmt: skip
     _check_choice(cfg.model.norm, ("group", "batch", "static_batch", "none"), "model.norm")
