@@ -155,8 +155,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
     empty shells that fix the model (tasks, widths) and the client numbering."""
     import torch
 
-    from fmtl_lightning.data.datasets import IMAGE_SIZES
-    from fmtl_lightning.engine.plan import client_by_id, planned_clients
+    from fmtl_lightning.engine.plan import client_by_id, config_image_size, planned_clients
     from fmtl_lightning.fed_data import ClientData, Federation
     from fmtl_lightning.federation import ClientSpec
     from fmtl_lightning.tasks import get_task, task_domain
@@ -169,8 +168,7 @@ def own_federation(cfg: Any, client_id: str, data: Path) -> Any:
         ids = ", ".join(c.client_id for c in planned)
         raise NodeConfigError(f"node config: client-id {client_id!r} is not in the run config "
                               f"(clients: {ids})")  # fmt: skip
-    domain = task_domain(me.tasks[0])
-    size = IMAGE_SIZES[domain]
+    size = config_image_size(cfg)  # the server's model takes these images
     if not data.is_file():
         raise NodeConfigError(f"node config 'data': {data} is not a file")
     arrays = read_npz(data, error=NodeConfigError)  # checked headers, never unpickles

@@ -5,7 +5,8 @@ tasks, widths, in the order ``fmtl simulate`` numbers them), the parameter roles
 and the initial global state. Every transport builds its server from it (the
 in-process simulation passes the clients and task sizes of the federation it loaded;
 a Flower SuperLink derives them from the config alone), so every transport starts
-from the same state. Image sizes come from the task domain, not from loading the data.
+from the same state. Image sizes come from the task domain, not from loading the data,
+except under ``data.factory``, whose images may have any size (:func:`config_image_size`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,17 @@ def planned_clients(cfg: RunConfig) -> list[PlannedClient]:
     ]
 
 
+def config_image_size(cfg: RunConfig) -> int:
+    """The pixels of the run's images: the built-in dataset's of the first client's task,
+    or, under ``data.factory`` (which may bring a built-in task's data at another size),
+    those of the federation the factory builds (built here to find out)."""
+    if cfg.data.factory is not None:
+        from fmtl_lightning.fed_data import build_federation
+
+        return build_federation(cfg).image_size
+    return IMAGE_SIZES[task_domain(cfg.clients[0].tasks[0])]
+
+
 def client_by_id(clients: list[PlannedClient], client_id: str) -> PlannedClient | None:
     return next((c for c in clients if c.client_id == client_id), None)
 
@@ -134,7 +146,7 @@ def server_plan(
     """Clients, roles and initial global state of ``cfg`` (torch only to build the init).
 
     ``clients``, ``task_outputs`` and ``image_size`` default to what the config alone
-    says (:func:`planned_clients`, the task registry, the domain's image size); the
+    says (:func:`planned_clients`, the task registry, :func:`config_image_size`); the
     in-process simulation passes those of the federation it loaded. ``model`` defaults
     to what ``model.factory`` builds, else the configured built-in family
     (:class:`~fmtl_lightning.model_source.BuiltinModel`).
@@ -150,9 +162,7 @@ def server_plan(
 
         model = model_from_factory(cfg.model.factory)
     if model is None:
-        if image_size is None:
-            image_size = IMAGE_SIZES[task_domain(clients[0].tasks[0])]
-        model = BuiltinModel(backbone_config(cfg, image_size))
+        model = BuiltinModel(backbone_config(cfg, image_size or config_image_size(cfg)))
     layout = model_layout(cfg, task_outputs)
     spec = model.spec(layout.model_tasks, layout.policy)
     shared = spec.shared_keys()

@@ -410,11 +410,15 @@ def test_tls_certificates_verify_for_the_given_hosts(tmp_path):
     assert oct(p.server_key.stat().st_mode & 0o777) == "0o600"
 
 
-def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path):
+@pytest.mark.parametrize("data", [CFG["data"], {"factory": "tests.fmtl_lightning.own_factories:digits28"}],
+                         ids=["dataset", "data.factory-28px"])  # fmt: skip
+def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path, data):
     """Real Lightning node handlers (one reading its own .npz) behind a fake Grid:
     two deployed rounds equal two in-process rounds; heads persist in state-dir; the
     deployed metric rows and summary (every node scoring the aggregated model) are
-    the simulation's, and the deploy report prints the simulation's table."""
+    the simulation's, and the deploy report prints the simulation's table. Also with
+    ``data.factory`` bringing the built-in tasks' data at 28x28 (their dataset: 8x8):
+    the server, the nodes and the own-file node all take the factory's image size."""
     from fmtl_lightning.deploy.cli import deploy_report
     from fmtl_lightning.deploy.lightning_client import lightning_evaluate, lightning_train
     from fmtl_lightning.deploy.prepare import write_client_data
@@ -422,8 +426,9 @@ def test_lightning_nodes_in_process_compute_what_the_simulator_computes(tmp_path
     from fmtl_lightning.report import format_table
     from fmtl_lightning.simulation import Simulation
 
-    cfg = parse_config(copy.deepcopy(CFG))
+    cfg = parse_config({**copy.deepcopy(CFG), "data": data})
     sim = Simulation(cfg, tmp_path / "sim", progress=False)
+    assert sim.fed.image_size == (28 if "factory" in data else 8)
     own = write_client_data(sim.fed.clients[2], tmp_path / "c02.npz")
     configs = {n: {**NODE_CONFIG[n], "state-dir": str(tmp_path / f"n{n}")} for n in NODE_CONFIG}
     configs[103]["data"] = str(own)  # c02 trains on its own file, not on the dataset
