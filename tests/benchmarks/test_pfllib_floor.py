@@ -273,3 +273,21 @@ def test_a_long_run_goes_on_from_its_kept_run_dir_as_one_straight_run_would(tmp_
     args = pfllib.parse_args(["--rounds", "50", "--methods", "fedper", "--splits", "pat"])
     assert [j["run_dir"] for j in pfllib.jobs_for(args)] == [str(pfllib.LONG_RUNS / "pat-fedper")]
     assert [j["run_dir"] for j in pfllib.jobs_for(pfllib.parse_args([]))] == [None] * 14
+
+
+def test_the_reference_report_pairs_rounds_and_stops_at_the_first_missing_one():
+    """PFLlib's own code against ours, round by round: our curve is [round, acc] pairs
+    (from ``pooled_curve``), theirs a list from round 1; gaps are ours minus theirs."""
+    from benchmarks.pfllib_reference import report as ref_report
+
+    ref = {"curve": [0.5, 0.6, 0.7, 0.8], "round_s": [30.0, 40.0], "wall": 120.0, "rounds": 4,
+           "seed": 0, "split": "dir", "pfllib_commit": "d832e76f6a23b833"}  # fmt: skip
+    ours = {"curve": [[1, 0.45], [2, 0.63], [4, 0.9]]}  # round 3 was not evaluated
+    md = ref_report(ref, ours)
+    assert "| 1 | 50.00 | 45.00 | -5.00 |" in md
+    assert "| 2 | 60.00 | 63.00 | +3.00 |" in md
+    assert "| 3 | 70.00 |  |  |" in md and "| 4 | 80.00 |  |  |" in md  # not paired past a gap
+    assert "Over rounds 1-2: mean gap -1.00 points, largest -5.00" in md
+    assert "over rounds 2-2: mean +3.00, mean |gap| 3.00" in md
+    assert "Their best in these rounds: 60.00; ours: 63.00." in md
+    assert "at `d832e76f6a23`" in md and "35 s a round" in md
